@@ -1,0 +1,46 @@
+# nucseg: `make up` runs the service locally, `make test` runs every check CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SAMPLES := .cache/samples/cmu_small_region.svs
+SRC := api worker model training benchmarks scripts tests
+
+.PHONY: venv samples up predict-sample test lint typecheck pytest bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+samples: $(SAMPLES)
+
+$(SAMPLES): scripts/fetch_samples.py | $(STAMP)
+	$(PY) scripts/fetch_samples.py
+
+up: venv samples
+	$(PY) -m worker.up
+
+predict-sample: venv samples
+	$(VENV)/bin/nucseg predict $(SAMPLES) --out .data/predict-sample
+
+lint: venv
+	$(VENV)/bin/ruff check $(SRC)
+
+typecheck: venv
+	$(VENV)/bin/mypy api worker model training
+
+pytest: venv samples
+	$(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+bench: venv samples
+	$(PY) -m benchmarks.engine
+
+clean:
+	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,44 @@
+"""The model card: what a checkpoint is, and how the engine must feed it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.network import SEMANTIC_CLASSES, SEMANTIC_COLOURS, TERNARY_CLASSES, TERNARY_COLOURS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalisation(BaseModel):
+    """Input scaling: ``(rgb / 255 - mean) / std`` per channel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class ModelCard(BaseModel):
+    """Facts the engine, the API and the reports need about a checkpoint."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
+
+    name: str = "unnamed"
+    version: str = "0"
+    encoder: str = "resnet34"
+    semantic_classes: tuple[str, ...] = SEMANTIC_CLASSES
+    ternary_classes: tuple[str, ...] = TERNARY_CLASSES
+    semantic_colours: tuple[tuple[int, int, int], ...] = SEMANTIC_COLOURS
+    ternary_colours: tuple[tuple[int, int, int], ...] = TERNARY_COLOURS
+    mpp: float = Field(0.25, gt=0, description="training resolution in µm/px (MoNuSAC: 0.25, 40x)")
+    normalisation: Normalisation = Normalisation()
+    tile_size: int = Field(256, ge=32)
+    licence: str = "unspecified"
+    notes: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """The card as plain JSON-able data."""
+        return self.model_dump(mode="json")

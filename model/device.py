@@ -1,0 +1,68 @@
+"""Device and precision choice, and the batched forward pass of tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from model.card import ModelCard
+from model.errors import OptionsError
+from model.network import TwoHeadUnet
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU advertises native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionsError("device 'cuda' requested but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise OptionsError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """``auto`` -> bf16 on CUDA and on bf16-capable CPUs, else fp32."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise OptionsError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+class TileRunner:
+    """Runs uint8 tile batches through the network: normalise, channels_last, autocast."""
+
+    def __init__(self, network: TwoHeadUnet, card: ModelCard, device: torch.device, precision: str) -> None:
+        self.device = device
+        self.precision = precision
+        self.network = network.to(device).to(memory_format=torch.channels_last).eval()
+        mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """``(N, T, T, 3)`` uint8 -> ``(N, 8, T, T)`` float32 logits (5 semantic, then 3 ternary)."""
+        batch = torch.from_numpy(tiles).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+        batch = batch * self._scale + self._shift
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            sem, ter = self.network(batch)
+        logits = torch.cat((sem, ter), dim=1).float()
+        return np.ascontiguousarray(logits.cpu().numpy())

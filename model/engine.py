@@ -1,0 +1,347 @@
+"""The inference engine: blocks over one global tile grid, Gaussian blending, bounded memory.
+
+``Engine.run(reader, sinks)`` walks the analysis level block by block. For each block it runs
+exactly the grid tiles that touch the block (plus an optional margin for post-processing), blends
+them into a block-sized accumulator and hands the blended logits to every sink. Because every pixel
+is the weighted mean over the same global tiles, the output does not depend on the block size.
+Memory is one block of accumulators plus the model, whatever the slide's size.
+
+Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model.analysis import AnalysisView, make_view
+from model.blending import Accumulator, gaussian_weights
+from model.card import ModelCard
+from model.checkpoint import LoadedModel
+from model.device import TileRunner, resolve_device, resolve_precision
+from model.errors import CancelledError, OptionsError
+from model.readers import ArrayReader, SlideReader
+from model.tiling import Box, TileGrid, iter_batches, plan_blocks
+from model.tissue import TissueMask, detect_tissue, full_tissue
+
+log = logging.getLogger(__name__)
+N_SEMANTIC = 5
+N_CHANNELS = 8  # 5 semantic + 3 ternary logits
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to cut and run the slide. Defaults follow the original project (256/64)."""
+
+    tile_size: int = 256
+    overlap: int = 64
+    block_size: int = 2048
+    batch_size: int = 8
+    precision: str = "auto"
+    device: str = "auto"
+    tissue: bool | None = None  # None: on for multi-level slides, off for single images
+    mpp: float | None = None  # overrides the slide's stated resolution
+    margin: int = 0  # extra blended pixels around each block, for post-processing
+    sigma_scale: float = 0.25
+
+    def validate(self, multiple: int = 32) -> None:
+        """Raise ``OptionsError`` naming the bad value."""
+        if self.tile_size < multiple or self.tile_size % multiple:
+            raise OptionsError(f"tile_size must be a positive multiple of {multiple}, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise OptionsError(f"overlap must be in [0, tile_size={self.tile_size}), got {self.overlap}")
+        if self.block_size < 1:
+            raise OptionsError(f"block_size must be >= 1, got {self.block_size}")
+        if self.batch_size < 1:
+            raise OptionsError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.margin < 0:
+            raise OptionsError(f"margin must be >= 0, got {self.margin}")
+
+
+@dataclass
+class BlockResult:
+    """Blended logits over ``region`` (``inner`` plus margin); ``logits`` is None for a no-tissue block."""
+
+    index: int
+    inner: Box
+    region: Box
+    logits: np.ndarray | None
+    covered: np.ndarray | None
+
+    @property
+    def sem_logits(self) -> np.ndarray | None:
+        return None if self.logits is None else self.logits[:N_SEMANTIC]
+
+    @property
+    def ter_logits(self) -> np.ndarray | None:
+        return None if self.logits is None else self.logits[N_SEMANTIC:]
+
+    def inner_slices(self) -> tuple[slice, slice]:
+        """Row and column slices of ``inner`` within ``region``."""
+        y0, x0 = self.inner.y0 - self.region.y0, self.inner.x0 - self.region.x0
+        return slice(y0, y0 + self.inner.height), slice(x0, x0 + self.inner.width)
+
+
+@dataclass
+class RunContext:
+    """What sinks learn before the first block."""
+
+    view: AnalysisView
+    tissue: TissueMask
+    blocks: list[Box]
+    card: ModelCard
+    options: EngineOptions
+
+
+class BlockSink(Protocol):
+    """Consumes blended blocks; ``finish`` returns its contribution to the stats."""
+
+    def start(self, ctx: RunContext) -> None: ...
+
+    def add(self, block: BlockResult) -> None: ...
+
+    def finish(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class RunReport:
+    """Counts and timings of one run."""
+
+    tiles_run: int = 0
+    tiles_skipped: int = 0
+    grid_tiles: int = 0
+    blocks: int = 0
+    blocks_skipped: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    analysis_mpp: float = 0.0
+    analysis_size: tuple[int, int] = (0, 0)
+    level: int = 0
+    tissue_detection: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    sinks: dict[str, Any] = field(default_factory=dict)
+
+    def clock(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+class Engine:
+    """Runs a loaded model over a slide, block by block."""
+
+    def __init__(self, model: LoadedModel, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.options.validate(model.network.output_stride)
+        self.card = model.card
+        self.device = resolve_device(self.options.device)
+        self.precision = resolve_precision(self.options.precision, self.device)
+        self.runner = TileRunner(model.network, model.card, self.device, self.precision)
+        self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale)
+
+    def run(
+        self,
+        reader: SlideReader,
+        sinks: Sequence[BlockSink] = (),
+        *,
+        on_progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> RunReport:
+        """Process the whole slide; sinks receive every block in row-major order."""
+        started = time.perf_counter()
+        opts = self.options
+        view = make_view(reader, self.card.mpp, mpp_override=opts.mpp)
+        use_tissue = opts.tissue if opts.tissue is not None else len(reader.level_dimensions) > 1
+        tissue = detect_tissue(view) if use_tissue else full_tissue(view)
+        grid = TileGrid(opts.tile_size, opts.overlap, view.width, view.height)
+        blocks = plan_blocks(view.width, view.height, opts.block_size)
+        report = RunReport(
+            grid_tiles=grid.n_x * grid.n_y, blocks=len(blocks), device=str(self.device),
+            precision=self.precision, analysis_mpp=view.mpp, analysis_size=(view.width, view.height),
+            level=view.level, tissue_detection=use_tissue, warnings=list(view.warnings),
+        )
+        report.clock("setup", time.perf_counter() - started)
+        ctx = RunContext(view, tissue, blocks, self.card, opts)
+        for sink in sinks:
+            sink.start(ctx)
+        for done, result in enumerate(self._blocks(view, grid, tissue, blocks, report), start=1):
+            t0 = time.perf_counter()
+            for sink in sinks:
+                sink.add(result)
+            report.clock("sinks", time.perf_counter() - t0)
+            if on_progress is not None:
+                on_progress(done, len(blocks))
+            if should_cancel is not None and done < len(blocks) and should_cancel():
+                raise CancelledError(f"cancelled after block {done} of {len(blocks)}")
+        t0 = time.perf_counter()
+        for sink in sinks:
+            report.sinks.update(sink.finish())
+        report.clock("finish", time.perf_counter() - t0)
+        report.clock("total", time.perf_counter() - started)
+        return report
+
+    def predict_array(self, image: np.ndarray, *, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Blended ``(5, H, W)`` and ``(3, H, W)`` logits of an in-memory RGB image.
+
+        The image is taken to be at the model's resolution unless ``mpp`` says otherwise.
+        """
+        reader = ArrayReader(image, mpp=mpp if mpp is not None else self.card.mpp)
+        sink = CollectSink()
+        self.run(reader, [sink])
+        assert sink.logits is not None
+        return sink.logits[:N_SEMANTIC], sink.logits[N_SEMANTIC:]
+
+    def _blocks(
+        self, view: AnalysisView, grid: TileGrid, tissue: TissueMask, blocks: list[Box], report: RunReport
+    ) -> Iterator[BlockResult]:
+        """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
+        jobs = [self._block_job(i, b, view, grid, tissue, report) for i, b in enumerate(blocks)]
+        for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report)):
+            yield self._blend(job, pixels, grid, report)
+
+    def _block_job(
+        self, index: int, inner: Box, view: AnalysisView, grid: TileGrid, tissue: TissueMask, report: RunReport
+    ) -> _BlockJob:
+        region = inner.expand(self.options.margin, view.bounds)
+        touching = grid.tiles_touching(region)
+        tiles = [t for t in touching if tissue.any_in(_clip(grid.tile_box(*t), view.bounds))]
+        report.tiles_skipped += len(touching) - len(tiles)
+        return _BlockJob(index, inner, region, tiles)
+
+    def _read(self, view: AnalysisView, grid: TileGrid, job: _BlockJob, report: RunReport) -> np.ndarray | None:
+        if not job.tiles:
+            return None
+        t0 = time.perf_counter()
+        pixels = read_reflected(view, grid.union_box(job.tiles))
+        report.clock("read", time.perf_counter() - t0)
+        return pixels
+
+    def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport) -> BlockResult:
+        if pixels is None:
+            report.blocks_skipped += 1
+            return BlockResult(job.index, job.inner, job.region, None, None)
+        origin = grid.union_box(job.tiles)
+        acc = Accumulator(job.region, N_CHANNELS)
+        t_size = self.options.tile_size
+        for batch in iter_batches(job.tiles, self.options.batch_size):
+            boxes = [grid.tile_box(*t) for t in batch]
+            tiles = np.stack([
+                pixels[b.y0 - origin.y0 : b.y0 - origin.y0 + t_size, b.x0 - origin.x0 : b.x0 - origin.x0 + t_size]
+                for b in boxes
+            ])
+            t0 = time.perf_counter()
+            logits = self.runner(tiles)
+            t1 = time.perf_counter()
+            for box, tile_logits in zip(boxes, logits, strict=True):
+                acc.add(box, tile_logits, self.weights)
+            report.clock("forward", t1 - t0)
+            report.clock("blend", time.perf_counter() - t1)
+            report.tiles_run += len(batch)
+        values, covered = acc.result()
+        return BlockResult(job.index, job.inner, job.region, values, covered)
+
+
+@dataclass
+class _BlockJob:
+    index: int
+    inner: Box
+    region: Box
+    tiles: list[tuple[int, int]]
+
+
+def _clip(box: Box, bounds: Box) -> Box:
+    return box.intersect(bounds) or Box(bounds.x0, bounds.y0, bounds.x0, bounds.y0)
+
+
+def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
+    """Indices ``start..stop-1`` mapped into ``[0, n)`` by mirror reflection (numpy's 'reflect')."""
+    idx = np.arange(start, stop)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.abs(idx) % period
+    return np.where(idx >= n, period - idx, idx)
+
+
+def read_reflected(view: AnalysisView, box: Box) -> np.ndarray:
+    """Pixels of ``box``; parts past the image are the image mirrored at its edge."""
+    if box.x0 >= 0 and box.y0 >= 0 and box.x1 <= view.width and box.y1 <= view.height:
+        return view.read(box)
+    ys = reflect_indices(box.y0, box.y1, view.height)
+    xs = reflect_indices(box.x0, box.x1, view.width)
+    src = Box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    pixels = view.read(src)
+    return pixels[np.ix_(ys - src.y0, xs - src.x0)]
+
+
+def _prefetch(jobs: list[_BlockJob], read: Callable[[_BlockJob], np.ndarray | None],
+              depth: int = 1) -> Iterator[tuple[_BlockJob, np.ndarray | None]]:
+    """Yield ``(job, read(job))`` in order, reading up to ``depth`` blocks ahead on a thread."""
+    results: queue.Queue[tuple[_BlockJob, np.ndarray | None] | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for job in jobs:
+                if stop.is_set():
+                    return
+                results.put((job, read(job)))
+            results.put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            results.put(exc)
+
+    thread = threading.Thread(target=worker, name="nucseg-block-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := results.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                results.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+class CollectSink:
+    """Keeps the whole-image blended logits in memory: for small images and tests only."""
+
+    def __init__(self) -> None:
+        self.logits: np.ndarray | None = None
+        self.covered: np.ndarray | None = None
+
+    def start(self, ctx: RunContext) -> None:
+        self.logits = np.zeros((N_CHANNELS, ctx.view.height, ctx.view.width), dtype=np.float32)
+        self.covered = np.zeros((ctx.view.height, ctx.view.width), dtype=bool)
+
+    def add(self, block: BlockResult) -> None:
+        assert self.logits is not None and self.covered is not None
+        if block.logits is None or block.covered is None:
+            return
+        rows, cols = block.inner_slices()
+        b = block.inner
+        self.logits[:, b.y0 : b.y1, b.x0 : b.x1] = block.logits[:, rows, cols]
+        self.covered[b.y0 : b.y1, b.x0 : b.x1] = block.covered[rows, cols]
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+
+def set_threads(n: int | None) -> None:
+    """Limit torch's intra-op threads (None leaves the default)."""
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,165 @@
+"""The class-map sink: per-pixel argmax, class statistics, streamed masks and small overlays."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from model.engine import N_SEMANTIC, BlockResult, RunContext
+from model.readers import thumbnail
+from model.writers import ClassMapStore, overlay, save_rgb_png, write_png_from_store
+
+OVERLAY_MAX_SIDE = 4096
+
+
+@dataclass
+class _Head:
+    name: str
+    classes: tuple[str, ...]
+    colours: tuple[tuple[int, int, int], ...]
+    counts: np.ndarray
+    store: ClassMapStore | None = None
+    small: np.ndarray | None = None
+
+
+class ClassMapSink:
+    """Argmax of both heads per block; counts classes, stores masks, samples overlay maps."""
+
+    def __init__(self, out_dir: Path, *, masks: bool = True, overlays: bool = True,
+                 overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
+        self.out_dir = out_dir
+        self.masks, self.overlays = masks, overlays
+        self.overlay_max_side = overlay_max_side
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._heads: list[_Head] = []
+        self._ctx: RunContext | None = None
+        self._k = 1.0
+
+    def start(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+        card, view = ctx.card, ctx.view
+        self._heads = [
+            _Head("semantic", card.semantic_classes, card.semantic_colours,
+                  np.zeros(len(card.semantic_classes), np.int64)),
+            _Head("ternary", card.ternary_classes, card.ternary_colours,
+                  np.zeros(len(card.ternary_classes), np.int64)),
+        ]
+        if self.masks:
+            self._tmp = tempfile.TemporaryDirectory(prefix=".maps-", dir=self.out_dir)
+            for head in self._heads:
+                head.store = ClassMapStore(Path(self._tmp.name) / f"{head.name}.raw", view.width, view.height)
+        self._k = max(1.0, max(view.width, view.height) / self.overlay_max_side)
+        if self.overlays:
+            size = self._overlay_size()
+            for head in self._heads:
+                head.small = np.zeros((size[1], size[0]), dtype=np.uint8)
+
+    def _overlay_size(self) -> tuple[int, int]:
+        assert self._ctx is not None
+        view = self._ctx.view
+        return max(1, round(view.width / self._k)), max(1, round(view.height / self._k))
+
+    def add(self, block: BlockResult) -> None:
+        box = block.inner
+        if block.logits is None or block.covered is None:
+            maps = [np.zeros((box.height, box.width), np.uint8)] * 2
+        else:
+            rows, cols = block.inner_slices()
+            logits = block.logits[:, rows, cols]
+            covered = block.covered[rows, cols]
+            maps = [
+                np.where(covered, np.argmax(logits[:N_SEMANTIC], axis=0), 0).astype(np.uint8),
+                np.where(covered, np.argmax(logits[N_SEMANTIC:], axis=0), 0).astype(np.uint8),
+            ]
+        for head, classes in zip(self._heads, maps, strict=True):
+            head.counts += np.bincount(classes.ravel(), minlength=len(head.classes))[: len(head.classes)]
+            if head.store is not None and block.logits is not None:
+                head.store.write_block(box.x0, box.y0, classes)
+            if head.small is not None:
+                self._sample(head.small, box.x0, box.y0, classes)
+
+    def _sample(self, small: np.ndarray, x0: int, y0: int, classes: np.ndarray) -> None:
+        """Nearest-neighbour: overlay pixel u samples analysis pixel floor((u + 0.5) * k)."""
+        k = self._k
+        us = _sample_positions(x0, x0 + classes.shape[1], k, small.shape[1])
+        vs = _sample_positions(y0, y0 + classes.shape[0], k, small.shape[0])
+        if len(us) and len(vs):
+            src_x = np.floor((us + 0.5) * k).astype(np.int64) - x0
+            src_y = np.floor((vs + 0.5) * k).astype(np.int64) - y0
+            small[np.ix_(vs, us)] = classes[np.ix_(src_y, src_x)]
+
+    def finish(self) -> dict[str, Any]:
+        assert self._ctx is not None
+        try:
+            self._write_files()
+        finally:
+            self._close()
+        return {
+            "tissue": self._tissue_stats(),
+            "semantic": self._head_stats(self._heads[0]),
+            "ternary": self._head_stats(self._heads[1]),
+        }
+
+    def _tissue_stats(self) -> dict[str, float]:
+        assert self._ctx is not None
+        view, area_px = self._ctx.view, self._ctx.tissue.area_px()
+        return {
+            "area_px": round(area_px, 1),
+            "area_um2": round(area_px * view.mpp * view.mpp, 3),
+            "fraction_of_image": round(min(1.0, area_px / (view.width * view.height)), 6),
+        }
+
+    def _write_files(self) -> None:
+        for head in self._heads:
+            if head.store is not None:
+                write_png_from_store(head.store, self.out_dir / f"{head.name}.png", head.colours)
+        if self.overlays:
+            thumb = self._thumbnail()
+            save_rgb_png(self.out_dir / "thumbnail.png", thumb)
+            for head in self._heads:
+                assert head.small is not None
+                save_rgb_png(self.out_dir / f"overlay_{head.name}.png", overlay(thumb, head.small, head.colours))
+
+    def _thumbnail(self) -> np.ndarray:
+        assert self._ctx is not None
+        size = self._overlay_size()
+        view = self._ctx.view
+        if self._k == 1.0:
+            return view.read(view.bounds)
+        thumb, _ = thumbnail(view.reader, max(size) * 2)
+        return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.LANCZOS))
+
+    def _head_stats(self, head: _Head) -> dict[str, Any]:
+        assert self._ctx is not None
+        mpp = self._ctx.view.mpp
+        tissue_um2 = self._ctx.tissue.area_px() * mpp * mpp
+        classes = {}
+        for name, count in zip(head.classes, head.counts.tolist(), strict=True):
+            area = count * mpp * mpp
+            classes[name] = {
+                "pixels": int(count),
+                "area_um2": round(area, 3),
+                "tissue_fraction": round(area / tissue_um2, 6) if tissue_um2 > 0 else None,
+            }
+        return {"classes": classes, "total_pixels": int(head.counts.sum())}
+
+    def _close(self) -> None:
+        for head in self._heads:
+            if head.store is not None:
+                head.store.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _sample_positions(lo: int, hi: int, k: float, n: int) -> np.ndarray:
+    """Overlay indices whose sample point ``floor((u + 0.5) k)`` lies in ``[lo, hi)``."""
+    first = max(0, math.ceil(lo / k - 0.5))
+    us = np.arange(first, min(n, math.ceil(hi / k - 0.5) + 1))
+    src = np.floor((us + 0.5) * k)
+    return us[(src >= lo) & (src < hi)]

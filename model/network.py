@@ -1,0 +1,59 @@
+"""The two-head U-Net.
+
+Module names (``base``, ``sem_head``, ``ter_head``) match the original project's checkpoints, so
+their ``model_state`` loads with ``strict=True``. ``base`` is a plain ``smp.Unet`` whose own
+``segmentation_head`` (1 class) is kept only for that reason and never run.
+"""
+
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+from segmentation_models_pytorch.base import SegmentationHead
+from torch import nn
+
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+SEMANTIC_CLASSES = ("background", "epithelial", "lymphocyte", "neutrophil", "macrophage")
+TERNARY_CLASSES = ("background", "inside", "boundary")
+# Colours of the original project (RGB), used in palettes, overlays and legends.
+SEMANTIC_COLOURS = ((0, 0, 0), (255, 0, 0), (255, 255, 0), (0, 0, 255), (0, 255, 0))
+TERNARY_COLOURS = ((0, 0, 0), (0, 255, 0), (255, 0, 0))
+
+
+class TwoHeadUnet(nn.Module):
+    """U-Net with a semantic head (5 classes) and a ternary head (3 classes) on one decoder."""
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet34",
+        n_semantic: int = len(SEMANTIC_CLASSES),
+        n_ternary: int = len(TERNARY_CLASSES),
+    ) -> None:
+        super().__init__()
+        self.encoder_name = encoder_name
+        # encoder_weights=None: weights only ever come from our own checkpoints, never a hub.
+        self.base = smp.Unet(
+            encoder_name,
+            encoder_weights=None,
+            classes=1,
+            decoder_channels=DECODER_CHANNELS,
+        )
+        width = DECODER_CHANNELS[-1]
+        self.sem_head = SegmentationHead(width, n_semantic, kernel_size=3)
+        self.ter_head = SegmentationHead(width, n_ternary, kernel_size=3)
+
+    @property
+    def output_stride(self) -> int:
+        """Input sides must be multiples of this (the encoder's total downsampling)."""
+        return 32
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(semantic_logits, ternary_logits)`` for a batch ``(N, 3, H, W)``."""
+        features = self.base.encoder(x)
+        decoded = self.base.decoder(features)
+        return self.sem_head(decoded), self.ter_head(decoded)
+
+
+def build_network(encoder_name: str = "resnet34") -> TwoHeadUnet:
+    """Build an untrained network; never downloads weights."""
+    return TwoHeadUnet(encoder_name)

@@ -1,0 +1,70 @@
+"""Low-resolution tissue detection, so that tiles of bare glass are never run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from model.analysis import AnalysisView
+from model.readers import thumbnail
+from model.tiling import Box
+
+THUMB_SIDE = 2048
+SATURATION_MIN = 0.07  # H&E stains are saturated; glass and dust are not
+VALUE_MAX = 0.94  # glass is bright
+MIN_OBJECT_FRACTION = 1e-4
+
+
+@dataclass
+class TissueMask:
+    """Boolean mask where one mask pixel spans ``px`` analysis pixels on a side."""
+
+    mask: np.ndarray
+    px: float
+    area: float | None = None  # exact tissue area in analysis pixels, when known
+
+    def any_in(self, box: Box) -> bool:
+        """True when any tissue lies under ``box`` (analysis coordinates)."""
+        h, w = self.mask.shape
+        x0, y0 = max(int(box.x0 / self.px), 0), max(int(box.y0 / self.px), 0)
+        x1, y1 = min(int(np.ceil(box.x1 / self.px)), w), min(int(np.ceil(box.y1 / self.px)), h)
+        return bool(x1 > x0 and y1 > y0 and self.mask[y0:y1, x0:x1].any())
+
+    def area_px(self) -> float:
+        """Tissue area in analysis pixels."""
+        if self.area is not None:
+            return self.area
+        return float(self.mask.sum()) * self.px * self.px
+
+
+def full_tissue(view: AnalysisView) -> TissueMask:
+    """Everything counts as tissue (detection off)."""
+    side = float(max(view.width, view.height)) + 1.0
+    return TissueMask(np.ones((1, 1), dtype=bool), side, area=float(view.width * view.height))
+
+
+def tissue_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 thumbnail (saturation and brightness thresholds)."""
+    pixels = rgb.astype(np.float32) / 255.0
+    vmax = pixels.max(axis=2)
+    vmin = pixels.min(axis=2)
+    saturation = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-6), 0.0)
+    mask = (saturation > SATURATION_MIN) & (vmax < VALUE_MAX)
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
+    mask = ndimage.binary_fill_holes(mask)
+    labels, n = ndimage.label(mask)
+    if n:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[1:] = sizes >= max(4, MIN_OBJECT_FRACTION * mask.size)
+        mask = keep[labels]
+    return np.asarray(mask, dtype=bool)
+
+
+def detect_tissue(view: AnalysisView) -> TissueMask:
+    """Tissue mask from a thumbnail of the slide, in analysis-pixel units."""
+    thumb, l0_per_thumb_px = thumbnail(view.reader, THUMB_SIDE)
+    mask = tissue_from_rgb(thumb)
+    return TissueMask(mask, l0_per_thumb_px / view.l0_per_px)

@@ -1,0 +1,139 @@
+"""Streamed writers: palette PNGs row band by row band, and a raw class-map store on disk.
+
+``PalettePngWriter`` writes an indexed PNG (one byte per pixel) without ever holding the image:
+rows are filtered, deflated and emitted as IDAT chunks as they arrive.
+``ClassMapStore`` is a raw ``uint8`` file of ``height x width`` that blocks are written into with
+``pwrite`` (unwritten areas stay sparse holes of zeros = background) and read back in row bands.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+from PIL import Image
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IDAT_CHUNK = 1 << 18
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+class PalettePngWriter:
+    """Indexed-colour PNG written row by row; use as a context manager."""
+
+    def __init__(self, path: Path, width: int, height: int, palette: Sequence[tuple[int, int, int]]) -> None:
+        if not 1 <= len(palette) <= 256:
+            raise ValueError(f"palette needs 1..256 colours, got {len(palette)}")
+        self.path, self.width, self.height = path, width, height
+        self._rows = 0
+        self._fh = path.open("wb")
+        self._deflate = zlib.compressobj(6)
+        self._pending = bytearray()
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
+        plte = b"".join(bytes(c) for c in palette)
+        self._fh.write(PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"PLTE", plte))
+
+    def write_rows(self, rows: np.ndarray) -> None:
+        """Append ``(n, width)`` uint8 rows."""
+        if rows.ndim != 2 or rows.shape[1] != self.width:
+            raise ValueError(f"rows must be (n, {self.width}), got {rows.shape}")
+        if self._rows + rows.shape[0] > self.height:
+            raise ValueError(f"{self._rows + rows.shape[0]} rows written, image has {self.height}")
+        filtered = np.zeros((rows.shape[0], self.width + 1), dtype=np.uint8)  # filter byte 0 = None
+        filtered[:, 1:] = rows
+        self._pending += self._deflate.compress(filtered.tobytes())
+        self._rows += rows.shape[0]
+        self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        while len(self._pending) >= IDAT_CHUNK or (final and self._pending):
+            part = bytes(self._pending[:IDAT_CHUNK])
+            del self._pending[:IDAT_CHUNK]
+            self._fh.write(_chunk(b"IDAT", part))
+
+    def close(self) -> None:
+        """Finish the stream; raises if fewer rows than the height were written."""
+        if self._fh.closed:
+            return
+        try:
+            if self._rows != self.height:
+                raise ValueError(f"PNG {self.path.name!r}: {self._rows} rows written, expected {self.height}")
+            self._pending += self._deflate.flush()
+            self._flush(final=True)
+            self._fh.write(_chunk(b"IEND", b""))
+        finally:
+            self._fh.close()
+
+    def __enter__(self) -> PalettePngWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+class ClassMapStore:
+    """A ``height x width`` uint8 map on disk, written by blocks and read by row bands."""
+
+    def __init__(self, path: Path, width: int, height: int) -> None:
+        self.path, self.width, self.height = path, width, height
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, width * height)  # sparse: unwritten pixels read as 0
+
+    def write_block(self, x0: int, y0: int, values: np.ndarray) -> None:
+        """Store ``values`` (``(h, w)`` uint8) with its top-left corner at ``(x0, y0)``."""
+        values = np.ascontiguousarray(values, dtype=np.uint8)
+        for row in range(values.shape[0]):
+            os.pwrite(self._fd, values[row].tobytes(), (y0 + row) * self.width + x0)
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``[y0, y1)`` as ``(y1 - y0, width)`` uint8."""
+        data = os.pread(self._fd, (y1 - y0) * self.width, y0 * self.width)
+        return np.frombuffer(data, dtype=np.uint8).reshape(y1 - y0, self.width)
+
+    def bands(self, rows: int) -> list[tuple[int, int]]:
+        """``[y0, y1)`` row bands of at most ``rows`` rows."""
+        return [(y, min(y + rows, self.height)) for y in range(0, self.height, rows)]
+
+    def close(self, *, delete: bool = True) -> None:
+        os.close(self._fd)
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+
+def band_rows(width: int, budget_bytes: int = 32 << 20) -> int:
+    """Rows per band so that one band stays within ``budget_bytes``."""
+    return max(1, min(4096, budget_bytes // max(width, 1)))
+
+
+def write_png_from_store(store: ClassMapStore, path: Path, palette: Sequence[tuple[int, int, int]]) -> None:
+    """Copy a class map into a palette PNG, one row band at a time."""
+    rows = band_rows(store.width)
+    with PalettePngWriter(path, store.width, store.height, palette) as png:
+        for y0, y1 in store.bands(rows):
+            png.write_rows(store.read_rows(y0, y1))
+
+
+def overlay(base: np.ndarray, classes: np.ndarray, colours: Sequence[tuple[int, int, int]],
+            alpha: float = 0.45) -> np.ndarray:
+    """Blend class colours (all but class 0) over an RGB image of the same size."""
+    lut = np.asarray(colours, dtype=np.float32)
+    painted = lut[classes]
+    mix = np.where((classes > 0)[..., None], (1 - alpha) * base + alpha * painted, base)
+    return np.clip(mix + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_rgb_png(path: Path, rgb: np.ndarray) -> None:
+    Image.fromarray(rgb).save(path, optimize=False, compress_level=6)

@@ -1,0 +1,129 @@
+"""The ``nucseg`` command line: ``predict`` runs the engine locally; service commands run the stack.
+
+Exit codes: 0 success, 1 job failed (server commands), 2 bad usage or configuration, 3 unreadable or
+unsupported slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker.settings import get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SLIDE = 0, 1, 2, 3
+
+
+def _add_predict(subparsers: Any) -> None:
+    settings = get_settings()
+    p = subparsers.add_parser("predict", help="segment one slide locally (no server needed)")
+    p.add_argument("slide", type=Path, help="slide or image file (svs, ndpi, mrxs, tiff, png, jpg, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--model", default=settings.model, help="checkpoint (default: NUCSEG_MODEL or shipped model)")
+    p.add_argument("--tile", type=int, default=256, help="tile size in px (multiple of 32)")
+    p.add_argument("--overlap", type=int, default=64, help="tile overlap in px")
+    p.add_argument("--block", type=int, default=2048, help="output block size in px")
+    p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=settings.precision)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=settings.device)
+    p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip tiles without tissue (default: on for multi-level slides)")
+    p.add_argument("--mpp", type=float, default=None, help="µm/px of level 0 when the slide does not say")
+    p.add_argument("--outputs", default="masks,overlays,nuclei", help="comma list of masks,overlays,nuclei")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print stats as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model.checkpoint import load_model
+    from model.engine import EngineOptions, set_threads
+    from model.errors import CheckpointError, OptionsError, SlideError
+    from model.pipeline import run_prediction
+
+    settings = get_settings()
+    outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
+    options = EngineOptions(tile_size=args.tile, overlap=args.overlap, block_size=args.block,
+                            batch_size=args.batch, precision=args.precision, device=args.device,
+                            tissue=args.tissue, mpp=args.mpp)
+    set_threads(args.threads)
+    bar = tqdm(total=0, unit="block", disable=args.quiet, file=sys.stderr, desc=args.slide.name)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        model = load_model(args.model, expected_sha256=settings.model_sha256)
+        stats = run_prediction(args.slide, args.out, model, options, outputs=outputs, on_progress=progress,
+                               max_image_pixels=settings.max_image_pixels,
+                               max_slide_pixels=settings.max_slide_pixels)
+    except SlideError as exc:
+        return _fail(EXIT_SLIDE, f"{exc.code}: {exc}", args.json)
+    except (CheckpointError, OptionsError, ValueError) as exc:
+        return _fail(EXIT_USAGE, f"{getattr(exc, 'code', 'invalid_options')}: {exc}", args.json)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        _print_summary(stats, args.out)
+    return EXIT_OK
+
+
+def _fail(code: int, message: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": {"code": message.split(":")[0], "message": message}}))
+    print(f"nucseg: error: {message}", file=sys.stderr)
+    return code
+
+
+def _print_summary(stats: dict[str, Any], out: Path) -> None:
+    a = stats["analysis"]
+    print(f"{stats['slide']['name']}: {a['width']}x{a['height']} px at {a['mpp']:.4f} µm/px, "
+          f"{stats['tiles']['run']} tiles run, {stats['tiles']['skipped']} skipped, "
+          f"{stats['timings_s'].get('total', 0):.1f} s on {stats['device']} ({stats['precision']})")
+    for name, c in stats["semantic"]["classes"].items():
+        frac = c["tissue_fraction"]
+        print(f"  {name:<11} {c['area_um2']:>14.1f} µm²  {100 * frac if frac is not None else 0:6.2f}% of tissue")
+    if "nuclei" in stats:
+        counts = {k: v["count"] for k, v in stats["nuclei"].get("classes", {}).items()}
+        print(f"  nuclei: {counts}")
+    print(f"results in {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nucseg", description="nucleus segmentation for H&E slides")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_predict(subparsers)
+    _add_service_commands(subparsers)
+    return parser
+
+
+def _add_service_commands(subparsers: Any) -> None:
+    try:
+        from worker.service_cli import add_service_commands
+    except ImportError:
+        return
+    add_service_commands(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
