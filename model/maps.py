@@ -132,7 +132,7 @@ class ClassMapSink:
         view = self._ctx.view
         if self._k == 1.0:
             return view.read(view.bounds)
-        thumb, _ = thumbnail(view.reader, max(size) * 2)
+        thumb, _ = thumbnail(view.reader, max(size))
         return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.LANCZOS))
 
     def _head_stats(self, head: _Head) -> dict[str, Any]:

@@ -67,10 +67,14 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """Flatten straight (non-premultiplied) RGBA onto white; returns RGB uint8."""
     if rgba.shape[-1] == 3:
         return rgba
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = rgba[..., :3].astype(np.uint16)
-    out = (rgb * alpha + WHITE * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+    out = np.ascontiguousarray(rgba[..., :3])
+    alpha = rgba[..., 3]
+    see_through = alpha < 255
+    if see_through.any():
+        a = alpha[see_through].astype(np.uint16)[:, None]
+        rgb = out[see_through].astype(np.uint16)
+        out[see_through] = ((rgb * a + WHITE * (255 - a) + 127) // 255).astype(np.uint8)
+    return out
 
 
 class ArrayReader:
@@ -234,19 +238,23 @@ def probe_readable(reader: SlideReader) -> None:
         raise
 
 
-def thumbnail(reader: SlideReader, max_side: int) -> tuple[np.ndarray, float]:
-    """RGB thumbnail with the longest side <= ``max_side``; returns it and its level-0 downsample."""
+def thumbnail(reader: SlideReader, max_side: int, band_bytes: int = 64 << 20) -> tuple[np.ndarray, float]:
+    """RGB thumbnail with the longest side <= ``max_side``; returns it and its level-0 downsample.
+
+    Reads the best pyramid level in row bands and box-averages each band by an integer factor, so
+    memory stays bounded even for a slide with no pyramid.
+    """
     w0, h0 = reader.level_dimensions[0]
-    target = max(w0, h0) / max_side
-    level = _coarsest_level_at_most(reader, max(target, 1.0))
+    level = _coarsest_level_at_most(reader, max(max(w0, h0) / max_side, 1.0))
     lw, lh = reader.level_dimensions[level]
-    region = reader.read_region(level, 0, 0, lw, lh)
-    scale = max(lw, lh) / max_side
-    if scale > 1:
-        size = (max(1, round(lw / scale)), max(1, round(lh / scale)))
-        region = np.asarray(Image.fromarray(region).resize(size, Image.Resampling.BOX))
-    downsample = w0 / region.shape[1]
-    return region, downsample
+    factor = max(1, math.ceil(max(lw, lh) / max_side))
+    rows = max(factor, (band_bytes // max(1, lw * 4)) // factor * factor)
+    bands = []
+    for y in range(0, lh, rows):
+        band = reader.read_region(level, 0, round(y * reader.level_downsamples[level]), lw, min(rows, lh - y))
+        bands.append(np.asarray(Image.fromarray(band).reduce(factor)) if factor > 1 else band)
+    small = np.concatenate(bands, axis=0)
+    return small, w0 / small.shape[1]
 
 
 def _coarsest_level_at_most(reader: SlideReader, downsample: float) -> int:

@@ -128,11 +128,15 @@ def write_png_from_store(store: ClassMapStore, path: Path, palette: Sequence[tup
 
 def overlay(base: np.ndarray, classes: np.ndarray, colours: Sequence[tuple[int, int, int]],
             alpha: float = 0.45) -> np.ndarray:
-    """Blend class colours (all but class 0) over an RGB image of the same size."""
-    lut = np.asarray(colours, dtype=np.float32)
-    painted = lut[classes]
-    mix = np.where((classes > 0)[..., None], (1 - alpha) * base + alpha * painted, base)
-    return np.clip(mix + 0.5, 0, 255).astype(np.uint8)
+    """Blend class colours (all but class 0) over an RGB image of the same size, in row bands."""
+    lut = np.asarray(colours, dtype=np.float32) * np.float32(alpha)
+    out = base.copy()
+    for y in range(0, base.shape[0], 256):
+        rows = slice(y, y + 256)
+        mask = classes[rows] > 0
+        mixed = base[rows][mask].astype(np.float32) * np.float32(1 - alpha) + lut[classes[rows][mask]]
+        out[rows][mask] = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def save_rgb_png(path: Path, rgb: np.ndarray) -> None:

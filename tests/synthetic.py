@@ -22,25 +22,27 @@ def _tissue_tile(rng: np.random.Generator) -> np.ndarray:
     return tile
 
 
-def _tiles(width: int, height: int, is_tissue: np.ndarray, scale: int, seed: int) -> Iterator[np.ndarray]:
+def _tiles(width: int, height: int, is_tissue: np.ndarray, scale: int, seed: int,
+           cell: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     white = np.full((TILE, TILE, 3), 255, dtype=np.uint8)
     pattern = _tissue_tile(rng)
     for ty in range(-(-height // TILE)):
         for tx in range(-(-width // TILE)):
-            gy, gx = (ty * TILE * scale) // (TILE * 8), (tx * TILE * scale) // (TILE * 8)
+            gy, gx = (ty * TILE * scale) // cell, (tx * TILE * scale) // cell
             inside = is_tissue[min(gy, is_tissue.shape[0] - 1), min(gx, is_tissue.shape[1] - 1)]
             yield pattern if inside else white
 
 
 def write_pyramid(path: Path, width: int, height: int, *, mpp: float = 0.25, levels: int = 4,
-                  tissue_fraction: float = 0.05, seed: int = 0) -> Path:
+                  tissue_fraction: float = 0.05, cell: int = TILE * 8, seed: int = 0) -> Path:
     """A tiled, pyramidal RGB TIFF of mostly glass with a few tissue patches (deflate-compressed).
 
-    Tissue is decided on a coarse grid of 8x8-tile cells so every level agrees on where it is.
+    Tissue is decided on a coarse grid of ``cell``-px cells (a multiple of the tile, level-0 px) so
+    every level agrees on where it is; the top-left cell always holds tissue.
     """
     rng = np.random.default_rng(seed)
-    grid = (max(1, -(-height // (TILE * 8))), max(1, -(-width // (TILE * 8))))
+    grid = (max(1, -(-height // cell)), max(1, -(-width // cell)))
     is_tissue = rng.random(grid) < tissue_fraction
     is_tissue.flat[0] = True
     res = 1e4 / mpp  # pixels per cm
@@ -49,7 +51,7 @@ def write_pyramid(path: Path, width: int, height: int, *, mpp: float = 0.25, lev
             scale = 2**level
             w, h = max(1, width // scale), max(1, height // scale)
             tif.write(
-                _tiles(w, h, is_tissue, scale, seed), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
+                _tiles(w, h, is_tissue, scale, seed, cell), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
                 photometric="rgb", compression="zlib", compressionargs={"level": 1},
                 resolution=(res / scale, res / scale),
                 resolutionunit="CENTIMETER", subfiletype=0 if level == 0 else 1, maxworkers=1,

@@ -1,0 +1,98 @@
+"""Shared benchmark helpers: peak-RSS sampling, timing, a cropped reader, machine description."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import psutil
+import torch
+
+from model.readers import SlideReader
+
+T = TypeVar("T")
+
+
+@dataclass
+class Measure:
+    seconds: float = 0.0
+    peak_rss: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so the next peak starts low."""
+    gc.collect()
+    with suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextmanager
+def measured() -> Iterator[Measure]:
+    """Wall time and peak process RSS (sampled every 5 ms) of the enclosed block."""
+    release_memory()
+    proc = psutil.Process()
+    result = Measure(peak_rss=proc.memory_info().rss)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result.peak_rss = max(result.peak_rss, proc.memory_info().rss)
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    try:
+        yield result
+    finally:
+        result.seconds = time.perf_counter() - started
+        stop.set()
+        thread.join()
+        result.peak_rss = max(result.peak_rss, proc.memory_info().rss)
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, Measure]:
+    with measured() as m:
+        out = fn()
+    return out, m
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with suppress(OSError), open("/proc/cpuinfo") as fh:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM{gpu}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+class CropReader:
+    """A level-0 window of another reader, presented as a single-level slide."""
+
+    def __init__(self, reader: SlideReader, l0_x: int, l0_y: int, width: int, height: int) -> None:
+        self._reader, self._x, self._y = reader, l0_x, l0_y
+        self.name = f"{reader.name}[{l0_x},{l0_y},{width}x{height}]"
+        self.format = reader.format
+        self.mpp = reader.mpp
+        self.level_dimensions: tuple[tuple[int, int], ...] = ((width, height),)
+        self.level_downsamples: tuple[float, ...] = (1.0,)
+
+    def read_region(self, level: int, l0_x: int, l0_y: int, w: int, h: int) -> np.ndarray:
+        return self._reader.read_region(0, self._x + l0_x, self._y + l0_y, w, h)
+
+    def close(self) -> None:
+        return None
+
+
+def mb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.0f} MiB"
