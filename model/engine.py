@@ -29,6 +29,7 @@ from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision
 from model.errors import CancelledError, OptionsError
 from model.readers import ArrayReader, SlideReader
+from model.tilecache import BlockIndex, TileCache
 from model.tiling import Box, TileGrid, iter_batches, plan_blocks
 from model.tissue import TissueMask, detect_tissue, full_tissue
 
@@ -51,6 +52,7 @@ class EngineOptions:
     mpp: float | None = None  # overrides the slide's stated resolution
     margin: int = 0  # extra blended pixels around each block, for post-processing
     sigma_scale: float = 0.25
+    tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
 
     def validate(self, multiple: int = 32) -> None:
         """Raise ``OptionsError`` naming the bad value."""
@@ -64,6 +66,8 @@ class EngineOptions:
             raise OptionsError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.margin < 0:
             raise OptionsError(f"margin must be >= 0, got {self.margin}")
+        if self.tile_cache_mb < 0:
+            raise OptionsError(f"tile_cache_mb must be >= 0, got {self.tile_cache_mb}")
 
 
 @dataclass
@@ -116,6 +120,7 @@ class RunReport:
     """Counts and timings of one run."""
 
     tiles_run: int = 0
+    tiles_reused: int = 0
     tiles_skipped: int = 0
     grid_tiles: int = 0
     blocks: int = 0
@@ -207,8 +212,12 @@ class Engine:
     ) -> Iterator[BlockResult]:
         """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
         jobs = [self._block_job(i, b, view, grid, tissue, report) for i, b in enumerate(blocks)]
+        index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin)
+        cache = TileCache(self.options.tile_cache_mb << 20)
         for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report)):
-            yield self._blend(job, pixels, grid, report)
+            yield self._blend(job, pixels, grid, report, index, cache)
+            cache.retire(job.index)
+        report.tiles_reused = cache.hits
 
     def _block_job(
         self, index: int, inner: Box, view: AnalysisView, grid: TileGrid, tissue: TissueMask, report: RunReport
@@ -227,14 +236,21 @@ class Engine:
         report.clock("read", time.perf_counter() - t0)
         return pixels
 
-    def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport) -> BlockResult:
+    def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport,
+               index: BlockIndex, cache: TileCache) -> BlockResult:
         if pixels is None:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
-        origin = grid.union_box(job.tiles)
         acc = Accumulator(job.region, N_CHANNELS)
-        t_size = self.options.tile_size
-        for batch in iter_batches(job.tiles, self.options.batch_size):
+        todo = []
+        for tile in job.tiles:
+            cached = cache.get(tile)
+            if cached is None:
+                todo.append(tile)
+            else:
+                acc.add(grid.tile_box(*tile), cached, self.weights)
+        origin, t_size = grid.union_box(job.tiles), self.options.tile_size
+        for batch in iter_batches(todo, self.options.batch_size):
             boxes = [grid.tile_box(*t) for t in batch]
             tiles = np.stack([
                 pixels[b.y0 - origin.y0 : b.y0 - origin.y0 + t_size, b.x0 - origin.x0 : b.x0 - origin.x0 + t_size]
@@ -243,8 +259,9 @@ class Engine:
             t0 = time.perf_counter()
             logits = self.runner(tiles)
             t1 = time.perf_counter()
-            for box, tile_logits in zip(boxes, logits, strict=True):
+            for tile, box, tile_logits in zip(batch, boxes, logits, strict=True):
                 acc.add(box, tile_logits, self.weights)
+                cache.offer(tile, tile_logits, index.blocks_touching(box), job.index)
             report.clock("forward", t1 - t0)
             report.clock("blend", time.perf_counter() - t1)
             report.tiles_run += len(batch)

@@ -93,3 +93,25 @@ def test_blocks_partition_the_image() -> None:
         cover[b.y0 : b.y1, b.x0 : b.x1] += 1
     assert (cover == 1).all()
     assert Box(0, 0, 10, 10).intersect(Box(10, 0, 20, 10)) is None
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1, 512])
+def test_tile_cache_runs_each_tile_once_and_changes_nothing(cache_mb: int) -> None:
+    image = _image(300, 410, seed=5)
+
+    def run(mb: int) -> tuple[CollectSink, int, int, int]:
+        engine = Engine(loaded(TrivialNet(lambda x: x * 3 - 1)),
+                        EngineOptions(tile_size=64, overlap=24, block_size=70, margin=9, precision="fp32",
+                                      device="cpu", tissue=False, tile_cache_mb=mb))
+        sink = CollectSink()
+        report = engine.run(ArrayReader(image, mpp=0.25), [sink])
+        return sink, report.tiles_run, report.tiles_reused, report.grid_tiles
+
+    base, run0, reused0, grid = run(0)
+    sink, tiles_run, reused, _ = run(cache_mb)
+    np.testing.assert_allclose(sink.logits, base.logits, atol=1e-5, rtol=0)
+    assert tiles_run + reused == run0 and reused0 == 0
+    if cache_mb == 512:
+        assert tiles_run == grid, "with room for every shared tile, each grid tile runs exactly once"
+    elif cache_mb == 1:
+        assert reused > 0 and tiles_run > grid

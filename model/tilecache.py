@@ -1,0 +1,74 @@
+"""A bounded cache of tile logits, so a tile shared by neighbouring blocks runs once.
+
+Blocks are processed in row-major order and each block's region is known in advance, so for every
+tile we know which later blocks need it. The cache keeps a tile only while some later block needs
+it, and when full it drops the entry whose next use is farthest away (Belady's rule), so with a
+small budget it still keeps the left-right neighbours and with a larger one also the row below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.tiling import Box
+
+TileKey = tuple[int, int]
+
+
+class BlockIndex:
+    """Maps a tile's box to the row-major indices of the blocks whose regions it touches."""
+
+    def __init__(self, width: int, height: int, block: int, margin: int) -> None:
+        self.block, self.margin = block, margin
+        self.n_x, self.n_y = -(-width // block), -(-height // block)
+
+    def blocks_touching(self, box: Box) -> list[int]:
+        b, m = self.block, self.margin
+        bx0, bx1 = max(0, (box.x0 - m) // b), min(self.n_x - 1, (box.x1 - 1 + m) // b)
+        by0, by1 = max(0, (box.y0 - m) // b), min(self.n_y - 1, (box.y1 - 1 + m) // b)
+        return [by * self.n_x + bx for by in range(by0, by1 + 1) for bx in range(bx0, bx1 + 1)]
+
+
+class TileCache:
+    """Tile logits kept for later blocks, within ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self._items: dict[TileKey, tuple[np.ndarray, list[int]]] = {}  # key -> (logits, later blocks needing it)
+        self.hits = 0
+
+    def get(self, key: TileKey) -> np.ndarray | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self.hits += 1
+        return item[0]
+
+    def offer(self, key: TileKey, logits: np.ndarray, uses: list[int], current: int) -> None:
+        """Keep ``logits`` if a block after ``current`` needs it and it fits (evicting farther uses)."""
+        later = sorted(u for u in uses if u > current)
+        self._drop(key)
+        if not later or logits.nbytes > self.budget:
+            return
+        while self.used + logits.nbytes > self.budget:
+            far_key, (_, far_uses) = max(self._items.items(), key=lambda kv: kv[1][1][0])
+            if far_uses[0] <= later[0]:
+                return
+            self._drop(far_key)
+        self._items[key] = (np.array(logits, copy=True), later)
+        self.used += logits.nbytes
+
+    def retire(self, current: int) -> None:
+        """After block ``current``: forget tiles no later block needs, advance the others' next use."""
+        for key, (logits, uses) in list(self._items.items()):
+            later = [u for u in uses if u > current]
+            if later:
+                self._items[key] = (logits, later)
+            else:
+                self._drop(key)
+
+    def _drop(self, key: TileKey) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.used -= item[0].nbytes
