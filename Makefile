@@ -23,7 +23,7 @@ $(SAMPLES): scripts/fetch_samples.py | $(STAMP)
 	$(PY) scripts/fetch_samples.py
 
 up: venv samples
-	$(PY) -m worker.up
+	$(VENV)/bin/nucseg up
 
 predict-sample: venv samples
 	$(VENV)/bin/nucseg predict $(SAMPLES) --out .data/predict-sample

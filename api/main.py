@@ -1,0 +1,62 @@
+"""The FastAPI app factory: ``uvicorn --factory api.main:create_app`` (or ``nucseg serve``).
+
+This package never imports torch: it validates slides with ``model.readers`` (OpenSlide, Pillow)
+and sends work to the workers by task name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.deps import Resources
+from api.errors import install_error_handlers
+from api.routes import health, jobs, metrics, models, results
+from api.schemas import JobCreate
+from worker.settings import Settings, get_settings
+
+
+def _version() -> str:
+    try:
+        return version("nucseg")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.resources.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app; ``settings`` overrides ``get_settings()`` (otherwise read from NUCSEG_* env)."""
+    app = FastAPI(title="nucseg", version=_version(), lifespan=_lifespan,
+                  description="Nucleus segmentation of H&E whole-slide images: submit a slide, poll the job, "
+                              "download masks, overlays and statistics.")
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.resources = Resources()
+    install_error_handlers(app)
+    for module in (health, jobs, results, models, metrics):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus ``JobCreate``, which ``POST /v1/jobs`` reads by hand (it streams)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        extra = JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(extra.pop("$defs", {}))
+        components["JobCreate"] = extra
+        app.openapi_schema = schema
+    return app.openapi_schema

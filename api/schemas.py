@@ -1,0 +1,180 @@
+"""Request and response models of the HTTP API (the OpenAPI schema at ``/docs`` comes from these)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from worker.jobs import JobRecord, Status
+
+OutputGroup = Literal["masks", "overlays", "nuclei"]
+# Must equal model.pipeline.OUTPUT_GROUPS (a test checks it); the API cannot import the pipeline (torch).
+OUTPUT_GROUPS: tuple[OutputGroup, ...] = ("masks", "overlays", "nuclei")
+
+
+class JobOptions(BaseModel):
+    """Engine options of one job; they mirror ``nucseg predict``. Unknown options are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile_size: int = Field(256, ge=32, le=2048, multiple_of=32, description="tile side in px (x32)")
+    overlap: int = Field(64, ge=0, le=1024, description="overlap of neighbouring tiles in px (< tile_size)")
+    block_size: int = Field(2048, ge=64, le=16384, description="output block side in px (progress unit)")
+    batch_size: int = Field(8, ge=1, le=256, description="tiles per forward pass")
+    tissue: bool | None = Field(None, description="skip tiles without tissue (default: on for WSIs)")
+    mpp: float | None = Field(None, gt=0, le=1000, description="µm/px of level 0, overriding the slide's")
+    outputs: list[OutputGroup] = Field(default_factory=lambda: list(OUTPUT_GROUPS), min_length=1,
+                                       description="result groups to produce")
+
+    @model_validator(mode="after")
+    def _check(self) -> JobOptions:
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap must be smaller than tile_size={self.tile_size}, got {self.overlap}")
+        self.outputs = [g for g in OUTPUT_GROUPS if g in self.outputs]
+        return self
+
+
+class JobCreate(BaseModel):
+    """JSON body of ``POST /v1/jobs`` for a slide already under ``NUCSEG_SLIDE_ROOT``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slide_path: str = Field(..., min_length=1, max_length=4096,
+                            description="path relative to the slide root (no '..'; must stay inside it)")
+    options: JobOptions = Field(default_factory=JobOptions)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, at most 16 KiB as JSON")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error response."""
+
+    error: ErrorInfo
+
+
+class ProgressOut(BaseModel):
+    stage: str
+    done: int
+    total: int
+
+
+class SlideOut(BaseModel):
+    name: str
+    source: Literal["upload", "path"]
+    path: str | None = Field(None, description="the slide_path given, for path jobs")
+    size_bytes: int | None = None
+    sha256: str | None = Field(None, description="known at once for uploads; after hashing for path jobs")
+    width: int | None = None
+    height: int | None = None
+    levels: int | None = None
+    mpp: float | None = None
+    format: str | None = None
+    analysis: dict[str, Any] | None = Field(None, description="size and mpp the model saw (when finished)")
+
+
+class ResultLink(BaseModel):
+    name: str
+    href: str
+    content_type: str
+    size_bytes: int
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    sha256: str
+    encoder: str | None = None
+    format: str | None = None
+
+
+class JobOut(BaseModel):
+    """A job resource."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: Status
+    progress: ProgressOut
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    slide: SlideOut
+    options: JobOptions
+    metadata: dict[str, Any]
+    error: ErrorInfo | None = None
+    results: list[ResultLink] | None = None
+    model: ModelRef | None = None
+    attempts: int
+    retries: int
+    redeliveries: int
+    cancel_requested: bool
+    href: str
+
+    @classmethod
+    def from_record(cls, rec: JobRecord) -> JobOut:
+        href = f"/v1/jobs/{rec.id}"
+        results = None
+        if rec.status == "succeeded" and rec.results is not None:
+            results = [ResultLink(href=f"{href}/results/{r['name']}", **r) for r in rec.results]
+        return cls(
+            id=rec.id, status=rec.status, progress=ProgressOut(**rec.progress.model_dump()),
+            created_at=_dt(rec.created_at), started_at=_dt(rec.started_at), finished_at=_dt(rec.finished_at),
+            slide=SlideOut(**rec.slide), options=JobOptions(**rec.options), metadata=rec.metadata,
+            error=ErrorInfo(**rec.error.model_dump()) if rec.error and rec.status == "failed" else None,
+            results=results, model=ModelRef(**rec.model) if rec.model else None,
+            attempts=rec.attempts, retries=rec.retries, redeliveries=rec.redeliveries,
+            cancel_requested=rec.cancel_requested, href=href,
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")
+
+
+class ModelOut(BaseModel):
+    """A model card that a worker has loaded."""
+
+    sha256: str
+    file: str
+    format: str
+    card: dict[str, Any]
+    loaded_at: datetime
+    worker: str | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    redis: Literal["ok"] = "ok"
+    workers: list[str]
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+_ERROR_TEXT = {400: "malformed request", 404: "not found", 409: "job state or idempotency key conflict",
+               413: "too many bytes", 415: "not a slide, or the wrong Content-Type",
+               416: "range not satisfiable", 422: "invalid options, path, id or slide",
+               503: "Redis, the broker or the workers are unavailable"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error statuses (all share ``ErrorOut``)."""
+    return {s: {"model": ErrorOut, "description": _ERROR_TEXT.get(s, "error")} for s in statuses}

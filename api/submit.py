@@ -1,0 +1,189 @@
+"""Turning a ``POST /v1/jobs`` request into a validated submission (before anything is enqueued).
+
+Two inputs: a multipart upload (``file`` plus optional JSON fields ``options`` and ``metadata``) or
+a JSON body ``{"slide_path", "options", "metadata"}``. Either way the slide is opened here (format
+sniff, then OpenSlide or Pillow, then a probe read) so a bad file is refused at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from api.errors import ApiError, validation_error
+from api.schemas import JobCreate, JobOptions
+from api.uploads import receive_multipart
+from model.errors import SlideError
+from model.readers import open_slide
+from worker.jobs import JobRecord, Progress, now
+from worker.settings import Settings
+
+MAX_JSON_BODY_BYTES = 64 * 1024
+MAX_FORM_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class Submission:
+    """A slide on disk with its options and metadata, not yet a job."""
+
+    job_id: str
+    source: Literal["upload", "path"]
+    slide_file: Path
+    slide: dict[str, Any]
+    options: JobOptions
+    metadata: dict[str, Any]
+    upload_dir: Path | None = None
+
+    def fingerprint(self) -> str:
+        """Same request body -> same fingerprint (for idempotency keys)."""
+        what = self.slide.get("sha256") if self.source == "upload" else self.slide.get("path")
+        doc = {"source": self.source, "slide": what, "options": self.options.model_dump(mode="json"),
+               "metadata": self.metadata}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def discard(self) -> None:
+        """Remove the uploaded file (the job was not created)."""
+        if self.upload_dir is not None:
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+
+    def to_record(self, queue: str, tenant: str) -> JobRecord:
+        return JobRecord(id=self.job_id, tenant=tenant, queue=queue, created_at=now(),
+                         progress=Progress(stage="queued"), slide=self.slide,
+                         options=self.options.model_dump(mode="json"), metadata=self.metadata,
+                         slide_file=str(self.slide_file),
+                         upload_dir=str(self.upload_dir) if self.upload_dir else None)
+
+
+async def receive(request: Request, settings: Settings, job_id: str) -> Submission:
+    """Read the body (either kind) into a ``Submission``; raises ``ApiError`` for a bad request."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        return await _from_upload(request, settings, job_id)
+    if media == "application/json":
+        return _from_json(await _read_limited(request, MAX_JSON_BODY_BYTES), settings, job_id)
+    raise ApiError(415, "unsupported_content_type",
+                   f"Content-Type {media or '(none)'!r} is not accepted; send multipart/form-data "
+                   "with a 'file' part, or application/json with 'slide_path'")
+
+
+async def _from_upload(request: Request, settings: Settings, job_id: str) -> Submission:
+    upload_dir = settings.uploads_dir / job_id
+    stored, fields = await receive_multipart(
+        request, partial=settings.uploads_dir / ".partial" / f"{job_id}.part", final_dir=upload_dir,
+        max_file_bytes=settings.max_upload_bytes, max_field_bytes=MAX_FORM_FIELD_BYTES)
+    try:
+        if stored is None:
+            raise ApiError(422, "validation_error", "file: Field required (a multipart 'file' part)")
+        options = _parse_options(fields.get("options"))
+        metadata = parse_metadata(_json_field("metadata", fields.get("metadata")), settings)
+    except BaseException:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+        raise
+    slide = {"name": stored.filename, "source": "upload", "path": None, "size_bytes": stored.size,
+             "sha256": stored.sha256}
+    return Submission(job_id, "upload", stored.path, slide, options, metadata, upload_dir)
+
+
+def _from_json(body: bytes, settings: Settings, job_id: str) -> Submission:
+    data = _json_field("body", body.decode("utf-8", "replace"))
+    req = JobCreate.model_validate(data if data is not None else {})
+    metadata = parse_metadata(req.metadata, settings)
+    path = resolve_slide_path(settings.slide_root, req.slide_path)
+    slide = {"name": path.name, "source": "path", "path": req.slide_path, "size_bytes": path.stat().st_size,
+             "sha256": None}
+    return Submission(job_id, "path", path, slide, req.options, metadata)
+
+
+def _parse_options(raw: str | None) -> JobOptions:
+    data = _json_field("options", raw)
+    if data is None:
+        return JobOptions()
+    if not isinstance(data, dict):
+        raise ApiError(422, "validation_error", f"options: must be a JSON object (got {type(data).__name__})")
+    try:
+        return JobOptions.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("options", *e["loc"])} for e in exc.errors()]
+        raise validation_error(errors) from exc
+
+
+def _json_field(name: str, raw: str | None) -> Any:
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"{name} is not valid JSON: {exc}") from exc
+
+
+def parse_metadata(value: Any, settings: Settings) -> dict[str, Any]:
+    """Metadata must be a JSON object of at most ``max_metadata_bytes`` (compact JSON)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(422, "validation_error",
+                       f"metadata: must be a JSON object (got {type(value).__name__})")
+    size = len(json.dumps(value, separators=(",", ":")).encode())
+    if size > settings.max_metadata_bytes:
+        raise ApiError(413, "metadata_too_large",
+                       f"metadata is {size} bytes as JSON, over the limit of {settings.max_metadata_bytes}")
+    return value
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"JSON body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"JSON body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def resolve_slide_path(root: Path | None, raw: str) -> Path:
+    """The file ``raw`` names under ``root``; refuses ``..``, escapes (also through symlinks), non-files."""
+    if root is None:
+        raise ApiError(422, "slide_path_disabled",
+                       f"slide_path {raw!r} cannot be used: no NUCSEG_SLIDE_ROOT is set; upload the file")
+    if "\x00" in raw:
+        raise ApiError(422, "invalid_slide_path", f"slide_path {raw!r} contains a NUL byte")
+    rel = PurePosixPath(raw)
+    if ".." in rel.parts:
+        raise ApiError(422, "invalid_slide_path", f"slide_path {raw!r} must not contain '..'")
+    base = root.resolve()
+    resolved = (base / rel).resolve()  # an absolute ``raw`` replaces ``base``, and must still be inside
+    if not resolved.is_relative_to(base):
+        raise ApiError(422, "invalid_slide_path", f"slide_path {raw!r} resolves outside the slide root")
+    if not resolved.is_file():
+        raise ApiError(422, "slide_not_found", f"slide_path {raw!r} is not a file under the slide root")
+    return resolved
+
+
+def inspect_slide(path: Path, settings: Settings, *, shown_as: str | None = None) -> dict[str, Any]:
+    """Open the slide as a job would (raises the model's SlideError) and return its basic facts.
+
+    ``shown_as`` replaces the server's file path in error messages (an upload's client file name).
+    """
+    try:
+        reader = open_slide(path, max_image_pixels=settings.max_image_pixels,
+                            max_slide_pixels=settings.max_slide_pixels)
+    except SlideError as exc:
+        if shown_as is None:
+            raise
+        message = str(exc).replace(str(path), shown_as).replace(repr(path.name), repr(shown_as))
+        raise type(exc)(message) from exc
+    try:
+        width, height = reader.level_dimensions[0]
+        return {"width": int(width), "height": int(height), "levels": len(reader.level_dimensions),
+                "mpp": reader.mpp, "format": reader.format}
+    finally:
+        reader.close()

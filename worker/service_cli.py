@@ -1,0 +1,142 @@
+"""``nucseg serve``, ``nucseg worker``, ``nucseg redis`` and ``nucseg up``: the service, piece by piece.
+
+``worker.cli`` hooks these in with ``add_service_commands``; ``python -m worker.service_cli`` runs
+them without the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worker.settings import get_settings
+
+
+def add_service_commands(subparsers: Any) -> None:
+    """Add ``serve``, ``worker``, ``redis`` and ``up`` to an argparse subparsers object."""
+    _add_serve(subparsers)
+    _add_worker(subparsers)
+    _add_redis(subparsers)
+    _add_up(subparsers)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _add_serve(subparsers: Any) -> None:
+    s = get_settings()
+    p = subparsers.add_parser("serve", help="run the HTTP API (uvicorn)")
+    p.add_argument("--host", default=s.host, help="bind address (default: NUCSEG_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=s.port, help="port (default: NUCSEG_PORT or 8000)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("api.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, proxy_headers=False, server_header=False)
+    return 0
+
+
+# ---------------------------------------------------------------- worker
+
+
+def _add_worker(subparsers: Any) -> None:
+    s = get_settings()
+    p = subparsers.add_parser("worker", help="run a Celery worker that executes jobs")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=s.device,
+                   help="inference device; cuda consumes the 'gpu' queue")
+    p.add_argument("--queues", default=None, help="comma list (default: gpu for --device cuda, else cpu)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (one model copy each)")
+    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork",
+                   help="prefork keeps the main process free to answer pings while a job runs")
+    p.add_argument("--hostname", default=None, help="worker name (default: nucseg-<queues>@<host>)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=_worker)
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The ``celery worker`` arguments for our options."""
+    queues = args.queues or ("gpu" if args.device == "cuda" else "cpu")
+    hostname = args.hostname or f"nucseg-{queues.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}"
+    return ["worker", "--loglevel", args.loglevel, "-Q", queues, "-c", str(args.concurrency),
+            "-P", args.pool, "-n", hostname, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import create_celery
+
+    os.environ["NUCSEG_DEVICE"] = args.device  # read by the task processes' settings
+    get_settings.cache_clear()
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_celery(get_settings())
+    app.set_default()
+    app.set_current()
+    app.worker_main(worker_argv(args))
+    return 0
+
+
+# ---------------------------------------------------------------- redis
+
+
+def _add_redis(subparsers: Any) -> None:
+    s = get_settings()
+    p = subparsers.add_parser("redis", help="run the embedded redis-server (AOF on) in the foreground")
+    p.add_argument("--port", type=int, default=s.redis_port)
+    p.add_argument("--dir", type=Path, default=s.redis_dir, help="data directory (AOF file)")
+    p.set_defaults(func=_redis)
+
+
+def _redis(args: argparse.Namespace) -> int:
+    from worker.redis_server import start_redis, stop_process
+
+    proc = start_redis(args.port, args.dir)
+    print(f"redis-server on redis://127.0.0.1:{args.port}/0, data in {args.dir} (Ctrl-C stops it)", flush=True)
+    _wait_for_signal(lambda: proc.poll() is not None)
+    return stop_process(proc)
+
+
+def _wait_for_signal(done: Callable[[], bool]) -> None:
+    """Block until SIGINT/SIGTERM arrives or ``done()`` turns true (polled)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    while not stop.wait(0.2) and not done():
+        pass
+
+
+# ---------------------------------------------------------------- up
+
+
+def _add_up(subparsers: Any) -> None:
+    p = subparsers.add_parser("up", help="Redis (if needed), one worker and the API on 127.0.0.1; Ctrl-C stops all")
+    p.add_argument("--port", type=int, default=None, help="API port (default: NUCSEG_PORT or 8000)")
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from worker.up import run_stack
+
+    return run_stack(api_port=args.port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nucseg", description="nucseg service commands")
+    add_service_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
