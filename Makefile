@@ -5,16 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLES := .cache/samples/cmu_small_region.svs
-SRC := api worker model training benchmarks scripts tests
+SRC := api worker model training client benchmarks scripts tests
 
 .PHONY: venv samples up predict-sample test lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e ./client
 	touch $@
 
 samples: $(SAMPLES)
@@ -32,7 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff check $(SRC)
 
 typecheck: venv
-	$(VENV)/bin/mypy api worker model training
+	$(VENV)/bin/mypy api worker model training client/nucseg_client
 
 pytest: venv samples
 	$(PY) -m pytest -q

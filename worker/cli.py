@@ -1,7 +1,10 @@
-"""The ``nucseg`` command line: ``predict`` runs the engine locally; service commands run the stack.
+"""The ``nucseg`` command line.
 
-Exit codes: 0 success, 1 job failed (server commands), 2 bad usage or configuration, 3 unreadable or
-unsupported slide.
+``predict`` runs the engine locally; ``up``, ``serve``, ``worker`` and ``redis`` run the service;
+``submit``, ``status``, ``list``, ``cancel`` and ``download`` talk to a server (from nucseg-client).
+
+Exit codes: 0 success; 1 job failed; 2 bad usage or configuration; 3 for ``predict`` an unreadable
+or unsupported slide, for the server commands a server or connection error.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_predict(subparsers)
     _add_service_commands(subparsers)
+    _add_client_commands(subparsers)
     return parser
 
 
@@ -115,6 +119,15 @@ def _add_service_commands(subparsers: Any) -> None:
     except ImportError:
         return
     add_service_commands(subparsers)
+
+
+def _add_client_commands(subparsers: Any) -> None:
+    """``submit``, ``status``, ``list``, ``cancel``, ``download``: talk to a server over HTTP."""
+    try:
+        from nucseg_client.cli import add_client_commands
+    except ImportError:
+        return
+    add_client_commands(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

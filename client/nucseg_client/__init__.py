@@ -1,0 +1,60 @@
+"""nucseg-client: submit H&E slides to a nucseg server, wait for the jobs, download the results.
+
+Ten lines for a LIMS::
+
+    from nucseg_client import Client, JobFailed
+
+    with Client("http://nucseg:8000") as client:
+        job = client.submit("S-042.svs", metadata={"case": "S-042"}, idempotency_key="S-042")
+        try:
+            job.wait(timeout=3600)
+        except JobFailed as exc:
+            print("failed:", exc.code, exc.message)
+        else:
+            job.download_all("results/S-042")
+
+``AsyncClient`` has the same surface with ``await`` (and ``async for job in client.jobs()``).
+
+Errors: every error raised on purpose derives from ``NucsegError``::
+
+    NucsegError
+    ├── ApiError(status, code, message)  the server answered 4xx/5xx (or an unreadable body, code
+    │                                    'invalid_response'); code and message are the server's
+    ├── JobFailed(code, message)         wait() saw the job fail (the server's code) or be cancelled
+    │                                    (code 'cancelled'); .job is the Job
+    ├── TimeoutError                     a network timeout, or wait(timeout=...) ran out; also a
+    │                                    builtin TimeoutError
+    └── ConnectionError                  the server could not be reached or the connection broke;
+                                         also a builtin ConnectionError
+
+Bad arguments raise ``ValueError``/``TypeError`` naming the value, and a missing slide file
+``FileNotFoundError``. Requests that may be repeated are retried with back-off before an error
+is raised: GET/HEAD on 429/5xx and broken connections, POST only with an ``idempotency_key``,
+and any request whose connection could not be opened (see ``Retries``).
+"""
+
+from nucseg_client._async_client import AsyncClient, AsyncJob
+from nucseg_client._client import Client, Job
+from nucseg_client._config import Retries, Timeout
+from nucseg_client._errors import ApiError, ConnectionError, JobFailed, NucsegError, TimeoutError
+from nucseg_client._models import JobError, Model, Progress, ResultFile
+from nucseg_client._version import __version__
+
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "AsyncJob",
+    "Client",
+    "ConnectionError",
+    "Job",
+    "JobError",
+    "JobFailed",
+    "Model",
+    "NucsegError",
+    "Progress",
+    "ResultFile",
+    "Retries",
+    "Timeout",
+    "TimeoutError",
+    "__version__",
+]

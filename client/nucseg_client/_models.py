@@ -1,0 +1,91 @@
+"""Plain data returned by the API: ``Progress``, ``ResultFile``, ``JobError``, ``Model``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nucseg_client._http import parse_time
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a job is: ``done`` of ``total`` units (blocks) in ``stage``.
+
+    Example::
+
+        print(f"{job.progress.stage}: {job.progress.percent:.0f}%")
+    """
+
+    stage: str = "queued"
+    done: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 0.0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Progress:
+        if not isinstance(data, dict):
+            return cls()
+        return cls(str(data.get("stage", "queued")), int(data.get("done", 0)), int(data.get("total", 0)))
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One result file of a succeeded job.
+
+    Example::
+
+        for f in job.results:
+            print(f.name, f.size_bytes)
+    """
+
+    name: str
+    href: str
+    content_type: str
+    size_bytes: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResultFile:
+        return cls(str(data["name"]), str(data.get("href", "")), str(data.get("content_type", "")),
+                   int(data.get("size_bytes", -1)))
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed: the server's stable ``code`` and its ``message``."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model card that a worker has loaded (``client.models()``).
+
+    Example::
+
+        for m in client.models():
+            print(m.name, m.sha256[:12], m.card.get("classes"))
+    """
+
+    sha256: str
+    file: str
+    format: str
+    card: dict[str, Any] = field(default_factory=dict)
+    loaded_at: datetime | None = None
+    worker: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name") or self.file)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Model:
+        card = data.get("card")
+        return cls(str(data.get("sha256", "")), str(data.get("file", "")), str(data.get("format", "")),
+                   card if isinstance(card, dict) else {}, parse_time(data.get("loaded_at")),
+                   data.get("worker"))
