@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAMPLES := .cache/samples/cmu_small_region.svs
 SRC := api worker model training client benchmarks scripts tests
 
-.PHONY: venv samples up predict-sample test lint typecheck pytest bench clean
+.PHONY: venv samples up predict-sample test lint typecheck pytest bench clean web-vendor
 
 venv: $(STAMP)
 
@@ -42,6 +42,18 @@ test: lint typecheck pytest
 
 bench: venv samples
 	$(PY) -m benchmarks.engine
+
+# OpenSeadragon (pinned in web/package.json + web/package-lock.json) into the committed static folder.
+OSD_BUILD := web/node_modules/openseadragon/build/openseadragon
+OSD_VENDOR := api/static/vendor/openseadragon
+
+web-vendor:
+	cd web && npm ci --no-audit --no-fund
+	rm -rf $(OSD_VENDOR)
+	mkdir -p $(OSD_VENDOR)
+	cp $(OSD_BUILD)/openseadragon.min.js $(OSD_VENDOR)/
+	cp -r $(OSD_BUILD)/images $(OSD_VENDOR)/images
+	cp web/node_modules/openseadragon/LICENSE.txt $(OSD_VENDOR)/
 
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.deps import Resources
 from api.errors import install_error_handlers
-from api.routes import health, jobs, metrics, models, results
+from api.routes import health, jobs, metrics, models, results, tiles, web
 from api.schemas import JobCreate
 from worker.settings import Settings, get_settings
 
@@ -43,8 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.dependency_overrides[get_settings] = lambda: settings
     app.state.resources = Resources()
     install_error_handlers(app)
-    for module in (health, jobs, results, models, metrics):
+    for module in (health, jobs, results, tiles, models, metrics, web):
         app.include_router(module.router)
+    web.mount_static(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.engine import N_SEMANTIC, BlockResult, RunContext
 from model.readers import thumbnail
-from model.writers import ClassMapStore, overlay, save_rgb_png, write_png_from_store
+from model.writers import ClassMapStore, overlay, save_rgb_png, write_png_from_store, write_tiff_from_store
 
 OVERLAY_MAX_SIDE = 4096
 
@@ -119,6 +119,7 @@ class ClassMapSink:
         for head in self._heads:
             if head.store is not None:
                 write_png_from_store(head.store, self.out_dir / f"{head.name}.png", head.colours)
+                write_tiff_from_store(head.store, self.out_dir / f"{head.name}.tiff", head.colours)
         if self.overlays:
             thumb = self._thumbnail()
             save_rgb_png(self.out_dir / "thumbnail.png", thumb)
@@ -147,7 +148,8 @@ class ClassMapSink:
                 "area_um2": round(area, 3),
                 "tissue_fraction": round(area / tissue_um2, 6) if tissue_um2 > 0 else None,
             }
-        return {"classes": classes, "total_pixels": int(head.counts.sum())}
+        return {"classes": classes, "total_pixels": int(head.counts.sum()),
+                "colours": [list(c) for c in head.colours]}
 
     def _close(self) -> None:
         for head in self._heads:

@@ -19,7 +19,7 @@ from model.readers import SlideReader, open_slide
 
 OUTPUT_GROUPS = ("masks", "overlays", "nuclei")
 _FILES = {
-    "masks": ("semantic.png", "ternary.png"),
+    "masks": ("semantic.png", "ternary.png", "semantic.tiff", "ternary.tiff"),
     "overlays": ("overlay_semantic.png", "overlay_ternary.png", "thumbnail.png"),
     "nuclei": ("nuclei.geojson",),
 }

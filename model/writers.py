@@ -2,6 +2,7 @@
 
 ``PalettePngWriter`` writes an indexed PNG (one byte per pixel) without ever holding the image:
 rows are filtered, deflated and emitted as IDAT chunks as they arrive.
+``write_tiff_from_store`` copies a class map into a tiled pyramidal TIFF (for tile servers, QuPath).
 ``ClassMapStore`` is a raw ``uint8`` file of ``height x width`` that blocks are written into with
 ``pwrite`` (unwritten areas stay sparse holes of zeros = background) and read back in row bands.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -141,3 +143,44 @@ def overlay(base: np.ndarray, classes: np.ndarray, colours: Sequence[tuple[int, 
 
 def save_rgb_png(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(path, optimize=False, compress_level=6)
+
+
+MASK_TIFF_TILE = 512
+
+
+def mask_pyramid_sizes(width: int, height: int, tile: int = MASK_TIFF_TILE) -> list[tuple[int, int, int]]:
+    """``(scale, width, height)`` per pyramid level: halving until the level fits in one tile."""
+    levels, scale = [(1, width, height)], 1
+    while max(levels[-1][1:]) > tile:
+        scale *= 2
+        levels.append((scale, -(-width // scale), -(-height // scale)))
+    return levels
+
+
+def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of one level, row by row; pixel ``u`` samples level-0 pixel ``u * scale + scale // 2``."""
+    for ty in range(0, height, tile):
+        ys = np.minimum(np.arange(ty, min(ty + tile, height)) * scale + scale // 2, store.height - 1)
+        xs = np.minimum(np.arange(width) * scale + scale // 2, store.width - 1)
+        band = np.zeros((tile, width + (-width % tile)), np.uint8)
+        if scale == 1:
+            band[: len(ys), :width] = store.read_rows(ty, ty + len(ys))
+        for i, y in enumerate(ys.tolist() if scale > 1 else []):
+            band[i, :width] = store.read_rows(y, y + 1)[0, xs]
+        for tx in range(0, width, tile):
+            yield band[:, tx : tx + tile]
+
+
+def write_tiff_from_store(store: ClassMapStore, path: Path, palette: Sequence[tuple[int, int, int]],
+                          tile: int = MASK_TIFF_TILE) -> None:
+    """A tiled, pyramidal uint8 class-index TIFF (palette colours), written tile by tile.
+
+    Page ``k`` is the map downsampled by ``2**k`` (nearest). Memory: one band of ``tile`` rows.
+    """
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[:, : len(palette)] = (np.asarray(palette, np.uint16).T * 257)
+    with tifffile.TiffWriter(path, bigtiff=store.width * store.height > 2**31) as tif:
+        for k, (scale, width, height) in enumerate(mask_pyramid_sizes(store.width, store.height, tile)):
+            tif.write(_mask_tiles(store, scale, width, height, tile), shape=(height, width), dtype=np.uint8,
+                      tile=(tile, tile), photometric="palette", colormap=colormap, compression="zlib",
+                      compressionargs={"level": 6}, subfiletype=0 if k == 0 else 1, maxworkers=1)

@@ -18,7 +18,8 @@ from tests.service_stack import FAST, REPO, Stack, png_bytes
 pytestmark = pytest.mark.service
 
 MASKS = ("semantic.png", "ternary.png")
-CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".geojson": "application/geo+json"}
+CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".geojson": "application/geo+json",
+                 ".tiff": "image/tiff"}
 
 
 def _download_all(stack: Stack, job: dict[str, Any]) -> dict[str, bytes]:
@@ -136,7 +137,8 @@ def test_results_support_range_and_name_unknown_results(stack: Stack) -> None:
     assert unknown.status_code == 404
     error = unknown.json()["error"]
     assert error["code"] == "result_not_found" and "'secret.txt'" in error["message"]
-    assert set(error["valid_names"]) == {"job.json", "stats.json", "semantic.png", "ternary.png"}
+    assert set(error["valid_names"]) == {"job.json", "stats.json", "semantic.png", "ternary.png",
+                                        "semantic.tiff", "ternary.tiff"}
     assert "semantic.png" in error["message"]
 
 

@@ -81,7 +81,7 @@ def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 def _check_complete(stack: Stack, job: dict, size: tuple[int, int]) -> None:
     names = {r["name"] for r in job["results"]}
-    assert names == {"job.json", "stats.json", "semantic.png", "ternary.png"}
+    assert names == {"job.json", "stats.json", "semantic.png", "ternary.png", "semantic.tiff", "ternary.tiff"}
     stats = json.loads(stack.client.get(f"{job['href']}/results/stats.json").content)
     png = Image.open(io.BytesIO(stack.client.get(f"{job['href']}/results/semantic.png").content))
     assert png.size == size

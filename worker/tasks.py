@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".geojson": "application/geo+json"}
+CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".geojson": "application/geo+json",
+                 ".tiff": "image/tiff"}
 MAX_BACKOFF_S = 600.0
 
 

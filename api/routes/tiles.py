@@ -1,0 +1,173 @@
+"""``/v1/jobs/{id}/dzi``: Deep Zoom images of the slide and of the semantic and ternary masks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from api.deps import JobIdPath, SettingsDep, StoreDep
+from api.errors import ApiError
+from api.routes.jobs import require_job
+from api.schemas import error_responses
+from api.tiles import MaskPyramid, SlideTiles, l0_per_analysis_px, mask_pyramid, rgba_png, slide_tiles
+from worker.jobs import JobRecord
+from worker.settings import Settings
+
+router = APIRouter(prefix="/v1/jobs", tags=["tiles"])
+
+IMAGES = ("slide", "semantic", "ternary")
+MASKS = ("semantic", "ternary")
+CACHE_CONTROL = "private, max-age=86400"
+_TILE = re.compile(r"^(\d{1,6})_(\d{1,6})\.(jpeg|png)$")
+_TILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/jpeg": {}, "image/png": {}}}, 304: {"description": "not modified (ETag)"},
+    **error_responses(404, 409, 422, 503)}
+
+
+@router.get("/{job_id}/dzi", responses=error_responses(404, 422, 503))
+def viewer_info(job_id: JobIdPath, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """What a viewer needs: the slide DZI, and (once succeeded) each overlay's DZI, width and colours."""
+    record = require_job(store, job_id)
+    slide = _slide(record)
+    width, height = slide.dz.level_dimensions[-1]
+    base = f"/v1/jobs/{job_id}/dzi"
+    info: dict[str, Any] = {"slide": {"dzi": f"{base}/slide.dzi", "width": width, "height": height},
+                            "overlays": []}
+    if record.status != "succeeded":
+        return info
+    stats = _stats(settings, job_id)
+    scale = l0_per_analysis_px(stats)
+    for name in MASKS:
+        path = settings.results_dir / job_id / f"{name}.tiff"
+        if not path.is_file():
+            continue
+        mask, head = mask_pyramid(path), stats.get(name, {})
+        info["overlays"].append({
+            "name": name, "dzi": f"{base}/{name}.dzi", "width": mask.width, "height": mask.height,
+            "viewport_width": mask.width * scale / width,
+            "classes": [{"index": i, "name": c, "colour": _hex(col)}
+                        for i, (c, col) in enumerate(zip(head.get("classes", {}), head.get("colours", []),
+                                                         strict=False))],
+        })
+    return info
+
+
+@router.get("/{job_id}/dzi/{image}.dzi", response_class=Response,
+            responses={200: {"content": {"application/xml": {}}}, **error_responses(404, 409, 422, 503)})
+def get_dzi(job_id: JobIdPath, image: str, store: StoreDep, settings: SettingsDep) -> Response:
+    """The Deep Zoom descriptor of ``slide``, ``semantic`` or ``ternary``."""
+    record = require_job(store, job_id)
+    _check_image(image)
+    xml = _slide(record).dzi() if image == "slide" else _mask(record, settings, image).dzi()
+    return Response(xml, media_type="application/xml", headers={"Cache-Control": CACHE_CONTROL})
+
+
+@router.get("/{job_id}/dzi/{image}_files/{level}/{tile}", response_class=Response, responses=_TILE_RESPONSES)
+def get_tile(job_id: JobIdPath, image: str, level: str, tile: str, request: Request, store: StoreDep,
+             settings: SettingsDep) -> Response:
+    """One tile: ``slide_files/{level}/{col}_{row}.jpeg`` or ``{semantic,ternary}_files/.../{col}_{row}.png``."""
+    record = require_job(store, job_id)
+    _check_image(image)
+    lvl, col, row = _parse_tile(image, level, tile)
+    source = _source_file(record, settings, image)
+    st = source.stat()
+    etag = '"' + hashlib.sha1(f"{job_id}:{image}:{st.st_size}:{st.st_mtime_ns}:{lvl}:{col}:{row}".encode(),
+                               usedforsecurity=False).hexdigest()[:24] + '"'
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    if image == "slide":
+        tiles = _slide(record)
+        _check_tile(tiles.valid(lvl, col, row), image, lvl, col, row)
+        return Response(tiles.jpeg(lvl, col, row), media_type="image/jpeg", headers=headers)
+    mask = _mask(record, settings, image)
+    _check_tile(mask.valid(lvl, col, row), image, lvl, col, row)
+    colours = _colours(settings.results_dir / job_id / "stats.json", image)
+    return Response(rgba_png(mask.tile(lvl, col, row), colours), media_type="image/png", headers=headers)
+
+
+def _check_image(image: str) -> None:
+    if image not in IMAGES:
+        raise ApiError(404, "image_not_found", f"no Deep Zoom image {image!r}; valid: {', '.join(IMAGES)}")
+
+
+def _parse_tile(image: str, level: str, tile: str) -> tuple[int, int, int]:
+    match = _TILE.match(tile)
+    ext = "jpeg" if image == "slide" else "png"
+    if not level.isdigit() or match is None or match.group(3) != ext:
+        raise ApiError(404, "tile_not_found",
+                       f"tile {level}/{tile!r} of {image!r} is not '<level>/<col>_<row>.{ext}'")
+    return int(level), int(match.group(1)), int(match.group(2))
+
+
+def _check_tile(ok: bool, image: str, level: int, col: int, row: int) -> None:
+    if not ok:
+        raise ApiError(404, "tile_not_found", f"{image!r} has no tile at level {level}, column {col}, row {row}")
+
+
+def _matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return "*" in tags or etag in tags
+
+
+def _slide_file(record: JobRecord) -> Path:
+    path = Path(record.slide_file)
+    if not record.slide_file or not path.is_file():
+        raise ApiError(404, "slide_not_available", f"the slide of job {record.id} is no longer on the server")
+    return path
+
+
+def _slide(record: JobRecord) -> SlideTiles:
+    return slide_tiles(_slide_file(record))
+
+
+def _source_file(record: JobRecord, settings: Settings, image: str) -> Path:
+    return _slide_file(record) if image == "slide" else _mask_file(record, settings, image)
+
+
+def _mask_file(record: JobRecord, settings: Settings, image: str) -> Path:
+    if record.status != "succeeded":
+        raise ApiError(409, "results_not_ready",
+                       f"job {record.id} is {record.status}; overlays exist only once it has succeeded")
+    path = settings.results_dir / record.id / f"{image}.tiff"
+    if not path.is_file():
+        raise ApiError(404, "result_not_found", f"job {record.id} has no {image}.tiff (run without 'masks'?)")
+    return path
+
+
+def _mask(record: JobRecord, settings: Settings, image: str) -> MaskPyramid:
+    return mask_pyramid(_mask_file(record, settings, image))
+
+
+def _stats(settings: Settings, job_id: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads((settings.results_dir / job_id / "stats.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _colours(stats_path: Path, image: str) -> list[list[int]]:
+    """The head's class colours from ``stats.json`` (cached per file version)."""
+    st = stats_path.stat()
+    return _cached_colours(str(stats_path), st.st_mtime_ns, image)
+
+
+@lru_cache(maxsize=64)
+def _cached_colours(path: str, mtime_ns: int, image: str) -> list[list[int]]:
+    stats = json.loads(Path(path).read_text())
+    colours = stats.get(image, {}).get("colours")
+    if not colours:
+        raise ApiError(404, "colours_not_found", f"stats.json has no colours for {image!r} (an older result)")
+    return [list(c) for c in colours]
+
+
+def _hex(colour: Any) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in list(colour)[:3])
