@@ -1,0 +1,110 @@
+"""Streamed GeoJSON FeatureCollection of nucleus detections that QuPath imports.
+
+The file is written feature by feature, so a slide with a million nuclei never holds them all in
+memory. It goes to ``<path>.partial`` first and is renamed to ``path`` by ``close()``; a writer left
+by an exception removes its partial file.
+
+Each Feature follows RFC 7946 and QuPath's GeoJSON (``File → Import objects from file``):
+
+- ``id``: a UUID string (QuPath ≥ 0.3 reads it as the object's id). Ids share a random 80-bit
+  prefix per file and end in a counter, so they are unique within and across files.
+- ``geometry``: a ``Polygon`` in level-0 pixel coordinates of the slide (x right, y down, origin at
+  the top-left corner of level 0), one closed ring, exterior counter-clockwise in those coordinates
+  (RFC 7946 §3.1.6).
+- ``properties.objectType = "detection"``, ``properties.classification = {"name", "color": [r, g, b]}``,
+  ``properties.measurements = {name: number}`` (QuPath ≥ 0.4 format).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import numpy as np
+
+_HEADER = '{"type":"FeatureCollection","features":[\n'
+_FOOTER = "\n]}\n"
+_COUNTER_BITS = 48
+COORD_DECIMALS = 2
+
+
+class GeoJSONWriter:
+    """Writes detection Features one at a time; use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | Path, *, id_prefix: uuid.UUID | None = None) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.count = 0
+        base = (id_prefix or uuid.uuid4()).int
+        self._id_base = base & ~((1 << _COUNTER_BITS) - 1)
+        self._fh: IO[str] | None = self.partial.open("w", encoding="utf-8")
+        self._fh.write(_HEADER)
+
+    def write_detection(
+        self,
+        ring: np.ndarray,
+        name: str,
+        colour: Sequence[int],
+        measurements: Mapping[str, float],
+    ) -> str:
+        """Append one detection with exterior ``ring`` (``(k, 2)`` x, y; closed); returns its id."""
+        if self._fh is None:
+            raise ValueError(f"GeoJSON writer for {str(self.path)!r} is already closed")
+        if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 4:
+            raise ValueError(f"ring must be (k >= 4, 2) x, y coordinates, got shape {ring.shape}")
+        fid = str(uuid.UUID(int=self._id_base | (self.count & ((1 << _COUNTER_BITS) - 1))))
+        coords = json.dumps(np.round(ring, COORD_DECIMALS).tolist(), separators=(",", ":"))
+        props = json.dumps(
+            {
+                "objectType": "detection",
+                "classification": {"name": name, "color": [int(c) for c in colour]},
+                "measurements": {k: _finite(v) for k, v in measurements.items()},
+            },
+            separators=(",", ":"),
+        )
+        sep = ",\n" if self.count else ""
+        self._fh.write(
+            f'{sep}{{"type":"Feature","id":"{fid}","geometry":{{"type":"Polygon","coordinates":[{coords}]}},'
+            f'"properties":{props}}}'
+        )
+        self.count += 1
+        return fid
+
+    def close(self) -> None:
+        """Finish the collection and move it into place."""
+        if self._fh is None:
+            return
+        self._fh.write(_FOOTER)
+        self._fh.close()
+        self._fh = None
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN/inf: write null instead."""
+    value = float(value)
+    return round(value, 4) if math.isfinite(value) else None
