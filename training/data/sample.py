@@ -1,0 +1,39 @@
+"""The one record every dataset adapter produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE = -1
+"""Label value meaning "unknown here": excluded from losses and metrics."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One whole source image with its label maps.
+
+    ``group`` is the unit of splitting (the source image or patient), so that no patch of a
+    validation image is ever seen in training.
+    """
+
+    name: str
+    group: str
+    dataset: str
+    image: np.ndarray
+    semantic: np.ndarray
+    ternary: np.ndarray
+    instances: np.ndarray | None = None
+    """Instance ids (0 = background) where known; used for instance metrics in evaluation."""
+
+    def __post_init__(self) -> None:
+        h, w = self.image.shape[:2]
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            got = f"{self.image.dtype} {self.image.shape}"
+            raise ValueError(f"sample {self.name!r}: image must be uint8 (H, W, 3), got {got}")
+        for label, arr in (("semantic", self.semantic), ("ternary", self.ternary)):
+            if arr.shape != (h, w) or arr.dtype != np.int64:
+                raise ValueError(
+                    f"sample {self.name!r}: {label} must be int64 {(h, w)}, got {arr.dtype} {arr.shape}"
+                )

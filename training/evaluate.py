@@ -1,0 +1,190 @@
+"""Evaluate a checkpoint with the service's engine over whole images.
+
+``python -m training.evaluate --checkpoint X --data Y [--data Z ...] [--out DIR]``
+
+Each ``--data`` folder is detected as MoNuSeg (``images/`` + ``annotations/`` or ``binary_masks/``),
+a CoNSeP-style ``images/ + instances/ + classes/`` folder (CoNSeP class map), or a MoNuSAC folder
+(``<patient>/<id>.xml``). Images are taken to be at the model's mpp. Writes ``eval.json`` and
+``eval.md`` (pixel metrics; instance metrics too when ``model.metrics`` provides them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.checkpoint import LoadedModel, load_model
+from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES
+from training.data.sample import Sample
+from training.data.sources import CONSEP_CLASS_MAP, load_instance_folder, load_monusac, load_monuseg
+from training.metrics import PixelMetrics
+
+# Targets of the shipped model (issue 4): (dataset, metric, minimum).
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("monuseg", "nucleus_dice", 0.75),
+    ("monuseg", "ter_dice_boundary", 0.45),
+    ("consep", "sem_iou_epithelial", 0.5),
+    ("consep", "sem_iou_lymphocyte", 0.4),
+)
+TABLE_METRICS = ("nucleus_dice", "ter_dice_inside", "ter_dice_boundary", "sem_iou_background",
+                 "sem_iou_epithelial", "sem_iou_lymphocyte", "sem_miou_macro", "sem_miou_micro")
+InstanceFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+
+def detect_kind(root: Path) -> str:
+    """``monuseg``, ``consep`` or ``monusac`` from the folder layout."""
+    if (root / "images").is_dir() and ((root / "annotations").is_dir() or (root / "binary_masks").is_dir()):
+        return "monuseg"
+    if all((root / sub).is_dir() for sub in ("images", "instances", "classes")):
+        return "consep"
+    if any(root.glob("*/*.xml")):
+        return "monusac"
+    raise ValueError(f"cannot tell the dataset layout of {str(root)!r}: expected images/+annotations/, "
+                     "images/+instances/+classes/, or <patient>/<id>.xml")
+
+
+def load_dataset(root: Path, kind: str) -> list[Sample]:
+    """Samples of one evaluation folder."""
+    if kind == "monuseg":
+        return load_monuseg(root)
+    if kind == "consep":
+        return load_instance_folder(root, class_map=CONSEP_CLASS_MAP)
+    if kind == "monusac":
+        return load_monusac(root)
+    raise ValueError(f"unknown dataset kind {kind!r}; expected monuseg, consep or monusac")
+
+
+def instance_metric_fn() -> InstanceFn | None:
+    """``model.metrics.instance_metrics(gt, pred) -> dict`` when the instances issue has landed."""
+    try:
+        from model import metrics
+    except ImportError:
+        return None
+    fn = getattr(metrics, "instance_metrics", None)
+    return fn if callable(fn) else None
+
+
+def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float,
+                     instance_fn: InstanceFn | None) -> dict[str, Any]:
+    """Pixel (and instance) metrics over ``samples``, accumulated over all pixels."""
+    from model.postprocess import instance_labels
+
+    pixel = PixelMetrics(SEMANTIC_CLASSES, TERNARY_CLASSES)
+    per_instance: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for s in samples:
+        sem, ter = engine.predict_array(s.image)
+        pixel.update(sem.argmax(0), ter.argmax(0), s.semantic, s.ternary)
+        if instance_fn is not None and s.instances is not None:
+            per_instance.append(instance_fn(s.instances, instance_labels(ter, mpp=mpp)))
+    out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
+    out.update(pixel.summary())
+    if per_instance:
+        for key in per_instance[0]:
+            out[f"{key}_mean_per_image"] = float(np.nanmean([m[key] for m in per_instance]))
+    return out
+
+
+def make_engine(model: LoadedModel, args: argparse.Namespace) -> Any:
+    """The service's engine with the CLI's options."""
+    from model.engine import Engine, EngineOptions
+
+    opts = EngineOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                         precision=args.precision, device=args.device, tissue=False)
+    return Engine(model, opts)
+
+
+def check_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target with the value reached and whether it is met (datasets present only)."""
+    rows = []
+    for dataset, metric, minimum in TARGETS:
+        if dataset in results:
+            value = float(results[dataset].get(metric, math.nan))
+            rows.append({"dataset": dataset, "metric": metric, "target": minimum, "value": value,
+                         "met": bool(value >= minimum)})
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A markdown table: metrics as rows, datasets as columns, then the targets."""
+    names = list(report["datasets"])
+    lines = [f"Checkpoint `{report['checkpoint']}` (sha256 `{report['sha256'][:16]}…`), engine "
+             f"tile {report['engine']['tile_size']}/overlap {report['engine']['overlap']}, "
+             f"precision {report['engine']['precision']}.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    keys = list(TABLE_METRICS) + sorted({k for d in report["datasets"].values() for k in d
+                                         if k.endswith("_mean_per_image")})
+    for key in ["images", *keys]:
+        cells = [_fmt(report["datasets"][n].get(key)) for n in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if report["targets"]:
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        for t in report["targets"]:
+            lines.append(f"| {t['dataset']} {t['metric']} ≥ {t['target']} | {_fmt(t['value'])} | "
+                         f"{'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+    return "n/a" if value is None else str(value)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate and write ``eval.json`` and ``eval.md`` under ``args.out``."""
+    model = load_model(args.checkpoint)
+    engine = make_engine(model, args)
+    instance_fn = instance_metric_fn()
+    results: dict[str, dict[str, Any]] = {}
+    for root in map(Path, args.data):
+        kind = args.kind or detect_kind(root)
+        samples = load_dataset(root, kind)[: args.limit or None]
+        results[kind] = evaluate_dataset(engine, samples, model.card.mpp, instance_fn) | {"data": str(root)}
+    report = {"checkpoint": str(args.checkpoint), "sha256": model.sha256, "card": model.card.name,
+              "engine": {"tile_size": args.tile_size, "overlap": args.overlap, "precision": engine.precision},
+              "instance_metrics": instance_fn is not None, "datasets": results,
+              "targets": check_targets(results)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1, default=_nan_none))
+    (out / "eval.md").write_text(markdown(report))
+    return report
+
+
+def _nan_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """CLI arguments."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help=".pt or .safetensors checkpoint")
+    p.add_argument("--data", required=True, action="append", help="dataset folder (repeatable)")
+    p.add_argument("--kind", choices=("monuseg", "consep", "monusac"), help="override layout detection")
+    p.add_argument("--out", default="runs/eval", help="output folder for eval.json and eval.md")
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images per dataset (0: all)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    report = run(parse_args(argv))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
