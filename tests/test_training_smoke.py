@@ -110,3 +110,17 @@ def test_evaluate_and_export(trained: tuple[Path, Path], tmp_path: Path) -> None
     out2, _ = export(run / "best.pt", tmp_path / "w" / "m2.safetensors",
                      eval_path=tmp_path / "e" / "eval.json")
     assert "test_metrics" in load_model(out2).card.model_dump()
+
+
+def test_nucseg_predict_runs_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    cli = pytest.importorskip("worker.cli")
+    from PIL import Image
+
+    _, run = trained
+    image, _, _ = synthetic_tile(128, 12, np.random.default_rng(5))
+    Image.fromarray(image).save(tmp_path / "tile.png")
+    code = cli.main(["predict", str(tmp_path / "tile.png"), "--out", str(tmp_path / "out"), "--model",
+                     str(run / "best.pt"), "--tile", "64", "--overlap", "16", "--mpp", "0.25",
+                     "--precision", "fp32", "--quiet"])
+    assert code == 0
+    assert any((tmp_path / "out").iterdir())

@@ -5,7 +5,8 @@
 Each ``--data`` folder is detected as MoNuSeg (``images/`` + ``annotations/`` or ``binary_masks/``),
 a CoNSeP-style ``images/ + instances/ + classes/`` folder (CoNSeP class map), or a MoNuSAC folder
 (``<patient>/<id>.xml``). Images are taken to be at the model's mpp. Writes ``eval.json`` and
-``eval.md`` (pixel metrics; instance metrics too when ``model.metrics`` provides them).
+``eval.md`` (pixel metrics; instance metrics PQ/DQ/SQ/F1/AJI, aggregated over all images of a dataset
+with ``model.metrics.InstanceEvaluator``, for datasets with instance ground truth).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from model.checkpoint import LoadedModel, load_model
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES
@@ -35,7 +34,7 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
 )
 TABLE_METRICS = ("nucleus_dice", "ter_dice_inside", "ter_dice_boundary", "sem_iou_background",
                  "sem_iou_epithelial", "sem_iou_lymphocyte", "sem_miou_macro", "sem_miou_micro")
-InstanceFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+INSTANCE_KEYS = ("pq", "dq", "sq", "f1", "aji")
 
 
 def detect_kind(root: Path) -> str:
@@ -61,34 +60,32 @@ def load_dataset(root: Path, kind: str) -> list[Sample]:
     raise ValueError(f"unknown dataset kind {kind!r}; expected monuseg, consep or monusac")
 
 
-def instance_metric_fn() -> InstanceFn | None:
-    """``model.metrics.instance_metrics(gt, pred) -> dict`` when the instances issue has landed."""
+def instance_evaluator() -> Any | None:
+    """A class-agnostic ``model.metrics.InstanceEvaluator`` (None if that module is missing)."""
     try:
-        from model import metrics
+        from model.metrics import InstanceEvaluator
     except ImportError:
         return None
-    fn = getattr(metrics, "instance_metrics", None)
-    return fn if callable(fn) else None
+    return InstanceEvaluator()
 
 
-def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float,
-                     instance_fn: InstanceFn | None) -> dict[str, Any]:
-    """Pixel (and instance) metrics over ``samples``, accumulated over all pixels."""
+def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float) -> dict[str, Any]:
+    """Pixel and instance metrics over ``samples``, accumulated over all pixels / nuclei."""
     from model.postprocess import instance_labels
 
     pixel = PixelMetrics(SEMANTIC_CLASSES, TERNARY_CLASSES)
-    per_instance: list[dict[str, float]] = []
+    instances = instance_evaluator()
     start = time.perf_counter()
     for s in samples:
         sem, ter = engine.predict_array(s.image)
         pixel.update(sem.argmax(0), ter.argmax(0), s.semantic, s.ternary)
-        if instance_fn is not None and s.instances is not None:
-            per_instance.append(instance_fn(s.instances, instance_labels(ter, mpp=mpp)))
+        if instances is not None and s.instances is not None:
+            instances.update(s.instances, instance_labels(ter, mpp=mpp))
     out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
     out.update(pixel.summary())
-    if per_instance:
-        for key in per_instance[0]:
-            out[f"{key}_mean_per_image"] = float(np.nanmean([m[key] for m in per_instance]))
+    if instances is not None and instances.images:
+        result = instances.result()
+        out.update({f"inst_{k}": float(result[k]) for k in INSTANCE_KEYS})
     return out
 
 
@@ -119,11 +116,13 @@ def markdown(report: dict[str, Any]) -> str:
              f"tile {report['engine']['tile_size']}/overlap {report['engine']['overlap']}, "
              f"precision {report['engine']['precision']}.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    keys = list(TABLE_METRICS) + sorted({k for d in report["datasets"].values() for k in d
-                                         if k.endswith("_mean_per_image")})
+    keys = [*TABLE_METRICS, *(f"inst_{k}" for k in INSTANCE_KEYS)]
     for key in ["images", *keys]:
         cells = [_fmt(report["datasets"][n].get(key)) for n in names]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if "monuseg" in report["datasets"]:
+        lines += ["", "MoNuSeg has no cell-type labels (semantic target ignored on nuclei), so its "
+                  "per-type semantic IoUs only count false positives and read 0."]
     if report["targets"]:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         for t in report["targets"]:
@@ -142,15 +141,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate and write ``eval.json`` and ``eval.md`` under ``args.out``."""
     model = load_model(args.checkpoint)
     engine = make_engine(model, args)
-    instance_fn = instance_metric_fn()
     results: dict[str, dict[str, Any]] = {}
     for root in map(Path, args.data):
         kind = args.kind or detect_kind(root)
         samples = load_dataset(root, kind)[: args.limit or None]
-        results[kind] = evaluate_dataset(engine, samples, model.card.mpp, instance_fn) | {"data": str(root)}
+        results[kind] = evaluate_dataset(engine, samples, model.card.mpp) | {"data": str(root)}
     report = {"checkpoint": str(args.checkpoint), "sha256": model.sha256, "card": model.card.name,
               "engine": {"tile_size": args.tile_size, "overlap": args.overlap, "precision": engine.precision},
-              "instance_metrics": instance_fn is not None, "datasets": results,
+              "datasets": results,
               "targets": check_targets(results)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
