@@ -170,6 +170,7 @@ def save_safetensors(network: TwoHeadUnet, card: ModelCard, path: str | Path, *,
         for key, t in network.state_dict().items()
     }
     save_file(state, str(path), metadata={"model_card": json.dumps(card.public())})
+    path.chmod(0o644)  # safetensors creates the file 0600; a release file is meant to be read by all
     return path
 
 
