@@ -226,19 +226,19 @@ class Engine:
         touching = grid.tiles_touching(region)
         tiles = [t for t in touching if tissue.any_in(_clip(grid.tile_box(*t), view.bounds))]
         report.tiles_skipped += len(touching) - len(tiles)
-        return _BlockJob(index, inner, region, tiles)
+        return _BlockJob(index, inner, region, tiles, grid.union_box(tiles) if tiles else None)
 
     def _read(self, view: AnalysisView, grid: TileGrid, job: _BlockJob, report: RunReport) -> np.ndarray | None:
-        if not job.tiles:
+        if job.source is None:
             return None
         t0 = time.perf_counter()
-        pixels = read_reflected(view, grid.union_box(job.tiles))
+        pixels = read_reflected(view, job.source)
         report.clock("read", time.perf_counter() - t0)
         return pixels
 
     def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport,
                index: BlockIndex, cache: TileCache) -> BlockResult:
-        if pixels is None:
+        if pixels is None or job.source is None:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
         acc = Accumulator(job.region, N_CHANNELS)
@@ -249,7 +249,7 @@ class Engine:
                 todo.append(tile)
             else:
                 acc.add(grid.tile_box(*tile), cached, self.weights)
-        origin, t_size = grid.union_box(job.tiles), self.options.tile_size
+        origin, t_size = job.source, self.options.tile_size
         for batch in iter_batches(todo, self.options.batch_size):
             boxes = [grid.tile_box(*t) for t in batch]
             tiles = np.stack([
@@ -275,6 +275,7 @@ class _BlockJob:
     inner: Box
     region: Box
     tiles: list[tuple[int, int]]
+    source: Box | None  # the pixels the tiles cover (None: no tile to run)
 
 
 def _clip(box: Box, bounds: Box) -> Box:
