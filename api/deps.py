@@ -13,6 +13,8 @@ import redis
 from celery import Celery
 from fastapi import Depends, Path, Request
 
+from api.auth import KeyTable, authenticate
+from api.limits import RateLimiter
 from worker.celery_app import create_celery
 from worker.jobs import JOB_ID_PATTERN, JobStore
 from worker.settings import Settings, get_settings
@@ -26,6 +28,8 @@ class Resources:
         self._redis: dict[str, redis.Redis] = {}
         self._celery: dict[str, Celery] = {}
         self._stores: dict[str, JobStore] = {}
+        self._keys: dict[int, tuple[Settings, KeyTable]] = {}
+        self._limiters: dict[str, RateLimiter] = {}
 
     def redis(self, settings: Settings) -> redis.Redis:
         with self._lock:
@@ -43,12 +47,29 @@ class Resources:
                 self._stores[url] = JobStore(client)
             return self._stores[url]
 
+    def limiter(self, settings: Settings) -> RateLimiter:
+        client = self.redis(settings)
+        with self._lock:
+            url = settings.broker_url
+            if url not in self._limiters:
+                self._limiters[url] = RateLimiter(client)
+            return self._limiters[url]
+
     def celery(self, settings: Settings) -> Celery:
         with self._lock:
             url = settings.broker_url
             if url not in self._celery:
                 self._celery[url] = create_celery(settings)
             return self._celery[url]
+
+    def keys(self, settings: Settings) -> KeyTable:
+        """The key table of these settings (built once per settings object)."""
+        with self._lock:
+            known = self._keys.get(id(settings))
+            if known is None or known[0] is not settings:
+                known = (settings, KeyTable.from_settings(settings))
+                self._keys[id(settings)] = known
+            return known[1]
 
     def close(self) -> None:
         with self._lock:
@@ -59,6 +80,7 @@ class Resources:
             self._redis.clear()
             self._celery.clear()
             self._stores.clear()
+            self._limiters.clear()
 
 
 def get_resources(request: Request) -> Resources:
@@ -81,16 +103,23 @@ def get_store(resources: ResourcesDep, settings: SettingsDep) -> JobStore:
     return resources.store(settings)
 
 
+def get_limiter(resources: ResourcesDep, settings: SettingsDep) -> RateLimiter:
+    return resources.limiter(settings)
+
+
 def get_celery(resources: ResourcesDep, settings: SettingsDep) -> Celery:
     return resources.celery(settings)
 
 
-def get_tenant() -> str:
-    """The caller's tenant; one tenant until API keys arrive."""
-    return "default"
+def get_tenant(request: Request, resources: ResourcesDep, settings: SettingsDep) -> str:
+    """The caller's tenant, from its API key (401 without a valid one); ``default`` without auth."""
+    server = request.scope.get("server")
+    return authenticate(request.headers.get("authorization"), resources.keys(settings), settings,
+                        server[0] if server else None)
 
 
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 lowercase hex digits")]

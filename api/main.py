@@ -12,7 +12,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Resources
 from api.errors import install_error_handlers
@@ -35,7 +37,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app; ``settings`` overrides ``get_settings()`` (otherwise read from NUCSEG_* env)."""
+    """A new app; ``settings`` overrides ``get_settings()`` (otherwise read from NUCSEG_* env).
+
+    Refuses (``ConfigError``) auth disabled off loopback, and auth enabled without any key.
+    """
+    effective = settings or get_settings()
+    effective.check_api_bind(effective.host)
     app = FastAPI(title="nucseg", version=_version(), lifespan=_lifespan,
                   description="Nucleus segmentation of H&E whole-slide images: submit a slide, poll the job, "
                               "download masks, overlays and statistics.")
@@ -47,7 +54,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     web.mount_static(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    if effective.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=effective.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "HEAD", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
+                           expose_headers=["Location", "Retry-After", "Content-Range", "ETag"], max_age=600)
+    app.add_middleware(NoSniff)
     return app
+
+
+class NoSniff:
+    """``X-Content-Type-Options: nosniff`` on every response: browsers must not guess content types."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

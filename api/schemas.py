@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.jobs import JobRecord, Status
 
@@ -36,15 +36,37 @@ class JobOptions(BaseModel):
         return self
 
 
+# slide_path limits: a file name (NAME_MAX) and the whole relative path, in bytes, well inside PATH_MAX
+NAME_MAX_BYTES = 255
+SLIDE_PATH_MAX_BYTES = 1024
+CALLBACK_HELP = ("http(s) URL called once the job ends (Standard Webhooks, signed with the tenant's secret); "
+                 "private and loopback addresses are refused unless allowlisted")
+
+
 class JobCreate(BaseModel):
     """JSON body of ``POST /v1/jobs`` for a slide already under ``NUCSEG_SLIDE_ROOT``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    slide_path: str = Field(..., min_length=1, max_length=4096,
-                            description="path relative to the slide root (no '..'; must stay inside it)")
+    slide_path: str = Field(..., min_length=1, max_length=SLIDE_PATH_MAX_BYTES,
+                            description="path relative to the slide root (no '..'; must stay inside it); "
+                                        f"at most {SLIDE_PATH_MAX_BYTES} bytes as UTF-8, each '/'-separated "
+                                        f"name at most {NAME_MAX_BYTES}")
     options: JobOptions = Field(default_factory=JobOptions)
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, at most 16 KiB as JSON")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048, description=CALLBACK_HELP)
+
+    @field_validator("slide_path")
+    @classmethod
+    def _fits_a_filesystem(cls, value: str) -> str:
+        """Refuse names no filesystem holds: stat() would fail with ENAMETOOLONG (a 500) instead of a 422."""
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > SLIDE_PATH_MAX_BYTES:
+            raise ValueError(f"slide_path is {size} bytes as UTF-8, over the limit of {SLIDE_PATH_MAX_BYTES}")
+        longest = max(len(part.encode("utf-8", "surrogatepass")) for part in value.split("/"))
+        if longest > NAME_MAX_BYTES:
+            raise ValueError(f"slide_path has a name of {longest} bytes; file names are at most {NAME_MAX_BYTES}")
+        return value
 
 
 class ErrorInfo(BaseModel):
@@ -95,6 +117,24 @@ class ModelRef(BaseModel):
     format: str | None = None
 
 
+class WebhookAttemptOut(BaseModel):
+    at: datetime
+    status_code: int | None = Field(None, description="the receiver's HTTP status; null when none came")
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+class WebhookOut(BaseModel):
+    """Delivery of the terminal-state webhook: retried with back-off for about an hour."""
+
+    url: str
+    status: Literal["waiting", "pending", "retrying", "delivered", "failed"] = Field(
+        ..., description="waiting: the job has not ended yet")
+    attempt_count: int
+    attempts: list[WebhookAttemptOut] = Field(description="the latest attempts, oldest first")
+    next_attempt_at: datetime | None = None
+
+
 class JobOut(BaseModel):
     """A job resource."""
 
@@ -117,9 +157,11 @@ class JobOut(BaseModel):
     redeliveries: int
     cancel_requested: bool
     href: str
+    webhook: WebhookOut | None = None
+    expires_at: datetime | None = Field(None, description="when a finished job and its files are deleted")
 
     @classmethod
-    def from_record(cls, rec: JobRecord) -> JobOut:
+    def from_record(cls, rec: JobRecord, result_ttl_s: float = 0.0) -> JobOut:
         href = f"/v1/jobs/{rec.id}"
         results = None
         if rec.status == "succeeded" and rec.results is not None:
@@ -131,8 +173,18 @@ class JobOut(BaseModel):
             error=ErrorInfo(**rec.error.model_dump()) if rec.error and rec.status == "failed" else None,
             results=results, model=ModelRef(**rec.model) if rec.model else None,
             attempts=rec.attempts, retries=rec.retries, redeliveries=rec.redeliveries,
-            cancel_requested=rec.cancel_requested, href=href,
+            cancel_requested=rec.cancel_requested, href=href, webhook=_webhook(rec),
+            expires_at=_dt(rec.finished_at + result_ttl_s) if rec.finished_at and result_ttl_s > 0 else None,
         )
+
+
+def _webhook(rec: JobRecord) -> WebhookOut | None:
+    if not rec.callback_url:
+        return None
+    attempts = [WebhookAttemptOut(**a) for a in rec.webhook_attempts or []]
+    return WebhookOut(url=rec.callback_url, status=rec.webhook_status or "waiting",
+                      attempt_count=rec.webhook_attempt_count, attempts=attempts,
+                      next_attempt_at=_dt(rec.webhook_next_at))
 
 
 class JobList(BaseModel):
@@ -169,9 +221,11 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
 
 
-_ERROR_TEXT = {400: "malformed request", 404: "not found", 409: "job state or idempotency key conflict",
+_ERROR_TEXT = {400: "malformed request", 401: "missing or unknown API key", 404: "not found",
+               409: "job state or idempotency key conflict",
                413: "too many bytes", 415: "not a slide, or the wrong Content-Type",
                416: "range not satisfiable", 422: "invalid options, path, id or slide",
+               429: "over the tenant's submission rate or queued-job limit (see Retry-After)",
                503: "Redis, the broker or the workers are unavailable"}
 
 

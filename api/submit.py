@@ -23,10 +23,8 @@ from api.uploads import receive_multipart
 from model.errors import SlideError
 from model.readers import open_slide
 from worker.jobs import JobRecord, Progress, now
+from worker.netguard import CallbackUrlError, check_url
 from worker.settings import Settings
-
-MAX_JSON_BODY_BYTES = 64 * 1024
-MAX_FORM_FIELD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -40,12 +38,13 @@ class Submission:
     options: JobOptions
     metadata: dict[str, Any]
     upload_dir: Path | None = None
+    callback_url: str | None = None
 
     def fingerprint(self) -> str:
         """Same request body -> same fingerprint (for idempotency keys)."""
         what = self.slide.get("sha256") if self.source == "upload" else self.slide.get("path")
         doc = {"source": self.source, "slide": what, "options": self.options.model_dump(mode="json"),
-               "metadata": self.metadata}
+               "metadata": self.metadata, "callback_url": self.callback_url}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def discard(self) -> None:
@@ -57,7 +56,7 @@ class Submission:
         return JobRecord(id=self.job_id, tenant=tenant, queue=queue, created_at=now(),
                          progress=Progress(stage="queued"), slide=self.slide,
                          options=self.options.model_dump(mode="json"), metadata=self.metadata,
-                         slide_file=str(self.slide_file),
+                         slide_file=str(self.slide_file), callback_url=self.callback_url,
                          upload_dir=str(self.upload_dir) if self.upload_dir else None)
 
 
@@ -67,7 +66,7 @@ async def receive(request: Request, settings: Settings, job_id: str) -> Submissi
     if media == "multipart/form-data":
         return await _from_upload(request, settings, job_id)
     if media == "application/json":
-        return _from_json(await _read_limited(request, MAX_JSON_BODY_BYTES), settings, job_id)
+        return _from_json(await _read_limited(request, settings.max_json_body_bytes), settings, job_id)
     raise ApiError(415, "unsupported_content_type",
                    f"Content-Type {media or '(none)'!r} is not accepted; send multipart/form-data "
                    "with a 'file' part, or application/json with 'slide_path'")
@@ -77,18 +76,19 @@ async def _from_upload(request: Request, settings: Settings, job_id: str) -> Sub
     upload_dir = settings.uploads_dir / job_id
     stored, fields = await receive_multipart(
         request, partial=settings.uploads_dir / ".partial" / f"{job_id}.part", final_dir=upload_dir,
-        max_file_bytes=settings.max_upload_bytes, max_field_bytes=MAX_FORM_FIELD_BYTES)
+        max_file_bytes=settings.max_upload_bytes, max_field_bytes=settings.max_form_field_bytes)
     try:
         if stored is None:
             raise ApiError(422, "validation_error", "file: Field required (a multipart 'file' part)")
         options = _parse_options(fields.get("options"))
         metadata = parse_metadata(_json_field("metadata", fields.get("metadata")), settings)
+        callback = (fields.get("callback_url") or "").strip() or None
     except BaseException:
         shutil.rmtree(upload_dir, ignore_errors=True)
         raise
     slide = {"name": stored.filename, "source": "upload", "path": None, "size_bytes": stored.size,
              "sha256": stored.sha256}
-    return Submission(job_id, "upload", stored.path, slide, options, metadata, upload_dir)
+    return Submission(job_id, "upload", stored.path, slide, options, metadata, upload_dir, callback)
 
 
 def _from_json(body: bytes, settings: Settings, job_id: str) -> Submission:
@@ -98,7 +98,7 @@ def _from_json(body: bytes, settings: Settings, job_id: str) -> Submission:
     path = resolve_slide_path(settings.slide_root, req.slide_path)
     slide = {"name": path.name, "source": "path", "path": req.slide_path, "size_bytes": path.stat().st_size,
              "sha256": None}
-    return Submission(job_id, "path", path, slide, req.options, metadata)
+    return Submission(job_id, "path", path, slide, req.options, metadata, callback_url=req.callback_url)
 
 
 def _parse_options(raw: str | None) -> JobOptions:
@@ -147,6 +147,20 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise ApiError(413, "body_too_large", f"JSON body is over the limit of {limit} bytes")
     return bytes(body)
+
+
+def check_callback(url: str | None, tenant: str, settings: Settings) -> None:
+    """A callback needs a public (or allowlisted) http(s) URL and a webhook secret for the tenant."""
+    if url is None:
+        return
+    try:
+        check_url(url, settings.webhook_allow)
+    except CallbackUrlError as exc:
+        raise ApiError(422, exc.code, str(exc)) from exc
+    if settings.webhook_secret_for(tenant) is None:
+        raise ApiError(422, "webhook_secret_missing",
+                       f"callback_url {url!r} cannot be signed: tenant {tenant!r} has no webhook_secret "
+                       "configured (NUCSEG_TENANTS, or NUCSEG_WEBHOOK_SECRET without auth)")
 
 
 def resolve_slide_path(root: Path | None, raw: str) -> Path:

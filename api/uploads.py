@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError
 
-FORM_FIELDS = ("file", "options", "metadata")
+FORM_FIELDS = ("file", "options", "metadata", "callback_url")
 SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".vms",
                             ".png", ".jpg", ".jpeg", ".bmp"})
 BATCH_BYTES = 1 << 20  # parse (and write) in batches of this size, off the event loop

@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+import redis
 
-from tests.service_stack import Stack
+from tests.service_stack import KEYS, Stack, free_port
+from worker.redis_server import start_redis, stop_process
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Redis + one Celery worker + uvicorn, for the whole session; torn down at the end."""
+    """Redis + one Celery worker + uvicorn, for the whole session; torn down at the end.
+
+    Auth is on: ``stack.client`` and the client SDK (through ``NUCSEG_API_KEY``) act as tenant
+    ``lab-a``; ``stack.client_for("lab-b")`` is another tenant.
+    """
     running = Stack.start(tmp_path_factory.mktemp("service"))
+    previous = os.environ.get("NUCSEG_API_KEY")
+    os.environ["NUCSEG_API_KEY"] = KEYS["lab-a"]
     try:
         yield running
     finally:
         running.stop()
+        if previous is None:
+            os.environ.pop("NUCSEG_API_KEY", None)
+        else:
+            os.environ["NUCSEG_API_KEY"] = previous
+
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """A bare redis-server of the module's own (no worker, no API)."""
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+        stop_process(proc)

@@ -7,7 +7,9 @@ Everything lives under ``root`` and is torn down by ``stop``. Helpers drive it o
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -31,6 +33,11 @@ from worker.redis_server import start_redis, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 UPLOAD_CAP = 3 * 1024 * 1024
+# Two tenants with one API key each; the stack's configuration holds only the keys' sha256.
+# (lab-c and lab-d are for the limit tests, whose counters are per tenant.)
+KEYS = {t: f"nsk_test_key_of_{t.replace('-', '_')}_0123456789" for t in ("lab-a", "lab-b", "lab-c", "lab-d")}
+WEBHOOK_SECRETS = {t: "whsec_" + base64.b64encode(f"{t} webhook secret, 32 bytes!!".encode()).decode()
+                   for t in KEYS}
 FAST = {"tile_size": 64, "overlap": 0, "outputs": ["masks"]}  # one tile per 64x64 image
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -86,6 +93,7 @@ class Stack:
     redis: subprocess.Popen[bytes] | None = None
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
+    extra_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     workers_started: int = 0
     worker_started_at: float = 0.0
     client: httpx.Client = field(init=False)
@@ -107,21 +115,31 @@ class Stack:
         return f"http://127.0.0.1:{self.api_port}"
 
     @classmethod
-    def start(cls, root: Path) -> Stack:
+    def start(cls, root: Path, env: dict[str, str] | None = None) -> Stack:
+        """Start the stack; ``env`` adds to (or overrides) the ``NUCSEG_*`` settings below."""
         stack = cls(root, {}, free_port(), free_port())
-        stack._prepare()
+        stack._prepare(env or {})
         try:
-            stack.redis = start_redis(stack.redis_port, stack.data_dir / "redis", log_path=root / "redis.log")
+            stack.start_redis()
             stack.start_worker()
             stack.api = stack._spawn(["serve", "--port", str(stack.api_port), "--log-level", "warning"], "api")
-            stack.client = httpx.Client(base_url=stack.base_url, timeout=30)
+            stack.client = stack.client_for("lab-a")
             stack.wait_ready()
         except BaseException:
             stack.stop()
             raise
         return stack
 
-    def _prepare(self) -> None:
+    def client_for(self, tenant: str | None, base_url: str | None = None) -> httpx.Client:
+        """An HTTP client with ``tenant``'s API key (None: no key at all)."""
+        headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=base_url or self.base_url, timeout=30, headers=headers)
+
+    def start_redis(self) -> None:
+        """(Re)start redis-server on the same port and data directory (its AOF is replayed)."""
+        self.redis = start_redis(self.redis_port, self.data_dir / "redis", log_path=self.root / "redis.log")
+
+    def _prepare(self, extra_env: dict[str, str]) -> None:
         self.slide_root.mkdir(parents=True)
         for name in ("cmu_small_region.svs", "small.svs", "unreadable.svs", "unopenable.tiff", "boxes.tiff"):
             shutil.copy(sample(name), self.slide_root / name)
@@ -144,7 +162,16 @@ class Stack:
             "NUCSEG_SWEEP_INTERVAL_S": "1",
             "NUCSEG_PROGRESS_INTERVAL_S": "0",
             "NUCSEG_RETRY_BACKOFF_S": "1",
+            "NUCSEG_TENANTS": json.dumps({t: {"keys": [hashlib.sha256(k.encode()).hexdigest()],
+                                              "webhook_secret": WEBHOOK_SECRETS[t]} for t, k in KEYS.items()}),
+            "NUCSEG_SUBMIT_BURST": "1000",
+            "NUCSEG_WEBHOOK_ALLOW": json.dumps(["127.0.0.1/32"]),
+            "NUCSEG_WEBHOOK_BACKOFF_S": "0.5",
+            **extra_env,
         }
+        for name in ("NUCSEG_AUTH", "NUCSEG_TENANTS_FILE", "NUCSEG_API_KEY", "NUCSEG_CORS_ORIGINS"):
+            if name not in extra_env:
+                self.env.pop(name, None)
         self.env.pop("NUCSEG_MODEL_SHA256", None)
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
@@ -165,11 +192,30 @@ class Stack:
         self.worker = self._spawn(["worker", "--hostname", self.worker_name, "--pool", "prefork",
                                    "--concurrency", "1", "--loglevel", "INFO"], f"worker-{self.workers_started}")
 
-    def kill_worker(self) -> None:
-        """SIGKILL the worker's whole process group (main process and pool child), like a lost node."""
-        assert self.worker is not None
-        os.killpg(self.worker.pid, signal.SIGKILL)
-        self.worker.wait(10)
+    def start_extra_worker(self, name: str) -> subprocess.Popen[bytes]:
+        """Another worker process (prefork, one pool process) beside ``worker``."""
+        proc = self._spawn(["worker", "--hostname", name, "--pool", "prefork", "--concurrency", "1",
+                            "--loglevel", "INFO"], name.split("@")[0])
+        self.extra_workers.append(proc)
+        return proc
+
+    def kill_worker(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        """SIGKILL a worker's whole process group (main process and pool child), like a lost node."""
+        proc = proc or self.worker
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def spawn_api(self, extra_env: dict[str, str], *, host: str = "127.0.0.1",
+                  port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """Another API process on the same Redis, with ``extra_env`` on top of the stack's settings."""
+        port = port or free_port()
+        log = (self.root / f"api-{port}.log").open("ab")
+        cmd = [sys.executable, "-m", "worker.service_cli", "serve", "--host", host, "--port", str(port),
+               "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, env={**self.env, **extra_env}, cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, port
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         """Until /readyz lists the current worker and the worker's pool process has loaded the model."""
@@ -196,7 +242,7 @@ class Stack:
     def stop(self) -> None:
         if getattr(self, "client", None) is not None:
             self.client.close()
-        for proc in (self.api, self.worker):
+        for proc in (self.api, self.worker, *self.extra_workers):
             if proc is not None:
                 _stop_group(proc)
         if self.redis is not None:
@@ -262,6 +308,20 @@ class Stack:
             cursor = page["next_cursor"]
             if not cursor:
                 return len(ids)
+
+
+def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``url`` answers at all (any status), or fail when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
 def _model_loaded_since(models: dict[str, Any], since: float) -> bool:

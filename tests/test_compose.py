@@ -125,3 +125,22 @@ def test_celery_app_is_found_by_the_healthcheck_command() -> None:
     code = "from celery.app.utils import find_app; print(find_app('worker.celery_app').main)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "nucseg", out.stderr
+
+
+def test_auth_is_on_with_a_read_only_tenants_file(compose: dict[str, Any]) -> None:
+    """The containers serve on all interfaces, so they need keys; the API's own check agrees."""
+    from worker.settings import ConfigError, Settings
+
+    services = compose["services"]
+    for name in ("api", "worker", "worker-gpu"):
+        env = services[name]["environment"]
+        assert env["NUCSEG_AUTH"] == "enabled" and env["NUCSEG_TENANTS_FILE"] == "/config/tenants.json"
+        assert any(v.endswith(":/config/tenants.json:ro") for v in services[name]["volumes"])
+    example = REPO / "config" / "tenants.example.json"
+    api_env = services["api"]["environment"]
+    settings = Settings(tenants_file=example, auth=api_env["NUCSEG_AUTH"], host=api_env["NUCSEG_HOST"])
+    settings.check_api_bind(settings.host)  # keys configured: starts on 0.0.0.0
+    with pytest.raises(ConfigError, match="only on a loopback"):
+        Settings(auth="disabled").check_api_bind(api_env["NUCSEG_HOST"])
+    with pytest.raises(ConfigError, match="no API key is configured"):
+        Settings(tenants_file=None, auth="enabled").check_api_bind("0.0.0.0")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+import redis
 
 from tests.service_stack import UPLOAD_CAP, Stack, png_bytes
 
@@ -28,6 +29,7 @@ def _declare_only(stack: Stack, length: int) -> httpx.Response:
     try:
         conn.putrequest("POST", "/v1/jobs")
         conn.putheader("Content-Type", "multipart/form-data; boundary=xyz")
+        conn.putheader("Authorization", stack.client.headers["authorization"])
         conn.putheader("Content-Length", str(length))
         conn.putheader("Expect", "100-continue")
         conn.endheaders()
@@ -113,19 +115,23 @@ def _leftover_uploads(stack: Stack) -> list[str]:
     uploads = stack.data_dir / "uploads"
     if not uploads.exists():
         return []
-    known = {j["id"] for j in stack.client.get("/v1/jobs", params={"limit": 100}).json()["jobs"]}
+    broker = redis.Redis(port=stack.redis_port)  # any tenant's job counts as known
     partial = [p.name for p in (uploads / ".partial").glob("*")] if (uploads / ".partial").exists() else []
-    orphans = [p.name for p in uploads.iterdir() if p.name != ".partial" and p.name not in known]
+    orphans = [p.name for p in uploads.iterdir() if p.name != ".partial" and not broker.exists(f"nucseg:job:{p.name}")]
+    broker.close()
     return partial + orphans
 
 
 
 def test_client_that_disconnects_mid_upload_leaves_no_partial_file(stack: Stack) -> None:
-    body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.svs\"\r\n\r\n" + b"x" * 300_000
+    body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.svs\"\r\n\r\n" + b"x" * 1_500_000
     with socket.create_connection(("127.0.0.1", stack.api_port)) as sock:
+        auth = stack.client.headers["authorization"].encode()
         sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
-                     b"Content-Length: 1000000\r\n\r\n" + body)
+                     b"Authorization: " + auth + b"\r\nContent-Length: 3000000\r\n\r\n" + body)
         time.sleep(0.5)  # the server is now streaming into a partial file
+        partial = stack.data_dir / "uploads" / ".partial"
+        assert partial.is_dir() and any(partial.iterdir())  # authorised: it really is streaming to disk
     deadline = time.monotonic() + 10
     while _leftover_uploads(stack):
         assert time.monotonic() < deadline, _leftover_uploads(stack)

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.service_stack import free_port
 from worker.jobs import JobError, JobRecord, JobStore, dead_local_owner, new_job_id, new_token
-from worker.redis_server import start_redis, stop_process
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    port = free_port()
-    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
-    r = redis.Redis(port=port, decode_responses=True)
-    try:
-        yield r
-    finally:
-        r.close()
-        stop_process(proc)
 
 
 @pytest.fixture
-def store(client: redis.Redis) -> JobStore:
-    client.flushdb()
-    return JobStore(client)
+def store(redis_client: redis.Redis) -> JobStore:
+    redis_client.flushdb()
+    return JobStore(redis_client)
 
 
 def _record(created_at: float | None = None) -> JobRecord:
@@ -158,3 +143,55 @@ def test_dead_local_owner_only_for_this_workers_dead_processes(tmp_path: Path) -
     assert not dead_local_owner(f"w@h:{pid}:abc", "other@h")  # another host: cannot tell
     assert not dead_local_owner(new_token("w@h"), "w@h")  # this very process
     assert not dead_local_owner("w@h:1:abc", "w@h")  # pid 1 is alive
+
+
+def _tenant_record(tenant: str) -> JobRecord:
+    return _record().model_copy(update={"tenant": tenant})
+
+
+def test_tenant_indexes_limits_and_expiry_follow_every_transition(store: JobStore) -> None:
+    a = [_tenant_record("lab-a") for _ in range(3)]
+    for rec in a:
+        assert store.create(rec, max_queued=3).created
+    refused = store.create(_tenant_record("lab-a"), max_queued=3)
+    assert (refused.created, refused.queued) == (False, 3)  # nothing stored
+    b = _tenant_record("lab-b")
+    assert store.create(b, max_queued=3).created  # another tenant's count is its own
+    assert {r.id for r in store.page(tenant="lab-a")[0]} == {r.id for r in a}
+    assert [r.id for r in store.page(tenant="lab-b")[0]] == [b.id] and store.queued_count("lab-a") == 3
+
+    assert _claim(store, a[0].id, "tok") == "claimed"
+    assert store.queued_count("lab-a") == 2
+    assert [r.id for r in store.page(tenant="lab-a", status="running")[0]] == [a[0].id]
+    assert store.expired(time.time() + 1) == []  # running: not finished, never expires
+    assert store.finish(a[0].id, "tok", "succeeded")
+    assert store.cancel(a[1].id) == "cancelled"
+    assert set(store.expired(time.time() + 1)) == {a[0].id, a[1].id}
+    assert store.delete(a[0].id) == "deleted"
+    assert a[0].id not in {r.id for r in store.page(tenant="lab-a")[0]}
+    assert store.expired(time.time() + 1) == [a[1].id]
+    assert store.page(tenant="lab-a", status="succeeded")[0] == []
+
+
+def test_retention_sweep_deletes_expired_jobs_and_orphans_never_live_ones(store: JobStore, tmp_path: Path) -> None:
+    from worker.retention import sweep
+    from worker.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, result_ttl=10, retention_interval_s=60)
+    old, live = _record(), _record()
+    for rec in (old, live):
+        (settings.results_dir / rec.id).mkdir(parents=True)
+        (settings.uploads_dir / rec.id).mkdir(parents=True)
+        assert store.create(rec.model_copy(update={"upload_dir": str(settings.uploads_dir / rec.id)})).created
+    assert _claim(store, old.id, "t1") == "claimed" and store.finish(old.id, "t1", "failed")
+    assert _claim(store, live.id, "t2") == "claimed"  # running for ever
+    orphan = settings.results_dir / ("f" * 32)
+    orphan.mkdir()
+
+    assert sweep(store, settings, now=time.time() + 5) == 0  # not yet expired
+    store.r.delete("nucseg:lock:retention")
+    assert sweep(store, settings, now=time.time() + 3 * 3600) == 1
+    assert store.get(old.id) is None and not (settings.results_dir / old.id).exists()
+    assert not (settings.uploads_dir / old.id).exists() and not orphan.exists()  # an hour old, no record
+    assert store.get(live.id) is not None and (settings.results_dir / live.id).is_dir()
+    assert sweep(store, settings, now=time.time() + 3 * 3600) == 0  # another sweep waits for the lock

@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from tests.samples import sample
-from tests.service_stack import FAST, REPO, Stack, png_bytes
+from tests.service_stack import FAST, KEYS, REPO, Stack, png_bytes
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -94,6 +94,8 @@ def test_upload_watch_view_and_download(stack: Stack, page: Any, tmp_path: Path)
     tiles: list[tuple[str, int]] = []
     page.on("response", lambda r: tiles.append((r.url, r.status)) if "_files/" in r.url else None)
     page.goto(stack.base_url + "/")
+    page.fill("#api-key", KEYS["lab-a"])  # the job list got a 401: the page asks for a key once
+    page.click("#key-form button[type=submit]")
     name = f"cmu-crop-{uuid.uuid4().hex[:8]}.png"
     page.set_input_files("#file", str(slide_crop(tmp_path / name)))
     page.locator("details summary").click()
@@ -161,6 +163,7 @@ def test_failed_job_shows_its_error_panel(stack: Stack, page: Any) -> None:
     job = stack.submit_path("cases/web-will-break.png", options=FAST).json()
     target.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # breaks before the busy worker reaches it
     assert stack.wait(job["id"], timeout_s=120)["status"] == "failed"
+    page.add_init_script(f"sessionStorage.setItem('nucseg.apiKey', {json.dumps(KEYS['lab-a'])})")  # a saved key
     page.goto(f"{stack.base_url}/#/jobs/{job['id']}")
     page.wait_for_selector("#error-panel:not([hidden])")
     assert page.locator("#error-code").inner_text() == "unreadable_slide"

@@ -6,6 +6,11 @@ Keys (all under ``nucseg:``):
 - ``jobs`` and ``jobs:{status}``: indexes. Sorted sets whose scores are all 0 and whose members are
   ``{created_us:016d}:{id}``, so ``ZRANGE ... BYLEX REV`` lists newest first and a member is a
   stable cursor.
+- ``t:{tenant}:jobs`` and ``t:{tenant}:jobs:{status}``: the same, per tenant (listing, queue limits).
+  The scripts derive these names from the job's ``tenant`` field, so the store needs a single Redis
+  (not a cluster), which is what the service runs.
+- ``expiry``: finished jobs scored by when they finished (the retention sweep reads it).
+- ``webhooks``: jobs with a ``callback_url`` whose terminal-state webhook is due, scored by when.
 - ``lease:{id}``: the token of the process running the job. That process refreshes its TTL from
   a thread; when it dies the lease expires and the job counts as orphaned (see ``recover``).
 - ``retrying``: jobs waiting for a retry, scored by when the retry is due.
@@ -90,13 +95,19 @@ class JobRecord(BaseModel):
     slide_file: str = ""
     upload_dir: str | None = None
     delivery_tag: str | None = None
+    callback_url: str | None = None
+    webhook_status: str | None = None  # pending | retrying | delivered | failed
+    webhook_attempt_count: int = 0
+    webhook_attempts: list[dict[str, Any]] | None = None  # the latest few, oldest first
+    webhook_next_at: float | None = None
 
     @property
     def index_member(self) -> str:
         return f"{round(self.created_at * 1e6):016d}:{self.id}"
 
 
-_JSON_FIELDS = frozenset({"progress", "slide", "options", "metadata", "error", "results", "model"})
+_JSON_FIELDS = frozenset({"progress", "slide", "options", "metadata", "error", "results", "model",
+                          "webhook_attempts"})
 _INTERNAL = frozenset({"owner", "ix", "retry_at"})
 
 
@@ -134,30 +145,62 @@ def decode_record(raw: Mapping[str, str]) -> JobRecord:
 _LUA_PRELUDE = """
 local IDX = {queued=3, running=4, succeeded=5, failed=6, cancelled=7}
 local function status() return redis.call('HGET', KEYS[1], 'status') end
-local function move(to)
-  local from = status()
-  local ix = redis.call('HGET', KEYS[1], 'ix')
-  if from and IDX[from] then redis.call('ZREM', KEYS[IDX[from]], ix) end
-  redis.call('ZADD', KEYS[IDX[to]], 0, ix)
-  redis.call('HSET', KEYS[1], 'status', to)
-end
 local function hset_pairs(first)
   for i = first, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 local function owns(token) return redis.call('GET', KEYS[2]) == token end
+local TERMINAL = {succeeded=true, failed=true, cancelled=true}
+local function tenant() return redis.call('HGET', KEYS[1], 'tenant') or 'default' end
+local function tkey(t, st)
+  if st then return 'nucseg:t:' .. t .. ':jobs:' .. st end
+  return 'nucseg:t:' .. t .. ':jobs'
+end
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local function on_terminal()
+  local id = redis.call('HGET', KEYS[1], 'id')
+  local at = clock()
+  redis.call('ZADD', 'nucseg:expiry', at, id)
+  local url = redis.call('HGET', KEYS[1], 'callback_url')
+  if url and url ~= '' and not redis.call('HGET', KEYS[1], 'webhook_status') then
+    redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_next_at', tostring(at))
+    redis.call('ZADD', 'nucseg:webhooks', at, id)
+  end
+end
+local function move(to)
+  local from = status()
+  local ix = redis.call('HGET', KEYS[1], 'ix')
+  local t = tenant()
+  if from and IDX[from] then
+    redis.call('ZREM', KEYS[IDX[from]], ix)
+    redis.call('ZREM', tkey(t, from), ix)
+  end
+  redis.call('ZADD', KEYS[IDX[to]], 0, ix)
+  redis.call('ZADD', tkey(t, to), 0, ix)
+  redis.call('HSET', KEYS[1], 'status', to)
+  if TERMINAL[to] then on_terminal() end
+end
 """
 
-# ARGV: idem_value, idem_ttl_s, then field/value pairs. KEYS[9]: the idempotency key or ''.
+# ARGV: idem_value, idem_ttl_s, tenant, max_queued, then field/value pairs.
+# KEYS[9]: the idempotency key or ''. Returns {'created'|'exists'|'limit', detail}.
 _CREATE = """
 if KEYS[9] ~= '' then
   local prior = redis.call('GET', KEYS[9])
   if prior then return {'exists', prior} end
 end
-hset_pairs(3)
-redis.call('HSET', KEYS[1], 'status', 'queued')
+local t = ARGV[3]
+local queued = redis.call('ZCARD', tkey(t, 'queued'))
+if queued >= tonumber(ARGV[4]) then return {'limit', tostring(queued)} end
+hset_pairs(5)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'tenant', t)
 local ix = redis.call('HGET', KEYS[1], 'ix')
 redis.call('ZADD', KEYS[8], 0, ix)
 redis.call('ZADD', KEYS[3], 0, ix)
+redis.call('ZADD', tkey(t), 0, ix)
+redis.call('ZADD', tkey(t, 'queued'), 0, ix)
 if KEYS[9] ~= '' then redis.call('SET', KEYS[9], ARGV[1], 'EX', tonumber(ARGV[2])) end
 return {'created', ''}
 """
@@ -267,20 +310,61 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 local st = status()
 if st == 'queued' or st == 'running' then return st end
 local ix = redis.call('HGET', KEYS[1], 'ix')
+local id = redis.call('HGET', KEYS[1], 'id')
+local t = tenant()
 redis.call('ZREM', KEYS[IDX[st]], ix)
 redis.call('ZREM', KEYS[8], ix)
+redis.call('ZREM', tkey(t, st), ix)
+redis.call('ZREM', tkey(t), ix)
+redis.call('ZREM', 'nucseg:expiry', id)
+redis.call('ZREM', 'nucseg:webhooks', id)
 redis.call('DEL', KEYS[1])
 return 'deleted'
 """
 
 
+WEBHOOKS_KEY = f"{PREFIX}webhooks"
+EXPIRY_KEY = f"{PREFIX}expiry"
+MAX_WEBHOOK_ATTEMPTS_SHOWN = 10
+
+# KEYS[1]: the due set. ARGV: now, lease_s, limit. Takes due webhooks, hiding each for lease_s.
+_TAKE_WEBHOOKS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id) end
+return due
+"""
+
+# KEYS: job, due set. ARGV: status, attempt_json, max_shown, next_at ('' when done).
+_WEBHOOK_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  return 0
+end
+local attempts = cjson.decode(redis.call('HGET', KEYS[1], 'webhook_attempts') or '[]')
+table.insert(attempts, cjson.decode(ARGV[2]))
+while #attempts > tonumber(ARGV[3]) do table.remove(attempts, 1) end
+redis.call('HSET', KEYS[1], 'webhook_status', ARGV[1], 'webhook_attempts', cjson.encode(attempts))
+redis.call('HINCRBY', KEYS[1], 'webhook_attempt_count', 1)
+if ARGV[4] == '' then
+  redis.call('HDEL', KEYS[1], 'webhook_next_at')
+  redis.call('ZREM', KEYS[2], ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'webhook_next_at', ARGV[4])
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[5])
+end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class CreateOutcome:
-    """``created`` is False when the idempotency key already named ``job_id``."""
+    """``created`` is False when the idempotency key already named ``job_id``, or when the tenant
+    already had ``queued`` jobs, at or over its limit (then ``job_id`` is empty)."""
 
     created: bool
     job_id: str
     fingerprint: str
+    queued: int | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +388,8 @@ class JobStore:
                                ("renew", _RENEW), ("finish", _FINISH), ("retry", _RETRY),
                                ("cancel", _CANCEL), ("recover", _RECOVER), ("delete", _DELETE))
         }
+        self._take_webhooks = client.register_script(_TAKE_WEBHOOKS)
+        self._webhook_attempt = client.register_script(_WEBHOOK_ATTEMPT)
 
     # keys
     @staticmethod
@@ -324,21 +410,29 @@ class JobStore:
 
     # creation and reads
     def create(self, record: JobRecord, *, idempotency: tuple[str, str] | None = None,
-               idempotency_ttl_s: int = 86400) -> CreateOutcome:
+               idempotency_ttl_s: int = 86400, max_queued: int = 1 << 62) -> CreateOutcome:
         """Store a new queued job, or return the job an idempotency key already names.
 
-        ``idempotency`` is ``(redis_key, fingerprint)``; see ``idempotency_key``.
+        ``idempotency`` is ``(redis_key, fingerprint)``; see ``idempotency_key``. Nothing is stored
+        when ``record.tenant`` already has ``max_queued`` queued jobs (checked atomically).
         """
         key, fingerprint = idempotency or ("", "")
         value = json.dumps({"job_id": record.id, "fingerprint": fingerprint})
-        fields = encode_fields(record.model_dump(exclude={"status"}))
+        fields = encode_fields(record.model_dump(exclude={"status", "tenant"}))
         fields["ix"] = record.index_member
         flat = [item for pair in fields.items() for item in pair]
-        outcome, prior = self._run("create", record.id, [value, idempotency_ttl_s, *flat], key)
+        args = [value, idempotency_ttl_s, record.tenant, max_queued, *flat]
+        outcome, detail = self._run("create", record.id, args, key)
         if outcome == "exists":
-            known = json.loads(prior)
+            known = json.loads(detail)
             return CreateOutcome(False, known["job_id"], known["fingerprint"])
+        if outcome == "limit":
+            return CreateOutcome(False, "", fingerprint, queued=int(detail))
         return CreateOutcome(True, record.id, fingerprint)
+
+    def queued_count(self, tenant: str) -> int:
+        """How many of ``tenant``'s jobs are queued."""
+        return int(self.r.zcard(tenant_index_key(tenant, "queued")))
 
     def lookup_idempotency(self, key: str) -> tuple[str, str] | None:
         """``(job_id, fingerprint)`` stored under an idempotency key, if any."""
@@ -357,12 +451,13 @@ class JobStore:
         raw = self.r.hgetall(self.job_key(job_id))
         return decode_record(_decode(raw)) if raw else None
 
-    def page(self, *, status: str | None = None, limit: int = 20,
-             cursor: str | None = None) -> tuple[list[JobRecord], str | None]:
-        """Jobs newest first, after ``cursor`` (an index member); returns the next cursor or None."""
+    def page(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None,
+             tenant: str | None = None) -> tuple[list[JobRecord], str | None]:
+        """Jobs newest first (of ``tenant``, else all), after ``cursor`` (an index member);
+        returns the next cursor or None."""
         top = f"({cursor}" if cursor else "+"
-        members = _decode(self.r.zrange(self.index_key(status), top, "-", desc=True, bylex=True,
-                                        offset=0, num=limit + 1))
+        index = self.index_key(status) if tenant is None else tenant_index_key(tenant, status)
+        members = _decode(self.r.zrange(index, top, "-", desc=True, bylex=True, offset=0, num=limit + 1))
         more = len(members) > limit
         members = members[:limit]
         pipe = self.r.pipeline(transaction=False)
@@ -383,8 +478,9 @@ class JobStore:
         if record is None:
             return
         pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(self.index_key(), record.index_member)
-        pipe.zrem(self.index_key(record.status), record.index_member)
+        for index in (self.index_key(), self.index_key(record.status), tenant_index_key(record.tenant),
+                      tenant_index_key(record.tenant, record.status)):
+            pipe.zrem(index, record.index_member)
         pipe.delete(self.job_key(job_id))
         known = self.lookup_idempotency(idempotency_key) if idempotency_key else None
         if idempotency_key and known and known[0] == job_id:
@@ -465,6 +561,31 @@ class JobStore:
     def delete(self, job_id: str) -> str:
         """Remove a finished job's record: ``deleted``, ``missing``, or the live status (not deleted)."""
         return str(self._run("delete", job_id, []))
+
+    # webhooks
+    def take_webhooks(self, lease_s: float, limit: int = 16) -> list[str]:
+        """Ids of jobs whose webhook is due, each hidden from other takers for ``lease_s``."""
+        result = self._take_webhooks(keys=[WEBHOOKS_KEY], args=[now(), lease_s, limit])
+        return [str(job_id) for job_id in _decode(result)]
+
+    def record_webhook_attempt(self, job_id: str, attempt: Mapping[str, Any], *, status: str,
+                               next_at: float | None) -> bool:
+        """Append an attempt; ``next_at`` schedules another, None ends delivery. False: job gone."""
+        args: list[str | int] = [status, json.dumps(dict(attempt)), MAX_WEBHOOK_ATTEMPTS_SHOWN,
+                                 "" if next_at is None else repr(next_at), job_id]
+        return bool(self._webhook_attempt(keys=[self.job_key(job_id), WEBHOOKS_KEY], args=args))
+
+    def drop_webhook(self, job_id: str) -> None:
+        self.r.zrem(WEBHOOKS_KEY, job_id)
+
+    # retention
+    def expired(self, before: float, limit: int = 100) -> list[str]:
+        """Finished jobs that finished before ``before`` (oldest first)."""
+        return [str(j) for j in _decode(self.r.zrange(EXPIRY_KEY, "-inf", before, byscore=True,
+                                                      offset=0, num=limit))]
+
+    def forget_expiry(self, job_id: str) -> None:
+        self.r.zrem(EXPIRY_KEY, job_id)
 
     # models and metrics
     def publish_model(self, sha256: str, info: Mapping[str, Any]) -> None:
@@ -558,6 +679,12 @@ def dead_local_owner(token: str, worker: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def tenant_index_key(tenant: str, status: str | None = None) -> str:
+    """The per-tenant index (all jobs, or those in ``status``); the scripts build the same names."""
+    base = f"{PREFIX}t:{tenant}:jobs"
+    return base if status is None else f"{base}:{status}"
 
 
 def now() -> float:

@@ -26,6 +26,7 @@ def add_service_commands(subparsers: Any) -> None:
     _add_worker(subparsers)
     _add_redis(subparsers)
     _add_up(subparsers)
+    _add_keys(subparsers)
 
 
 # ---------------------------------------------------------------- serve
@@ -44,6 +45,15 @@ def _add_serve(subparsers: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from worker.settings import ConfigError
+
+    os.environ["NUCSEG_HOST"] = args.host  # the app factory checks the bind address it is served on
+    get_settings.cache_clear()
+    try:
+        get_settings().check_api_bind(args.host)
+    except ConfigError as exc:
+        print(f"nucseg serve: refusing to start: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run("api.main:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level, proxy_headers=False, server_header=False)
     return 0
@@ -129,6 +139,38 @@ def _up(args: argparse.Namespace) -> int:
     from worker.up import run_stack
 
     return run_stack(api_port=args.port)
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _add_keys(subparsers: Any) -> None:
+    p = subparsers.add_parser("keys", help="make an API key (and webhook secret) for a tenant")
+    sub = p.add_subparsers(dest="keys_command", required=True)
+    new = sub.add_parser("new", help="print a new key once, and the tenants-file entry that holds its hash")
+    new.add_argument("tenant", help="tenant name (lowercase letters, digits, - and _)")
+    new.set_defaults(func=_keys_new)
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    import base64
+    import hashlib
+    import json
+    import re
+    import secrets
+
+    from worker.settings import TENANT_PATTERN
+
+    if not re.fullmatch(TENANT_PATTERN, args.tenant):
+        print(f"nucseg keys new: tenant name {args.tenant!r} must match {TENANT_PATTERN}", file=sys.stderr)
+        return 2
+    key = "nsk_" + secrets.token_urlsafe(32)
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    entry = {args.tenant: {"keys": [hashlib.sha256(key.encode()).hexdigest()], "webhook_secret": secret}}
+    print(f"API key for tenant {args.tenant!r} (shown once; the server keeps only its sha256):\n  {key}\n")
+    print("Merge this into NUCSEG_TENANTS_FILE (or NUCSEG_TENANTS):")
+    print(json.dumps(entry, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

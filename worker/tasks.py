@@ -51,7 +51,10 @@ from worker.jobs import (
     dead_local_owner,
     new_token,
 )
+from worker.retention import discard_upload
+from worker.retention import sweep as sweep_retention
 from worker.settings import Settings, get_settings
+from worker.webhooks import dispatch_forever
 
 if TYPE_CHECKING:
     from model.checkpoint import LoadedModel
@@ -135,6 +138,9 @@ def _start_sweeper(sender: Any, **_: Any) -> None:
     """Recover orphaned jobs now and every ``sweep_interval_s``, from the worker's main process."""
     app: Celery = sender.app
     threading.Thread(target=_sweep_forever, args=(app,), name="nucseg-sweeper", daemon=True).start()
+    settings = get_settings()
+    threading.Thread(target=dispatch_forever, args=(process_store(settings), settings), name="nucseg-webhooks",
+                     daemon=True).start()
 
 
 # ---------------------------------------------------------------- the task
@@ -172,6 +178,8 @@ class JobRunner:
         outcome = self._claim()
         if outcome != "claimed":
             log.info("job %s: not running it (%s)", self.job_id, outcome)
+            if outcome == "cancelled" and (cancelled := self.store.get(self.job_id)) is not None:
+                discard_upload(self.settings, cancelled)
             return {"job_id": self.job_id, "skipped": outcome}
         record = self.store.get(self.job_id)
         assert record is not None
@@ -279,6 +287,7 @@ class JobRunner:
             progress = current.progress.model_copy(update={"stage": stage})
         if self.store.finish(self.job_id, self.token, status, error=error, progress=progress):
             self._observe(status, started, time.time(), 0)
+            discard_upload(self.settings, record)
         log.info("job %s: %s %s", self.job_id, status, note or (error.code if error else ""))
         return {"job_id": self.job_id, "status": status}
 
@@ -420,6 +429,8 @@ def recover_orphans(app: Celery, store: JobStore, settings: Settings) -> list[Or
             log.warning("job %s: its worker is gone; requeued (%s)", job_id, how)
         else:
             remove_partials(settings, job_id)
+            if (record := store.get(job_id)) is not None:
+                discard_upload(settings, record)
             log.warning("job %s: its worker is gone; %s", job_id, orphan.action)
         handled.append(orphan)
     grace = 2 * settings.lease_ttl_s + settings.sweep_interval_s
@@ -446,9 +457,13 @@ def redeliver(app: Celery, orphan: Orphan) -> str:
 
 def _sweep_forever(app: Celery) -> None:
     settings = get_settings()
+    next_retention = 0.0
     while True:
         try:
             recover_orphans(app, process_store(settings), settings)
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + settings.retention_interval_s
+                sweep_retention(process_store(settings), settings)
         except Exception:  # keep sweeping through Redis outages
             log.exception("recovery sweep failed")
         time.sleep(settings.sweep_interval_s)

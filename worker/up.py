@@ -31,9 +31,10 @@ SAMPLE = REPO_ROOT / ".cache" / "samples" / "cmu_small_region.svs"
 
 def run_stack(api_port: int | None = None) -> int:
     """Run until Ctrl-C (or SIGTERM); returns 0 after a clean stop, 1 if a piece died on its own."""
+    env = dict(os.environ)
+    auth_note = _default_auth(env)
     settings = get_settings()
     port = api_port or settings.port
-    env = dict(os.environ)
     stop = _install_stop_handlers()
     redis_proc = _ensure_redis(settings, env)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -42,7 +43,7 @@ def run_stack(api_port: int | None = None) -> int:
         children.append(("api", _spawn(["serve", "--host", "127.0.0.1", "--port", str(port)], env)))
         _wait_healthy(f"http://127.0.0.1:{port}/healthz", children, stop)
         if not stop.is_set():
-            print(banner(port, settings), flush=True)
+            print(banner(port, settings) + auth_note, flush=True)
         died = _wait(children, stop)
     finally:
         _shutdown(children, redis_proc)
@@ -51,6 +52,19 @@ def run_stack(api_port: int | None = None) -> int:
         return 1
     print("nucseg up: stopped API, worker and Redis", flush=True)
     return 0
+
+
+def _default_auth(env: dict[str, str]) -> str:
+    """Without configured keys, ``make up`` serves 127.0.0.1 with auth disabled; says which it is."""
+    configured = any(k in env for k in ("NUCSEG_AUTH", "NUCSEG_TENANTS", "NUCSEG_TENANTS_FILE"))
+    if not configured:
+        env["NUCSEG_AUTH"] = os.environ["NUCSEG_AUTH"] = "disabled"
+        get_settings.cache_clear()
+    if get_settings().auth == "disabled":
+        return ("  auth:    DISABLED (loopback only; every caller is tenant 'default'). Set "
+                "NUCSEG_TENANTS_FILE to require API keys (`nucseg keys new TENANT`).\n")
+    tenants = len(get_settings().tenant_table)
+    return f"  auth:    API keys required ({tenants} tenant(s) configured).\n"
 
 
 def _install_stop_handlers() -> threading.Event:

@@ -5,19 +5,20 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import shutil
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import CeleryDep, JobIdPath, SettingsDep, StoreDep, TenantDep
+from api.deps import CeleryDep, JobIdPath, LimiterDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
-from api.schemas import JobList, JobOut, error_responses
-from api.submit import Submission, inspect_slide, receive
+from api.limits import check_queue, queue_full
+from api.schemas import CALLBACK_HELP, JobList, JobOut, error_responses
+from api.submit import Submission, check_callback, inspect_slide, receive
 from worker.celery_app import send_job
 from worker.jobs import JobRecord, JobStore, Status, new_job_id
+from worker.retention import discard_upload, remove_job_files
 from worker.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -29,6 +30,7 @@ _UPLOAD_FORM = {
         "file": {"type": "string", "format": "binary", "description": "the slide or image"},
         "options": {"type": "string", "description": "JSON object of JobOptions"},
         "metadata": {"type": "string", "description": "JSON object, at most 16 KiB"},
+        "callback_url": {"type": "string", "description": CALLBACK_HELP},
     },
 }
 _CREATE_BODY = {
@@ -46,10 +48,12 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
 
 @router.post("", status_code=202, response_model=JobOut, openapi_extra=_CREATE_BODY,
              responses={200: {"model": JobOut, "description": "idempotent replay: the original job"},
-                        **error_responses(400, 409, 413, 415, 422, 503)})
+                        **error_responses(400, 401, 409, 413, 415, 422, 429, 503)})
 async def create_job(request: Request, settings: SettingsDep, store: StoreDep, celery: CeleryDep,
-                     tenant: TenantDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+                     tenant: TenantDep, limiter: LimiterDep,
+                     idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Submit a slide (multipart upload, or JSON ``slide_path``); answers 202 with the queued job."""
+    await run_in_threadpool(_admit, limiter, store, tenant, settings)
     sub = await receive(request, settings, new_job_id())
     try:
         return await run_in_threadpool(_create, sub, settings, store, celery, tenant, idempotency_key)
@@ -58,88 +62,103 @@ async def create_job(request: Request, settings: SettingsDep, store: StoreDep, c
         raise
 
 
+def _admit(limiter: Any, store: JobStore, tenant: str, settings: Settings) -> None:
+    """Rate and queue limits, before any of the body is read."""
+    limiter.check(tenant, settings)
+    check_queue(store, tenant, settings)
+
+
 def _create(sub: Submission, settings: Settings, store: JobStore, celery: Any, tenant: str,
             key: str | None) -> JSONResponse:
     idem = (store.idempotency_key(tenant, key), sub.fingerprint()) if key else None
     if idem and (prior := store.lookup_idempotency(idem[0])):
         sub.discard()
-        return _replay(store, key or "", prior, idem[1])
+        return _replay(store, key or "", prior, idem[1], tenant, settings)
+    check_callback(sub.callback_url, tenant, settings)
     shown_as = sub.slide["name"] if sub.source == "upload" else None
     sub.slide.update(inspect_slide(sub.slide_file, settings, shown_as=shown_as))
     record = sub.to_record(settings.queue, tenant)
-    outcome = store.create(record, idempotency=idem, idempotency_ttl_s=settings.idempotency_ttl_s)
+    outcome = store.create(record, idempotency=idem, idempotency_ttl_s=settings.idempotency_ttl_s,
+                           max_queued=settings.max_queued_per_tenant)
+    if outcome.queued is not None:
+        raise queue_full(tenant, outcome.queued, settings)
     if not outcome.created:  # a concurrent request with the same key won the race
         sub.discard()
-        return _replay(store, key or "", (outcome.job_id, outcome.fingerprint), idem[1] if idem else "")
+        return _replay(store, key or "", (outcome.job_id, outcome.fingerprint), idem[1] if idem else "", tenant,
+                       settings)
     try:
         send_job(celery, record.id, record.queue)
     except Exception:
         store.discard(record.id, idem[0] if idem else None)
         raise
-    return _job_response(record, 202)
+    return _job_response(record, 202, settings)
 
 
-def _replay(store: JobStore, key: str, prior: tuple[str, str], fingerprint: str) -> JSONResponse:
+def _replay(store: JobStore, key: str, prior: tuple[str, str], fingerprint: str, tenant: str,
+            settings: Settings) -> JSONResponse:
     job_id, known = prior
     if known != fingerprint:
         raise ApiError(409, "idempotency_conflict",
                        f"Idempotency-Key {key!r} was already used for a different request (job {job_id})")
     record = store.get(job_id)
-    if record is None:
+    if record is None or record.tenant != tenant:
         raise ApiError(409, "idempotency_conflict",
                        f"Idempotency-Key {key!r} belongs to job {job_id}, which has been deleted")
-    return _job_response(record, 200)
+    return _job_response(record, 200, settings)
 
 
-def _job_response(record: JobRecord, status: int) -> JSONResponse:
-    body = JobOut.from_record(record).model_dump(mode="json")
+def job_out(record: JobRecord, settings: Settings) -> JobOut:
+    return JobOut.from_record(record, settings.result_ttl.total_seconds())
+
+
+def _job_response(record: JobRecord, status: int, settings: Settings) -> JSONResponse:
+    body = job_out(record, settings).model_dump(mode="json")
     return JSONResponse(body, status_code=status, headers={"Location": f"/v1/jobs/{record.id}"})
 
 
-@router.get("", response_model=JobList, responses=error_responses(400, 422, 503))
-def list_jobs(store: StoreDep, status: Status | None = None,
+@router.get("", response_model=JobList, responses=error_responses(400, 401, 422, 503))
+def list_jobs(store: StoreDep, tenant: TenantDep, settings: SettingsDep, status: Status | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               cursor: Annotated[str | None, Query(max_length=200)] = None) -> JobList:
-    """Jobs newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
-    records, after = store.page(status=status, limit=limit, cursor=_decode_cursor(cursor) if cursor else None)
-    return JobList(jobs=[JobOut.from_record(r) for r in records],
+    """The caller's jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    records, after = store.page(status=status, limit=limit, cursor=_decode_cursor(cursor) if cursor else None,
+                                tenant=tenant)
+    return JobList(jobs=[job_out(r, settings) for r in records],
                    next_cursor=_encode_cursor(after) if after else None)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422, 503))
-def get_job(job_id: JobIdPath, store: StoreDep) -> JobOut:
-    """One job: status, progress, times, slide, options, metadata, error or result links."""
-    return JobOut.from_record(require_job(store, job_id))
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422, 503))
+def get_job(job_id: JobIdPath, store: StoreDep, tenant: TenantDep, settings: SettingsDep) -> JobOut:
+    """One job: status, progress, times, slide, options, metadata, error or result links, webhook."""
+    return job_out(require_job(store, job_id, tenant), settings)
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses={
     200: {"model": JobOut, "description": "a queued job, now cancelled"},
     202: {"model": JobOut, "description": "a running job; it stops within one block"},
     204: {"description": "a finished job; its files and record are deleted"},
-    **error_responses(404, 422, 503)})
-def delete_job(job_id: JobIdPath, store: StoreDep, settings: SettingsDep) -> Response:
+    **error_responses(401, 404, 422, 503)})
+def delete_job(job_id: JobIdPath, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """Cancel a queued or running job, or delete a finished (or cancelled) one with its files."""
+    require_job(store, job_id, tenant)
     outcome = store.cancel(job_id)
     if outcome == "missing":
         raise _not_found(job_id)
     if outcome in ("cancelled", "cancel_requested"):
-        record = require_job(store, job_id)
-        return _job_response(record, 200 if outcome == "cancelled" else 202)
+        record = require_job(store, job_id, tenant)
+        if outcome == "cancelled":
+            discard_upload(settings, record)
+        return _job_response(record, 200 if outcome == "cancelled" else 202, settings)
     finished = store.get(job_id)
     if store.delete(job_id) == "deleted" and finished is not None:
-        remove_files(settings, finished)
+        remove_job_files(settings, finished)
     return Response(status_code=204)
 
 
-def remove_files(settings: Settings, record: JobRecord) -> None:
-    shutil.rmtree(settings.results_dir / record.id, ignore_errors=True)
-    if record.upload_dir:
-        shutil.rmtree(record.upload_dir, ignore_errors=True)
-
-
-def require_job(store: JobStore, job_id: str) -> JobRecord:
+def require_job(store: JobStore, job_id: str, tenant: str) -> JobRecord:
+    """The job, if it exists and belongs to ``tenant``; another tenant's job is a plain 404."""
     record = store.get(job_id)
-    if record is None:
+    if record is None or record.tenant != tenant:
         raise _not_found(job_id)
     return record
 

@@ -6,18 +6,19 @@ are the service's, not one process's.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
-from api.deps import RedisDep, StoreDep
+from api.deps import RedisDep, StoreDep, get_tenant
+from api.schemas import error_responses
 from worker.celery_app import QUEUES
 from worker.jobs import DURATION_BUCKETS, STATUSES
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(get_tenant)])
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401, 503))
 def metrics(store: StoreDep, client: RedisDep) -> PlainTextResponse:
     """Jobs by state, job duration histogram, tiles processed, broker queue lengths."""
     counters = store.metric_counters()

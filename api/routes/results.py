@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
-from api.deps import JobIdPath, SettingsDep, StoreDep
+from api.deps import JobIdPath, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
 from api.routes.jobs import require_job
 from api.schemas import error_responses
@@ -14,14 +14,21 @@ from api.schemas import error_responses
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
 
 
+# the content types results are served with: worker.tasks.CONTENT_TYPES and its fallback (not imported:
+# the API does not load the task module)
+_FILE_TYPES = ("image/png", "image/tiff", "application/json", "application/geo+json", "application/octet-stream")
+
+
 @router.api_route("/{job_id}/results/{name}", methods=["GET", "HEAD"], response_class=FileResponse,
-                  responses={200: {"content": {"image/png": {}, "application/json": {}}},
-                             206: {"description": "partial content (Range)"},
-                             **error_responses(400, 404, 409, 416, 422, 503)})
+                  responses={200: {"content": {t: {} for t in _FILE_TYPES}},
+                             206: {"description": "partial content (Range); several ranges come as "
+                                                  "multipart/byteranges",
+                                   "content": {t: {} for t in (*_FILE_TYPES, "multipart/byteranges")}},
+                             **error_responses(400, 401, 404, 409, 416, 422, 503)})
 def get_result(job_id: JobIdPath, name: str, request: Request, store: StoreDep,
-               settings: SettingsDep) -> FileResponse:
+               settings: SettingsDep, tenant: TenantDep) -> FileResponse:
     """One result file of a succeeded job; ``Range: bytes=a-b`` gives 206 with that slice."""
-    record = require_job(store, job_id)
+    record = require_job(store, job_id, tenant)
     if record.status != "succeeded":
         raise ApiError(409, "results_not_ready",
                        f"job {job_id} is {record.status}; results exist only once it has succeeded")

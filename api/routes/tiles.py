@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from api.deps import JobIdPath, SettingsDep, StoreDep
+from api.deps import JobIdPath, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
 from api.routes.jobs import require_job
 from api.schemas import error_responses
@@ -27,13 +27,13 @@ CACHE_CONTROL = "private, max-age=86400"
 _TILE = re.compile(r"^(\d{1,6})_(\d{1,6})\.(jpeg|png)$")
 _TILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/jpeg": {}, "image/png": {}}}, 304: {"description": "not modified (ETag)"},
-    **error_responses(404, 409, 422, 503)}
+    **error_responses(401, 404, 409, 422, 503)}
 
 
-@router.get("/{job_id}/dzi", responses=error_responses(404, 422, 503))
-def viewer_info(job_id: JobIdPath, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+@router.get("/{job_id}/dzi", responses=error_responses(401, 404, 422, 503))
+def viewer_info(job_id: JobIdPath, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     """What a viewer needs: the slide DZI, and (once succeeded) each overlay's DZI, width and colours."""
-    record = require_job(store, job_id)
+    record = require_job(store, job_id, tenant)
     slide = _slide(record)
     width, height = slide.dz.level_dimensions[-1]
     base = f"/v1/jobs/{job_id}/dzi"
@@ -59,10 +59,10 @@ def viewer_info(job_id: JobIdPath, store: StoreDep, settings: SettingsDep) -> di
 
 
 @router.get("/{job_id}/dzi/{image}.dzi", response_class=Response,
-            responses={200: {"content": {"application/xml": {}}}, **error_responses(404, 409, 422, 503)})
-def get_dzi(job_id: JobIdPath, image: str, store: StoreDep, settings: SettingsDep) -> Response:
+            responses={200: {"content": {"application/xml": {}}}, **error_responses(401, 404, 409, 422, 503)})
+def get_dzi(job_id: JobIdPath, image: str, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     """The Deep Zoom descriptor of ``slide``, ``semantic`` or ``ternary``."""
-    record = require_job(store, job_id)
+    record = require_job(store, job_id, tenant)
     _check_image(image)
     xml = _slide(record).dzi() if image == "slide" else _mask(record, settings, image).dzi()
     return Response(xml, media_type="application/xml", headers={"Cache-Control": CACHE_CONTROL})
@@ -70,9 +70,9 @@ def get_dzi(job_id: JobIdPath, image: str, store: StoreDep, settings: SettingsDe
 
 @router.get("/{job_id}/dzi/{image}_files/{level}/{tile}", response_class=Response, responses=_TILE_RESPONSES)
 def get_tile(job_id: JobIdPath, image: str, level: str, tile: str, request: Request, store: StoreDep,
-             settings: SettingsDep) -> Response:
+             settings: SettingsDep, tenant: TenantDep) -> Response:
     """One tile: ``slide_files/{level}/{col}_{row}.jpeg`` or ``{semantic,ternary}_files/.../{col}_{row}.png``."""
-    record = require_job(store, job_id)
+    record = require_job(store, job_id, tenant)
     _check_image(image)
     lvl, col, row = _parse_tile(image, level, tile)
     source = _source_file(record, settings, image)

@@ -90,9 +90,30 @@ function showError(code, message) {
 }
 
 function renderFiles(results) {
-  $("files").replaceChildren(...results.map((r) => el("li", {},
-    el("a", { href: r.href, download: r.name, text: r.name }),
-    el("span", { class: "muted", text: ` ${r.content_type}, ${bytes(r.size_bytes)}` }))));
+  $("files").replaceChildren(...results.map((r) => {
+    const link = el("a", { href: r.href, download: r.name, text: r.name });
+    link.addEventListener("click", (event) => saveWithKey(event, r));
+    return el("li", {}, link, el("span", { class: "muted", text: ` ${r.content_type}, ${bytes(r.size_bytes)}` }));
+  }));
+}
+
+/** A plain link cannot send the API key: fetch the file with it, then save the blob. */
+async function saveWithKey(event, result) {
+  const headers = authHeaders();
+  if (!headers.Authorization) return; // no key (auth disabled): the plain link works
+  event.preventDefault();
+  try {
+    const resp = await fetch(result.href, { headers });
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    const url = URL.createObjectURL(await resp.blob());
+    const save = el("a", { href: url, download: result.name });
+    document.body.append(save);
+    save.click();
+    save.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (err) {
+    showError("download_failed", `${result.name}: ${err.message}`);
+  }
 }
 
 // ---------------------------------------------------------------- viewer

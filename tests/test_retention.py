@@ -1,0 +1,78 @@
+"""Retention on a stack of its own (``NUCSEG_RESULT_TTL=3`` s): finished jobs expire, running ones never do,
+and uploads of failed and cancelled jobs go at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from tests.service_stack import FAST, Stack, png_bytes
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+TTL_S = 3.0
+SLOW = {"tile_size": 64, "overlap": 16, "block_size": 64, "batch_size": 2, "outputs": ["masks"]}
+
+
+@pytest.fixture(scope="module")
+def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {"NUCSEG_RESULT_TTL": str(TTL_S), "NUCSEG_RETENTION_INTERVAL_S": "0.5"}
+    running = Stack.start(tmp_path_factory.mktemp("retention"), env=env)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _gone(stack: Stack, job_id: str, timeout_s: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while stack.client.get(f"/v1/jobs/{job_id}").status_code != 404:
+        assert time.monotonic() < deadline, stack.job(job_id)
+        time.sleep(0.1)
+    return time.time()
+
+
+def test_finished_jobs_expire_but_a_running_job_is_never_touched(short_lived: Stack) -> None:
+    stack = short_lived
+    done = stack.run_good_job()
+    finished = datetime.fromisoformat(done["finished_at"]).timestamp()
+    assert abs(datetime.fromisoformat(done["expires_at"]).timestamp() - (finished + TTL_S)) < 0.01
+    results, upload = stack.data_dir / "results" / done["id"], stack.data_dir / "uploads" / done["id"]
+    assert results.is_dir() and upload.is_dir()
+
+    slow = stack.submit_upload(png_bytes(512, 512, seed=5), options=SLOW).json()["id"]
+    stack.wait(slow, until=["running"], min_done=1)
+    removed_at = _gone(stack, done["id"])
+    assert removed_at >= finished + TTL_S - 0.05  # not before its time
+    assert not results.exists() and not upload.exists()
+
+    running = stack.job(slow)
+    assert running["status"] == "running" and running["expires_at"] is None
+    time.sleep(TTL_S + 1)  # several sweeps while it runs
+    assert stack.job(slow)["status"] in ("running", "succeeded")
+    final = stack.wait(slow, timeout_s=240)
+    assert final["status"] == "succeeded", final
+    _gone(stack, slow)
+    assert not (stack.data_dir / "results" / slow).exists()
+
+
+def test_uploads_of_failed_and_cancelled_jobs_are_removed_at_once(short_lived: Stack) -> None:
+    stack = short_lived
+    blocker = stack.submit_upload(png_bytes(512, 512, seed=6), options=SLOW).json()["id"]
+    stack.wait(blocker, until=["running"], min_done=1)  # the one worker is busy: the next jobs wait
+    doomed = stack.submit_upload(png_bytes(64, 64, seed=7), options=FAST).json()["id"]
+    cancelled = stack.submit_upload(png_bytes(64, 64, seed=8), options=FAST).json()["id"]
+    uploads = stack.data_dir / "uploads"
+    stored = next((uploads / doomed).iterdir())
+    stored.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # breaks after it was accepted
+
+    assert stack.client.delete(f"/v1/jobs/{cancelled}").status_code == 200
+    assert not (uploads / cancelled).exists()  # cancelled while queued: removed by the API at once
+
+    failed = stack.wait(doomed, timeout_s=240)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "unreadable_slide", failed
+    assert not (uploads / doomed).exists()  # removed by the worker as the job failed
+    assert stack.job(blocker)["status"] in ("running", "succeeded")
