@@ -86,10 +86,14 @@ def test_queued_job_limit_answers_429_with_retry_after(stack: Stack) -> None:
     # Jobs go to the 'gpu' queue, which no test worker consumes, so they stay queued.
     with extra_api(stack, {"NUCSEG_QUEUE": "gpu", "NUCSEG_MAX_QUEUED_PER_TENANT": "2"}, tenant="lab-c") as api:
         ids = []
-        for _ in range(2):
-            resp = api.post("/v1/jobs", json={"slide_path": "cases/tile.png", "options": FAST})
+        for n in range(2):
+            resp = api.post("/v1/jobs", json={"slide_path": "cases/tile.png", "options": FAST},
+                            headers={"Idempotency-Key": f"queued-{n}"})
             assert resp.status_code == 202, resp.text
             ids.append(resp.json()["id"])
+        replay = api.post("/v1/jobs", json={"slide_path": "cases/tile.png", "options": FAST},
+                          headers={"Idempotency-Key": "queued-1"})
+        assert replay.status_code == 200 and replay.json()["id"] == ids[1]  # a retry still gets its job
         over = api.post("/v1/jobs", files={"file": ("big.png", png_bytes(512, 512))})
         assert over.status_code == 429, over.text
         assert over.json()["error"]["code"] == "too_many_queued_jobs" and "'lab-c'" in over.json()["error"]["message"]
@@ -166,3 +170,20 @@ def test_auth_disabled_on_loopback_serves_everyone_as_the_default_tenant(stack: 
             assert time.monotonic() < deadline, job
             time.sleep(0.1)
         assert job["status"] == "succeeded", job
+
+
+def test_keys_new_prints_a_key_once_and_the_entry_holding_only_its_hash() -> None:
+    import hashlib
+    import json as _json
+    import re
+
+    cmd = [sys.executable, "-m", "worker.service_cli", "keys", "new", "lab-x"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    key = re.search(r"^\s+(nsk_\S+)$", out.stdout, re.M)
+    assert key is not None and len(key.group(1)) > 40
+    entry = _json.loads(out.stdout[out.stdout.index("{"):])
+    assert entry["lab-x"]["keys"] == [hashlib.sha256(key.group(1).encode()).hexdigest()]
+    assert entry["lab-x"]["webhook_secret"].startswith("whsec_") and key.group(1) not in _json.dumps(entry)
+    bad = subprocess.run([*cmd[:-1], "Lab X/../"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'Lab X/../'" in bad.stderr

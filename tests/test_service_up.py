@@ -46,6 +46,7 @@ def test_up_starts_redis_worker_api_and_ctrl_c_stops_all_three(tmp_path: Path) -
         assert f"http://127.0.0.1:{port}" in banner and "curl" in banner
         assert "cmu_small_region.svs" in banner and "/v1/jobs" in banner
         assert f"redis-server at redis://127.0.0.1:{redis_port}/0" in banner
+        assert "auth:    DISABLED (loopback only" in banner  # no keys configured: says so
         pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         names = " ".join(" ".join(psutil.Process(p).cmdline()) for p in pids)
         assert "redis-server" in names and "worker.service_cli worker" in names and "serve" in names

@@ -53,7 +53,7 @@ async def create_job(request: Request, settings: SettingsDep, store: StoreDep, c
                      tenant: TenantDep, limiter: LimiterDep,
                      idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Submit a slide (multipart upload, or JSON ``slide_path``); answers 202 with the queued job."""
-    await run_in_threadpool(_admit, limiter, store, tenant, settings)
+    await run_in_threadpool(_admit, limiter, store, tenant, settings, idempotency_key)
     sub = await receive(request, settings, new_job_id())
     try:
         return await run_in_threadpool(_create, sub, settings, store, celery, tenant, idempotency_key)
@@ -62,10 +62,15 @@ async def create_job(request: Request, settings: SettingsDep, store: StoreDep, c
         raise
 
 
-def _admit(limiter: Any, store: JobStore, tenant: str, settings: Settings) -> None:
-    """Rate and queue limits, before any of the body is read."""
+def _admit(limiter: Any, store: JobStore, tenant: str, settings: Settings, key: str | None) -> None:
+    """Rate and queue limits, before any of the body is read.
+
+    A retry whose Idempotency-Key already names a job skips the queue cap: it creates nothing, and
+    the client must get its original job back even while the queue is full.
+    """
     limiter.check(tenant, settings)
-    check_queue(store, tenant, settings)
+    if key is None or store.lookup_idempotency(store.idempotency_key(tenant, key)) is None:
+        check_queue(store, tenant, settings)
 
 
 def _create(sub: Submission, settings: Settings, store: JobStore, celery: Any, tenant: str,
