@@ -6,12 +6,16 @@ Sleeps and clocks are injected, so no test here waits for real.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
+import hashlib
+import hmac
 import itertools
 import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -31,6 +35,10 @@ from nucseg_client import (
     Retries,
     Timeout,
     TimeoutError,
+    Webhook,
+    WebhookAttempt,
+    WebhookVerificationError,
+    verify_webhook,
 )
 
 URL = "http://nucseg.test"
@@ -125,6 +133,29 @@ def test_exhausted_retries_raise_the_servers_error() -> None:
                                                                     "no worker answered a ping within 1 s", 5.0)
     assert len(rec.requests) == 3 and sleeps == [5.0, 5.0]
     assert "503 no_workers" in str(exc) and f"/v1/jobs/{JOB_ID}" in str(exc)
+
+
+def test_401_names_the_servers_code_and_is_not_retried() -> None:
+    rec = Recorder(err(401, "invalid_api_key", "the Bearer key in the Authorization header (9 characters) "
+                                               "is not a configured API key", **{"WWW-Authenticate": "Bearer"}))
+    with pytest.raises(ApiError) as info:
+        client(rec, api_key="wrong-key").models()
+    assert (info.value.status, info.value.code) == (401, "invalid_api_key") and len(rec.requests) == 1
+    assert str(info.value).startswith("401 invalid_api_key: the Bearer key")
+    assert "NUCSEG_API_KEY" in str(info.value)
+
+
+def test_429_on_a_submit_is_retried_after_retry_after_only_with_an_idempotency_key() -> None:
+    full = err(429, "too_many_queued_jobs", "tenant 'lab-a' has 20 queued jobs", **{"Retry-After": "30"})
+    rec, sleeps = Recorder(full, err(429, "rate_limited", "over the rate", **{"Retry-After": "2"}),
+                           httpx.Response(202, json=job_body())), Sleeps()
+    assert client(rec, sleeps).submit_path("cases/a.svs", idempotency_key="A-1").id == JOB_ID
+    assert sleeps == [30.0, 2.0] and len(rec.requests) == 3
+    rec, sleeps = Recorder(full), Sleeps()
+    with pytest.raises(ApiError) as info:
+        client(rec, sleeps).submit_path("cases/a.svs")
+    assert (info.value.code, info.value.retry_after) == ("too_many_queued_jobs", 30.0)
+    assert len(rec.requests) == 1 and sleeps == []
 
 
 def test_post_without_idempotency_key_is_not_retried_on_5xx(tmp_path: Path) -> None:
@@ -305,6 +336,144 @@ def test_submit_path_sends_json_and_replays_by_key() -> None:
     again = c.submit_path("cases/a.svs", options={"outputs": ["masks"]}, idempotency_key="A-1")
     assert first.id == again.id
     assert json.loads(rec.requests[0].content) == {"slide_path": "cases/a.svs", "options": {"outputs": ["masks"]}}
+
+
+HOOK = "https://lims.example.org/hooks/nucseg?src=lab-a"
+
+
+def test_submit_sends_callback_url_as_a_multipart_field(tmp_path: Path) -> None:
+    slide = tmp_path / "s.png"
+    slide.write_bytes(b"png" * 100)
+    rec = Recorder(httpx.Response(202, json=job_body()))
+    c = client(rec)
+    c.submit(slide, metadata={"case": "A"}, callback_url=HOOK, progress=False)
+    c.submit(slide, progress=False)
+    with_hook, without = (multipart_fields(r) for r in rec.requests)
+    assert with_hook["callback_url"] == (None, HOOK.encode())  # a plain text field, not JSON
+    assert with_hook["file"] == ("s.png", b"png" * 100) and json.loads(with_hook["metadata"][1]) == {"case": "A"}
+    assert set(without) == {"file"}
+
+
+def test_submit_path_sends_callback_url_in_the_json_body() -> None:
+    rec = Recorder(httpx.Response(202, json=job_body()))
+    client(rec).submit_path("cases/a.svs", options={"tile_size": 64}, callback_url=HOOK)
+    assert json.loads(rec.requests[0].content) == {"slide_path": "cases/a.svs", "options": {"tile_size": 64},
+                                                   "callback_url": HOOK}
+    with pytest.raises(ValueError, match="callback_url"):
+        client(rec).submit_path("cases/a.svs", callback_url="  ")
+    assert len(rec.requests) == 1
+
+
+def test_async_submits_send_callback_url(tmp_path: Path) -> None:
+    slide = tmp_path / "s.png"
+    slide.write_bytes(b"png")
+    rec = Recorder(httpx.Response(202, json=job_body()))
+
+    async def scenario() -> None:
+        async with AsyncClient(URL, transport=httpx.MockTransport(rec)) as c:
+            await c.submit(slide, callback_url=HOOK, progress=False)
+            await c.submit_path("cases/a.svs", callback_url=HOOK)
+
+    asyncio.run(scenario())
+    upload, path = rec.requests
+    assert multipart_fields(upload)["callback_url"] == (None, HOOK.encode())
+    assert json.loads(path.content) == {"slide_path": "cases/a.svs", "callback_url": HOOK}
+
+
+def test_job_exposes_webhook_delivery_and_expiry() -> None:
+    body = {**job_body("succeeded"), "expires_at": "2026-01-09T03:04:05Z", "webhook": {
+        "url": HOOK, "status": "retrying", "attempt_count": 2, "next_attempt_at": "2026-01-02T03:06:00Z",
+        "attempts": [{"at": "2026-01-02T03:05:00Z", "status_code": 500, "error": None, "duration_ms": 12.5},
+                     {"at": "2026-01-02T03:05:01Z", "status_code": None, "error": "ConnectError: refused",
+                      "duration_ms": 3}]}}
+    job = nucseg_client.Job(client(Recorder(httpx.Response(200))), body)
+    at = datetime(2026, 1, 2, 3, 5, tzinfo=UTC)
+    assert job.webhook == Webhook(HOOK, "retrying", 2, (
+        WebhookAttempt(at, 500, None, 12.5),
+        WebhookAttempt(at + timedelta(seconds=1), None, "ConnectError: refused", 3.0)),
+        datetime(2026, 1, 2, 3, 6, tzinfo=UTC))
+    assert job.expires_at == datetime(2026, 1, 9, 3, 4, 5, tzinfo=UTC)
+    plain = nucseg_client.Job(client(Recorder(httpx.Response(200))), {**job_body(), "webhook": None})
+    assert plain.webhook is None and plain.expires_at is None
+
+
+# ---------------------------------------------------------------- webhooks
+
+SECRET = "whsec_" + base64.b64encode(b"a tenant webhook secret, 32 byte").decode()
+EVENT = {"type": "job.succeeded", "timestamp": "2026-01-02T03:04:05+00:00",
+         "data": {"id": JOB_ID, "status": "succeeded", "href": f"/v1/jobs/{JOB_ID}",
+                  "finished_at": "2026-01-02T03:04:05+00:00", "metadata": {"case": "S-042"}, "error": None,
+                  "results": ["semantic.png", "stats.json"]}}
+
+
+def signed(body: bytes, *, secret: str = SECRET, stamp: int | None = None,
+           msg_id: str = f"msg_{JOB_ID}_succeeded") -> dict[str, str]:
+    """Standard Webhooks headers, signed here independently of nucseg_client (and of the server)."""
+    stamp = int(time.time()) if stamp is None else stamp
+    key = base64.b64decode(secret[len("whsec_"):])
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"webhook-id": msg_id, "webhook-timestamp": str(stamp),
+            "webhook-signature": "v1," + base64.b64encode(mac).decode()}
+
+
+def test_verify_webhook_accepts_a_correct_signature_and_returns_the_event() -> None:
+    body = json.dumps(EVENT, separators=(",", ":")).encode()
+    assert verify_webhook(SECRET, signed(body), body) == EVENT
+    # header names in any case (a framework's Headers object), among other signatures (key rotation)
+    headers = {k.title(): v for k, v in signed(body, stamp=int(time.time()) - 200).items()}
+    other = "v1," + base64.b64encode(b"\0" * 32).decode()
+    headers["Webhook-Signature"] = f"v2,xyz {other} {headers['Webhook-Signature']}"
+    assert verify_webhook(SECRET, httpx.Headers(headers), body) == EVENT
+    assert verify_webhook(SECRET, headers, body, tolerance_s=250)["data"]["id"] == JOB_ID
+
+
+def test_verify_webhook_rejects_a_tampered_body_and_a_wrong_secret() -> None:
+    body = json.dumps(EVENT).encode()
+    headers = signed(body)
+    tampered = body.replace(b"job.succeeded", b"job.failed")
+    with pytest.raises(WebhookVerificationError, match="bad signature: none of the 1 v1 signature") as info:
+        verify_webhook(SECRET, headers, tampered)
+    assert isinstance(info.value, NucsegError)
+    wrong = "whsec_" + base64.b64encode(b"another tenant's secret, 32 byte").decode()
+    with pytest.raises(WebhookVerificationError, match="bad signature"):
+        verify_webhook(wrong, headers, body)
+    with pytest.raises(WebhookVerificationError, match="bad signature"):  # the id is signed too
+        verify_webhook(SECRET, {**headers, "webhook-id": "msg_other"}, body)
+    with pytest.raises(WebhookVerificationError, match="no 'v1,<base64>' signature"):
+        verify_webhook(SECRET, {**headers, "webhook-signature": "v2,abc"}, body)
+
+
+def test_verify_webhook_rejects_stale_and_future_timestamps() -> None:
+    body = json.dumps(EVENT).encode()
+    with pytest.raises(WebhookVerificationError, match=r"stale webhook-timestamp: (600|601) s old.*300 s"):
+        verify_webhook(SECRET, signed(body, stamp=int(time.time()) - 600), body)
+    with pytest.raises(WebhookVerificationError, match=r"stale webhook-timestamp: .* over the tolerance of 10 s"):
+        verify_webhook(SECRET, signed(body, stamp=int(time.time()) - 60), body, tolerance_s=10)
+    with pytest.raises(WebhookVerificationError, match="in the future"):
+        verify_webhook(SECRET, signed(body, stamp=int(time.time()) + 3600), body)
+    with pytest.raises(WebhookVerificationError, match="not a Unix time"):
+        verify_webhook(SECRET, {**signed(body), "webhook-timestamp": "yesterday"}, body)
+
+
+@pytest.mark.parametrize("drop", ["webhook-id", "webhook-timestamp", "webhook-signature"])
+def test_verify_webhook_names_a_missing_header(drop: str) -> None:
+    body = json.dumps(EVENT).encode()
+    headers = {k: v for k, v in signed(body).items() if k != drop}
+    with pytest.raises(WebhookVerificationError, match=f"missing webhook header\\(s\\): {drop}$"):
+        verify_webhook(SECRET, headers, body)
+    with pytest.raises(WebhookVerificationError, match="webhook-id, webhook-timestamp, webhook-signature"):
+        verify_webhook(SECRET, {}, body)
+
+
+def test_verify_webhook_checks_its_arguments() -> None:
+    body = json.dumps(EVENT).encode()
+    with pytest.raises(ValueError, match="whsec_") as info:
+        verify_webhook("whsec_not base64!", signed(body), body)
+    assert "not base64!" not in str(info.value)  # never echoes the secret
+    with pytest.raises(TypeError, match="raw request body as bytes"):
+        verify_webhook(SECRET, signed(body), cast(Any, body.decode()))
+    with pytest.raises(WebhookVerificationError, match="not a JSON object"):
+        verify_webhook(SECRET, signed(b"[1, 2]"), b"[1, 2]")
 
 
 # ---------------------------------------------------------------- wait, cancel, list
@@ -556,6 +725,21 @@ def test_cli_submit_builds_options_from_flags(cli_server: Any, capsys: pytest.Ca
                     "options": {"tile_size": 64, "overlap": 8, "tissue": False, "outputs": ["masks", "nuclei"]}}
     assert rec.requests[0].headers["Idempotency-Key"] == "A-1"
     assert json.loads(capsys.readouterr().out)["id"] == JOB_ID
+
+
+def test_cli_submit_callback_url(cli_server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    waiting = {**job_body(), "webhook": {"url": HOOK, "status": "waiting", "attempt_count": 0, "attempts": [],
+                                         "next_attempt_at": None}}
+    rec = cli_server(httpx.Response(202, json=waiting))
+    assert run_cli("submit", "cases/a.svs", "--path", "--callback-url", HOOK) == 0
+    assert json.loads(rec.requests[0].content) == {"slide_path": "cases/a.svs", "callback_url": HOOK}
+    assert f"webhook   waiting -> {HOOK}" in capsys.readouterr().out
+    slide = tmp_path / "s.png"
+    slide.write_bytes(b"png")
+    rec = cli_server(httpx.Response(202, json=waiting))
+    assert run_cli("submit", str(slide), "--callback-url", HOOK, "-q") == 0
+    assert multipart_fields(rec.requests[0])["callback_url"] == (None, HOOK.encode())
+    assert capsys.readouterr().out.strip() == JOB_ID
 
 
 def test_add_client_commands_hooks_into_another_parser() -> None:

@@ -24,21 +24,36 @@ Errors: every error raised on purpose derives from ``NucsegError``::
     │                                    (code 'cancelled'); .job is the Job
     ├── TimeoutError                     a network timeout, or wait(timeout=...) ran out; also a
     │                                    builtin TimeoutError
-    └── ConnectionError                  the server could not be reached or the connection broke;
-                                         also a builtin ConnectionError
+    ├── ConnectionError                  the server could not be reached or the connection broke;
+    │                                    also a builtin ConnectionError
+    └── WebhookVerificationError         verify_webhook() refused a delivery (missing header, stale
+                                         timestamp, bad signature)
 
 Bad arguments raise ``ValueError``/``TypeError`` naming the value, and a missing slide file
 ``FileNotFoundError``. Requests that may be repeated are retried with back-off before an error
 is raised: GET/HEAD on 429/5xx and broken connections, POST only with an ``idempotency_key``,
 and any request whose connection could not be opened (see ``Retries``).
+
+Webhooks: ``submit(..., callback_url=...)`` makes the server POST a signed event to that URL when the
+job ends; a receiver checks it with ``verify_webhook(secret, headers, raw_body)``, which returns the
+event (see ``nucseg_client.webhooks``). ``job.webhook`` shows the delivery, ``job.expires_at`` when
+retention deletes the finished job.
 """
 
 from nucseg_client._async_client import AsyncClient, AsyncJob
 from nucseg_client._client import Client, Job
 from nucseg_client._config import Retries, Timeout
-from nucseg_client._errors import ApiError, ConnectionError, JobFailed, NucsegError, TimeoutError
-from nucseg_client._models import JobError, Model, Progress, ResultFile
+from nucseg_client._errors import (
+    ApiError,
+    ConnectionError,
+    JobFailed,
+    NucsegError,
+    TimeoutError,
+    WebhookVerificationError,
+)
+from nucseg_client._models import JobError, Model, Progress, ResultFile, Webhook, WebhookAttempt
 from nucseg_client._version import __version__
+from nucseg_client.webhooks import verify_webhook
 
 __all__ = [
     "ApiError",
@@ -56,5 +71,9 @@ __all__ = [
     "Retries",
     "Timeout",
     "TimeoutError",
+    "Webhook",
+    "WebhookAttempt",
+    "WebhookVerificationError",
     "__version__",
+    "verify_webhook",
 ]

@@ -81,7 +81,8 @@ class AsyncClient:
 
     async def submit(self, source: Source, *, filename: str | None = None,
                      options: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-                     idempotency_key: str | None = None, progress: ProgressArg = True) -> AsyncJob:
+                     idempotency_key: str | None = None, progress: ProgressArg = True,
+                     callback_url: str | None = None) -> AsyncJob:
         """Upload a slide, streamed; see ``Client.submit``.
 
         Example::
@@ -95,8 +96,8 @@ class AsyncClient:
             reader = UploadReader(raw, sink.update)
             sink.set_total(reader.size)
             request = self._http.build_request(
-                "POST", "v1/jobs", files=multipart_file(name, reader), data=form_fields(options, metadata),
-                headers=idempotency_headers(idempotency_key))
+                "POST", "v1/jobs", files=multipart_file(name, reader),
+                data=form_fields(options, metadata, callback_url), headers=idempotency_headers(idempotency_key))
             response = await self._send(request, replayable=reader.replayable)
         finally:
             sink.close()
@@ -106,15 +107,15 @@ class AsyncClient:
 
     async def submit_path(self, slide_path: str, *, options: Mapping[str, Any] | None = None,
                           metadata: Mapping[str, Any] | None = None,
-                          idempotency_key: str | None = None) -> AsyncJob:
+                          idempotency_key: str | None = None, callback_url: str | None = None) -> AsyncJob:
         """Start a job on a slide under the server's slide root; see ``Client.submit_path``.
 
         Example::
 
             job = await client.submit_path("2024/S-042.svs")
         """
-        request = self._http.build_request("POST", "v1/jobs", json=path_body(slide_path, options, metadata),
-                                           headers=idempotency_headers(idempotency_key))
+        body = path_body(slide_path, options, metadata, callback_url)
+        request = self._http.build_request("POST", "v1/jobs", json=body, headers=idempotency_headers(idempotency_key))
         return self._job_from(await self._send(request))
 
     async def job(self, job_id: str) -> AsyncJob:

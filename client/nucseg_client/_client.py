@@ -83,12 +83,14 @@ class Client:
 
     def submit(self, source: Source, *, filename: str | None = None, options: Mapping[str, Any] | None = None,
                metadata: Mapping[str, Any] | None = None, idempotency_key: str | None = None,
-               progress: ProgressArg = True) -> Job:
+               progress: ProgressArg = True, callback_url: str | None = None) -> Job:
         """Upload a slide (streamed from disk in chunks) and return its queued ``Job``.
 
         ``source`` is a path, a binary file object, or an iterable of bytes (then it is not retried).
         ``progress``: ``True`` shows a bar on a terminal, or pass ``callback(sent, total)``. With an
         ``idempotency_key`` a repeated submit returns the original job, so the POST is retried too.
+        With a ``callback_url`` the server POSTs a signed event there when the job ends (check it
+        with ``verify_webhook``); ``job.webhook`` shows the delivery.
 
         Example::
 
@@ -101,8 +103,8 @@ class Client:
             reader = UploadReader(raw, sink.update)
             sink.set_total(reader.size)
             request = self._http.build_request(
-                "POST", "v1/jobs", files=multipart_file(name, reader), data=form_fields(options, metadata),
-                headers=idempotency_headers(idempotency_key))
+                "POST", "v1/jobs", files=multipart_file(name, reader),
+                data=form_fields(options, metadata, callback_url), headers=idempotency_headers(idempotency_key))
             response = self._send(request, replayable=reader.replayable)
         finally:
             sink.close()
@@ -111,14 +113,16 @@ class Client:
         return self._job_from(response)
 
     def submit_path(self, slide_path: str, *, options: Mapping[str, Any] | None = None,
-                    metadata: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
-        """Start a job on a slide that already lies under the server's slide root.
+                    metadata: Mapping[str, Any] | None = None, idempotency_key: str | None = None,
+                    callback_url: str | None = None) -> Job:
+        """Start a job on a slide that already lies under the server's slide root (``callback_url``: as
+        for ``submit``).
 
         Example::
 
             job = client.submit_path("2024/S-042.svs", metadata={"case": "S-042"})
         """
-        body = path_body(slide_path, options, metadata)
+        body = path_body(slide_path, options, metadata, callback_url)
         request = self._http.build_request("POST", "v1/jobs", json=body, headers=idempotency_headers(idempotency_key))
         return self._job_from(self._send(request))
 

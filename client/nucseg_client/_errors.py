@@ -53,7 +53,8 @@ class ApiError(NucsegError):
 
     def __str__(self) -> str:
         where = f" ({self.method} {self.url})" if self.method and self.url else ""
-        return f"{self.status} {self.code}: {self.message}{where}"
+        hint = ("; check the API key (api_key=, --api-key or $NUCSEG_API_KEY)" if self.status == 401 else "")
+        return f"{self.status} {self.code}: {self.message}{where}{hint}"
 
     def __repr__(self) -> str:
         return f"ApiError(status={self.status}, code={self.code!r}, message={self.message!r})"
@@ -108,3 +109,16 @@ class ConnectionError(NucsegError, builtins.ConnectionError):
 
     def __init__(self, message: str) -> None:
         NucsegError.__init__(self, message)
+
+
+class WebhookVerificationError(NucsegError):
+    """``verify_webhook`` refused a delivery: a missing header, a timestamp outside the tolerance, no
+    matching signature, or a body that is not a JSON object. Answer the sender with a 4xx.
+
+    Example::
+
+        try:
+            event = verify_webhook(secret, request.headers, body)
+        except WebhookVerificationError as exc:
+            return Response(status_code=400, content=str(exc))
+    """

@@ -199,17 +199,20 @@ def _snippet(response: httpx.Response, limit: int = 200) -> str:
 # ---------------------------------------------------------------- request bodies
 
 
-def form_fields(options: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """The multipart text fields: ``options`` and ``metadata`` as JSON objects."""
+def form_fields(options: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None,
+                callback_url: str | None = None) -> dict[str, str]:
+    """The multipart text fields: ``options`` and ``metadata`` as JSON objects, ``callback_url`` as is."""
     fields = {}
     for name, value in (("options", options), ("metadata", metadata)):
         if value is not None:
             fields[name] = json.dumps(as_object(name, value))
+    if callback_url is not None:
+        fields["callback_url"] = check_callback_url(callback_url)
     return fields
 
 
 def path_body(slide_path: str, options: Mapping[str, Any] | None,
-               metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+               metadata: Mapping[str, Any] | None, callback_url: str | None = None) -> dict[str, Any]:
     if not isinstance(slide_path, str) or not slide_path:
         raise ValueError(f"slide_path must be a non-empty string, got {slide_path!r}")
     body: dict[str, Any] = {"slide_path": slide_path}
@@ -217,7 +220,16 @@ def path_body(slide_path: str, options: Mapping[str, Any] | None,
         body["options"] = as_object("options", options)
     if metadata is not None:
         body["metadata"] = as_object("metadata", metadata)
+    if callback_url is not None:
+        body["callback_url"] = check_callback_url(callback_url)
     return body
+
+
+def check_callback_url(url: Any) -> str:
+    """A non-blank string (the server checks the rest: scheme, host, allowed targets, its length)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"callback_url must be a non-empty http(s) URL string, got {url!r}")
+    return url
 
 
 def as_object(name: str, value: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import httpx
 
 from nucseg_client._errors import ConnectionError, JobFailed, TimeoutError
 from nucseg_client._http import parse_time
-from nucseg_client._models import JobError, Progress, ResultFile
+from nucseg_client._models import JobError, Progress, ResultFile, Webhook
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -74,6 +74,17 @@ class JobBase:
     @property
     def finished_at(self) -> datetime | None:
         return parse_time(self._data.get("finished_at"))
+
+    @property
+    def webhook(self) -> Webhook | None:
+        """Delivery state of the job's webhook; ``None`` when it was submitted without ``callback_url``."""
+        hook = self._data.get("webhook")
+        return Webhook.from_dict(hook) if isinstance(hook, dict) else None
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the server's retention deletes the finished job and its files (``None``: not set)."""
+        return parse_time(self._data.get("expires_at"))
 
     @property
     def data(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Plain data returned by the API: ``Progress``, ``ResultFile``, ``JobError``, ``Model``."""
+"""Plain data returned by the API: ``Progress``, ``ResultFile``, ``JobError``, ``Webhook``, ``Model``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,53 @@ class JobError:
 
     code: str
     message: str
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """One delivery attempt of a job's webhook: the receiver's HTTP status (``None`` when no answer
+    came, then ``error`` says why) and how long it took."""
+
+    at: datetime | None
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WebhookAttempt:
+        code, error, duration = data.get("status_code"), data.get("error"), data.get("duration_ms")
+        return cls(parse_time(data.get("at")), code if isinstance(code, int) else None,
+                   str(error) if error is not None else None,
+                   float(duration) if isinstance(duration, int | float) else None)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Delivery of a job's terminal-state webhook (the job was submitted with a ``callback_url``).
+
+    ``status``: ``waiting`` (the job has not ended), ``pending``, ``retrying``, ``delivered`` or
+    ``failed`` (the server gave up). ``attempts`` holds the latest attempts, oldest first.
+
+    Example::
+
+        hook = job.refresh().webhook
+        if hook is not None and hook.status == "failed":
+            print(hook.url, hook.attempts[-1].status_code, hook.attempts[-1].error)
+    """
+
+    url: str
+    status: str
+    attempt_count: int = 0
+    attempts: tuple[WebhookAttempt, ...] = ()
+    next_attempt_at: datetime | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Webhook:
+        count = data.get("attempt_count")
+        attempts = tuple(WebhookAttempt.from_dict(a) for a in data.get("attempts") or [] if isinstance(a, dict))
+        return cls(str(data.get("url", "")), str(data.get("status", "waiting")),
+                   count if isinstance(count, int) else len(attempts), attempts,
+                   parse_time(data.get("next_attempt_at")))
 
 
 @dataclass(frozen=True)

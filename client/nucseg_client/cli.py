@@ -104,6 +104,8 @@ def _add_submit(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-timeout", type=float, default=None, help="give up waiting after S seconds")
     p.add_argument("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
     p.add_argument("--metadata", default=None, help='JSON object stored with the job, e.g. \'{"case": "S-042"}\'')
+    p.add_argument("--callback-url", default=None, metavar="URL",
+                   help="the server POSTs a signed webhook here when the job ends")
     o = p.add_argument_group("engine options (default: the server's)")
     o.add_argument("--options", default=None, help="JSON object of job options; the flags below override it")
     o.add_argument("--tile", type=int, dest="tile_size", help="tile size in px (multiple of 32)")
@@ -201,10 +203,10 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     options, metadata = _options(args), _json_object("--metadata", args.metadata)
     if args.path:
         job = client.submit_path(args.slide, options=options, metadata=metadata,
-                                 idempotency_key=args.idempotency_key)
+                                 idempotency_key=args.idempotency_key, callback_url=args.callback_url)
     else:
         job = client.submit(args.slide, options=options, metadata=metadata, idempotency_key=args.idempotency_key,
-                            progress=_bars(args))
+                            progress=_bars(args), callback_url=args.callback_url)
     if not (args.wait or args.out):
         return _show_job(job, args)
     if args.quiet and not args.json:
@@ -295,6 +297,11 @@ def _job_rows(job: Job) -> list[tuple[str, str]]:
         rows.append(("results", f"{len(job.results)} files, {_size(sum(f.size_bytes for f in job.results))}"))
     if job.metadata:
         rows.append(("metadata", json.dumps(job.metadata)))
+    if (hook := job.webhook) is not None:
+        tries = f", {hook.attempt_count} attempt{'s' if hook.attempt_count != 1 else ''}" if hook.attempt_count else ""
+        rows.append(("webhook", f"{hook.status}{tries} -> {hook.url}"))
+    if job.expires_at is not None:
+        rows.append(("expires", _time(job.data.get("expires_at"))))
     return rows
 
 
