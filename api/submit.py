@@ -174,10 +174,15 @@ def resolve_slide_path(root: Path | None, raw: str) -> Path:
     if ".." in rel.parts:
         raise ApiError(422, "invalid_slide_path", f"slide_path {raw!r} must not contain '..'")
     base = root.resolve()
-    resolved = (base / rel).resolve()  # an absolute ``raw`` replaces ``base``, and must still be inside
-    if not resolved.is_relative_to(base):
+    try:
+        resolved = (base / rel).resolve()  # an absolute ``raw`` replaces ``base``, and must still be inside
+        inside, is_file = resolved.is_relative_to(base), resolved.is_file()
+    except (OSError, RuntimeError) as exc:  # too long, a symlink loop: it cannot name a slide we may read
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "symlink loop"
+        raise ApiError(422, "invalid_slide_path", f"slide_path {raw[:200]!r} cannot be resolved: {reason}") from exc
+    if not inside:
         raise ApiError(422, "invalid_slide_path", f"slide_path {raw!r} resolves outside the slide root")
-    if not resolved.is_file():
+    if not is_file:
         raise ApiError(422, "slide_not_found", f"slide_path {raw!r} is not a file under the slide root")
     return resolved
 

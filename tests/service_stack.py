@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import redis
 from PIL import Image
 
 from tests.samples import sample
@@ -146,6 +147,7 @@ class Stack:
         (self.slide_root / "cases").mkdir()
         (self.slide_root / "cases" / "tile.png").write_bytes(png_bytes(64, 64, seed=3))
         (self.slide_root / "escape.svs").symlink_to(sample("small.svs").resolve())
+        (self.slide_root / "loop").symlink_to(self.slide_root / "loop")  # a symlink loop
         write_checkpoint(self.model_path)
         self.env = {
             **os.environ,
@@ -164,7 +166,7 @@ class Stack:
             "NUCSEG_RETRY_BACKOFF_S": "1",
             "NUCSEG_TENANTS": json.dumps({t: {"keys": [hashlib.sha256(k.encode()).hexdigest()],
                                               "webhook_secret": WEBHOOK_SECRETS[t]} for t, k in KEYS.items()}),
-            "NUCSEG_SUBMIT_BURST": "1000",
+            "NUCSEG_SUBMIT_BURST": "100000",  # limits are tested on their own tenants
             "NUCSEG_WEBHOOK_ALLOW": json.dumps(["127.0.0.1/32"]),
             "NUCSEG_WEBHOOK_BACKOFF_S": "0.5",
             **extra_env,
@@ -298,6 +300,14 @@ class Stack:
         job = self.wait(resp.json()["id"])
         assert job["status"] == "succeeded", job
         return job
+
+    def job_exists(self, job_id: str) -> bool:
+        """Whether the store holds a record for ``job_id``, whatever its tenant (asks Redis directly)."""
+        broker = redis.Redis(port=self.redis_port)
+        try:
+            return bool(broker.exists(f"nucseg:job:{job_id}"))
+        finally:
+            broker.close()
 
     def job_count(self) -> int:
         ids, cursor = [], None

@@ -14,7 +14,8 @@ from tests.service_stack import FAST, Stack, png_bytes
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 TTL_S = 3.0
-SLOW = {"tile_size": 64, "overlap": 16, "block_size": 64, "batch_size": 2, "outputs": ["masks"]}
+SLOW = {"tile_size": 64, "overlap": 16, "block_size": 64, "batch_size": 1, "outputs": ["masks"]}
+SLOW_SIDE = 960  # runs for well over TTL_S + a sweep on two cores (the stack caps images at 1 Mpx)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_finished_jobs_expire_but_a_running_job_is_never_touched(short_lived: St
     results, upload = stack.data_dir / "results" / done["id"], stack.data_dir / "uploads" / done["id"]
     assert results.is_dir() and upload.is_dir()
 
-    slow = stack.submit_upload(png_bytes(512, 512, seed=5), options=SLOW).json()["id"]
+    slow = stack.submit_upload(png_bytes(SLOW_SIDE, SLOW_SIDE, seed=5), options=SLOW).json()["id"]
     stack.wait(slow, until=["running"], min_done=1)
     removed_at = _gone(stack, done["id"])
     assert removed_at >= finished + TTL_S - 0.05  # not before its time

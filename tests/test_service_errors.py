@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-import redis
 
 from tests.service_stack import UPLOAD_CAP, Stack, png_bytes
 
@@ -58,6 +57,7 @@ CASES: dict[str, tuple[Case, int, str]] = {
     "absolute slide_path outside the root": (lambda s: s.submit_path("/etc/hosts"), 422, "invalid_slide_path"),
     "symlink escaping the root": (lambda s: s.submit_path("escape.svs"), 422, "invalid_slide_path"),
     "missing slide_path file": (lambda s: s.submit_path("cases/none.svs"), 422, "slide_not_found"),
+    "slide_path through a symlink loop": (lambda s: s.submit_path("loop/x.svs"), 422, "invalid_slide_path"),
     "unknown option (json)": (lambda s: s.submit_path("cases/tile.png", options={"tile": 64}), 422,
                               "validation_error"),
     "unknown option (upload)": (lambda s: s.submit_upload(png_bytes(64, 64), options={"colour": "red"}), 422,
@@ -115,10 +115,8 @@ def _leftover_uploads(stack: Stack) -> list[str]:
     uploads = stack.data_dir / "uploads"
     if not uploads.exists():
         return []
-    broker = redis.Redis(port=stack.redis_port)  # any tenant's job counts as known
     partial = [p.name for p in (uploads / ".partial").glob("*")] if (uploads / ".partial").exists() else []
-    orphans = [p.name for p in uploads.iterdir() if p.name != ".partial" and not broker.exists(f"nucseg:job:{p.name}")]
-    broker.close()
+    orphans = [p.name for p in uploads.iterdir() if p.name != ".partial" and not stack.job_exists(p.name)]
     return partial + orphans
 
 
