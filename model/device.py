@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -63,13 +65,35 @@ def fold_batchnorm(network: nn.Module) -> nn.Module:
         return network
 
 
+_Prepared = dict[str, tuple[tuple[int, ...], nn.Module]]
+_prepared: weakref.WeakKeyDictionary[nn.Module, _Prepared] = weakref.WeakKeyDictionary()
+_prepared_lock = threading.Lock()
+
+
+def inference_network(network: nn.Module, device: torch.device) -> nn.Module:
+    """``network`` folded, on ``device``, channels_last: prepared once per network, device and weights.
+
+    Folding traces the network with torch.fx (0.1-0.8 s for resnet18 on this CPU), so a worker that
+    runs many small jobs must not pay it for each one. The copy lives as long as ``network`` and is
+    rebuilt when any parameter or buffer changed in place since (training, ``load_state_dict``).
+    """
+    state = tuple(t._version for t in (*network.parameters(), *network.buffers()))
+    with _prepared_lock:
+        per_device = _prepared.setdefault(network, {})
+        known = per_device.get(str(device))
+        if known is None or known[0] != state:
+            ready = fold_batchnorm(network.eval()).to(device).to(memory_format=torch.channels_last)
+            known = per_device[str(device)] = (state, ready)
+        return known[1]
+
+
 class TileRunner:
     """Runs uint8 tile batches through the network: normalise, channels_last, autocast."""
 
     def __init__(self, network: TwoHeadUnet, card: ModelCard, device: torch.device, precision: str) -> None:
         self.device = device
         self.precision = precision
-        self.network = fold_batchnorm(network.eval()).to(device).to(memory_format=torch.channels_last)
+        self.network = inference_network(network, device)
         mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
