@@ -49,6 +49,7 @@ class Row:
     seconds: float
     peak_rss: int
     pixels: int
+    stages: dict[str, float] | None = None  # the engine's own timings, for (b) rows
 
     @property
     def mpx_s(self) -> float:
@@ -106,7 +107,7 @@ def engine_run(model: LoadedModel, reader: CropReader, opts: EngineOptions, side
     argmax = np.stack((collect.logits[:5].argmax(0), collect.logits[5:].argmax(0)))
     del collect
     name = f"(b) engine {report.precision} {opts.tile_size}/{opts.overlap} ({report.tiles_run} tiles)"
-    return Row(name, m.seconds, m.peak_rss, side * side), argmax
+    return Row(name, m.seconds, m.peak_rss, side * side, dict(report.timings)), argmax
 
 
 def reference_run(model: LoadedModel, image: np.ndarray) -> Row:
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'variant':<58} {'Mpx/s':>8} {'seconds':>8} {'peak RSS':>10}")
     for r in rows:
         print(f"{r.name:<58} {r.mpx_s:8.3f} {r.seconds:8.2f} {mb(r.peak_rss):>10}")
+    print("\nwhere the engine's time goes (s; read runs in a prefetch thread, overlapping the rest):")
+    for r in rows:
+        if r.stages:
+            print(f"  {r.name:<56} " + ", ".join(f"{k} {v:.2f}" for k, v in r.stages.items()))
     print("\nratios (throughput):")
     print(f"  parity fp32 256/64: b/a = {b.mpx_s / a.mpx_s:.3f}"
           + (f", b/c = {b.mpx_s / c.mpx_s:.3f}" if c else "") + (f", b/d = {b.mpx_s / d.mpx_s:.3f}" if d else ""))
