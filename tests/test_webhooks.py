@@ -197,3 +197,13 @@ def test_delivery_backs_off_exponentially_then_gives_up_after_the_max_age(redis_
     assert times == sorted(times)
     assert redis_client.zscore("nucseg:webhooks", record.id) is None  # no longer scheduled
     assert store.delete(record.id) == "deleted" and dispatcher.run_once() == 0
+
+
+@pytest.mark.parametrize("secret", ["plain-text", "whsec_not base64!", "whsec_" + base64.b64encode(b"short").decode()])
+def test_malformed_webhook_secrets_are_refused_at_configuration(secret: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="webhook secret must be 'whsec_'"):
+        Settings(tenants={"lab-a": {"keys": [], "webhook_secret": secret}})
+    with pytest.raises(ValidationError, match="webhook secret must be 'whsec_'"):
+        Settings(webhook_secret=secret)

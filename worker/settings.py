@@ -5,6 +5,8 @@ Light on purpose: the API imports it, so it must never pull in torch or the engi
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from datetime import timedelta
@@ -26,6 +28,21 @@ class ConfigError(ValueError):
     """The configuration cannot work (named setting, bad value); the process refuses to start."""
 
 
+def check_webhook_secret(secret: SecretStr | None) -> SecretStr | None:
+    """A Standard Webhooks secret: ``whsec_`` and the base64 of at least 16 random bytes."""
+    if secret is None:
+        return None
+    text = secret.get_secret_value()
+    try:
+        key = base64.b64decode(text.removeprefix("whsec_"), validate=True) if text.startswith("whsec_") else b""
+    except binascii.Error:
+        key = b""
+    if len(key) < 16:
+        raise ValueError(f"a webhook secret must be 'whsec_' + base64 of at least 16 bytes "
+                         f"(got {len(text)} characters starting {text[:6]!r})")
+    return secret
+
+
 class TenantConfig(BaseModel):
     """One tenant: the sha256 hashes of its API keys, and the secret its webhooks are signed with."""
 
@@ -33,6 +50,11 @@ class TenantConfig(BaseModel):
 
     keys: list[str] = Field(default_factory=list, description="sha256 hex digests of the tenant's API keys")
     webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret, whsec_<base64>")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        return check_webhook_secret(secret)
 
     @field_validator("keys")
     @classmethod
@@ -97,6 +119,11 @@ class Settings(BaseSettings):
     result_ttl: timedelta = Field(timedelta(days=7), description="finished jobs expire after this; 0 keeps all")
     retention_interval_s: float = Field(300.0, gt=0, description="how often a worker sweeps expired jobs")
     keep_failed_uploads: bool = Field(False, description="keep uploads of failed and cancelled jobs until expiry")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _default_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        return check_webhook_secret(secret)
 
     @field_validator("result_ttl", mode="before")
     @classmethod
