@@ -334,7 +334,7 @@ for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonu
 return due
 """
 
-# KEYS: job, due set. ARGV: status, attempt_json, max_shown, next_at ('' when done).
+# KEYS: job, due set. ARGV: status, attempt_json, max_shown, next_at ('' when done), job_id.
 _WEBHOOK_ATTEMPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[5])
