@@ -14,10 +14,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Resources
-from api.errors import install_error_handlers
+from api.errors import error_body, install_error_handlers
 from api.routes import health, jobs, metrics, models, results, tiles, web
 from api.schemas import JobCreate
 from worker.settings import Settings, get_settings
@@ -55,12 +57,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web.mount_static(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     if effective.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=effective.cors_origins, allow_credentials=False,
+        app.add_middleware(JsonCORSMiddleware, allow_origins=effective.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "HEAD", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
                            expose_headers=["Location", "Retry-After", "Content-Range", "ETag"], max_age=600)
     app.add_middleware(NoSniff)
     return app
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in our JSON error format."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        what = bytes(response.body).decode(errors="replace").removeprefix("Disallowed CORS ")
+        origin = request_headers.get("origin")
+        keep = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        return JSONResponse(error_body("cors_refused", f"CORS preflight from origin {origin!r} refused: "
+                                       f"{what} not allowed"), status_code=400, headers=keep)
 
 
 class NoSniff:

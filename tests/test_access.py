@@ -136,6 +136,8 @@ def test_cors_is_off_unless_origins_are_configured(stack: Stack) -> None:
         assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
         other = api.options("/v1/jobs", headers={**preflight, "Origin": "https://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        assert other.status_code == 400 and other.json()["error"]["code"] == "cors_refused"
+        assert "'https://evil.example'" in other.json()["error"]["message"]
 
 
 def test_responses_forbid_content_sniffing(stack: Stack) -> None:
