@@ -7,19 +7,17 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from nucseg_client import ApiError, AsyncClient, Client, Job, JobFailed, verify_webhook
 from nucseg_client.cli import main as cli_main
 
 from tests.service_stack import FAST, WEBHOOK_SECRETS, Stack, png_bytes
+from tests.webhook_receiver import Receiver, receiving
 
 pytestmark = pytest.mark.service
 
@@ -117,32 +115,15 @@ def test_server_errors_come_through_with_code_and_message(client: Client, tmp_pa
 
 
 @pytest.fixture
-def hooks() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
-    """A loopback webhook receiver (the stack allows 127.0.0.1 targets): its URL and what it got."""
-    got: list[tuple[dict[str, str], bytes]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            got.append((dict(self.headers.items()), body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hooks/nucseg", got
-    finally:
-        server.shutdown()
-        server.server_close()
+def hooks() -> Iterator[Receiver]:
+    """A loopback webhook receiver answering 204 (the stack allows 127.0.0.1 targets)."""
+    with receiving(default_status=204) as running:
+        yield running
 
 
 def test_callback_url_webhook_verifies_with_the_sdk(
-        client: Client, tmp_path: Path, hooks: tuple[str, list[tuple[dict[str, Any], bytes]]]) -> None:
-    url, got = hooks
+        client: Client, tmp_path: Path, hooks: Receiver) -> None:
+    url = hooks.url
     job = client.submit(slide(tmp_path, 109), options=FAST, metadata={"case": "hook"}, callback_url=url,
                         progress=False)
     by_path = client.submit_path("cases/tile.png", options=FAST, callback_url=url)
@@ -155,7 +136,8 @@ def test_callback_url_webhook_verifies_with_the_sdk(
         assert time.monotonic() < deadline, [j.webhook for j in (job, by_path)]
         time.sleep(0.2)
     assert job.webhook is not None and job.webhook.attempts[-1].status_code == 204
-    events = {e["data"]["id"]: e for e in (verify_webhook(WEBHOOK_SECRETS["lab-a"], h, b) for h, b in got)}
+    secret = WEBHOOK_SECRETS["lab-a"]
+    events = {e["data"]["id"]: e for e in (verify_webhook(secret, c["headers"], c["body"]) for c in hooks.calls)}
     assert events[job.id]["type"] == "job.succeeded" and events[job.id]["data"]["metadata"] == {"case": "hook"}
     assert set(events[job.id]["data"]["results"]) == {f.name for f in job.results}
     assert by_path.id in events

@@ -6,11 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,58 +15,17 @@ import pytest
 import redis
 
 from tests.service_stack import FAST, WEBHOOK_SECRETS, Stack, free_port, png_bytes
+from tests.webhook_receiver import Receiver, receiving
 from worker.jobs import JobRecord, JobStore, new_job_id
 from worker.netguard import CallbackUrlError, check_url
 from worker.settings import Settings
 from worker.webhooks import Dispatcher
 
 
-@dataclass
-class Receiver:
-    """A loopback HTTP server that answers POSTs with scripted status codes and records them."""
-
-    statuses: list[int]
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/nucseg?src=test"
-
-    def start(self) -> Receiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.calls.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                       "body": body, "at": time.time()})
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    running = Receiver([500]).start()
-    try:
+    with receiving([500]) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def expected_signature(secret: str, headers: dict[str, str], body: bytes) -> str:
