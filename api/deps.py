@@ -7,7 +7,8 @@ Celery app follow whatever settings are in force (one of each per broker URL, ke
 from __future__ import annotations
 
 import threading
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import redis
 from celery import Celery
@@ -19,48 +20,39 @@ from worker.celery_app import create_celery
 from worker.jobs import JOB_ID_PATTERN, JobStore
 from worker.settings import Settings, get_settings
 
+T = TypeVar("T")
+
 
 class Resources:
     """Clients the app opens lazily and closes at shutdown."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._redis: dict[str, redis.Redis] = {}
-        self._celery: dict[str, Celery] = {}
-        self._stores: dict[str, JobStore] = {}
+        self._lock = threading.RLock()
+        self._by_url: dict[tuple[str, str], Any] = {}  # (what, broker URL) -> client
         self._keys: dict[int, tuple[Settings, KeyTable]] = {}
-        self._limiters: dict[str, RateLimiter] = {}
+
+    def _per_url(self, what: str, settings: Settings, make: Callable[[], T]) -> T:
+        """One ``what`` per broker URL, made on first use."""
+        with self._lock:
+            key = (what, settings.broker_url)
+            if key not in self._by_url:
+                self._by_url[key] = make()
+            value: T = self._by_url[key]
+            return value
 
     def redis(self, settings: Settings) -> redis.Redis:
-        with self._lock:
-            url = settings.broker_url
-            if url not in self._redis:
-                self._redis[url] = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
-                                                        socket_connect_timeout=2, health_check_interval=30)
-            return self._redis[url]
+        return self._per_url("redis", settings, lambda: redis.Redis.from_url(
+            settings.broker_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
+            health_check_interval=30))
 
     def store(self, settings: Settings) -> JobStore:
-        client = self.redis(settings)
-        with self._lock:
-            url = settings.broker_url
-            if url not in self._stores:
-                self._stores[url] = JobStore(client)
-            return self._stores[url]
+        return self._per_url("store", settings, lambda: JobStore(self.redis(settings)))
 
     def limiter(self, settings: Settings) -> RateLimiter:
-        client = self.redis(settings)
-        with self._lock:
-            url = settings.broker_url
-            if url not in self._limiters:
-                self._limiters[url] = RateLimiter(client)
-            return self._limiters[url]
+        return self._per_url("limiter", settings, lambda: RateLimiter(self.redis(settings)))
 
     def celery(self, settings: Settings) -> Celery:
-        with self._lock:
-            url = settings.broker_url
-            if url not in self._celery:
-                self._celery[url] = create_celery(settings)
-            return self._celery[url]
+        return self._per_url("celery", settings, lambda: create_celery(settings))
 
     def keys(self, settings: Settings) -> KeyTable:
         """The key table of these settings (built once per settings object)."""
@@ -73,14 +65,10 @@ class Resources:
 
     def close(self) -> None:
         with self._lock:
-            for client in self._redis.values():
-                client.close()
-            for app in self._celery.values():
-                app.close()
-            self._redis.clear()
-            self._celery.clear()
-            self._stores.clear()
-            self._limiters.clear()
+            for (what, _url), value in self._by_url.items():
+                if what in ("redis", "celery"):
+                    value.close()
+            self._by_url.clear()
 
 
 def get_resources(request: Request) -> Resources:
