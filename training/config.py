@@ -40,6 +40,8 @@ class DataConfig(_Strict):
 
     sources: list[SourceConfig]
     val_fraction: float = Field(default=0.15, ge=0, lt=1)
+    val_groups: dict[str, list[str]] = Field(default_factory=dict)
+    """Per source label, the groups (patients) held out for validation; overrides ``val_fraction``."""
     boundary_width: int = Field(default=2, ge=0)
 
 
@@ -49,8 +51,13 @@ class AugmentSection(_Strict):
     flips: bool = True
     hed_sigma: float = Field(default=0.05, ge=0, lt=1)
     hed_bias: float = Field(default=0.02, ge=0)
+    hed_strong_p: float = Field(default=0.0, ge=0, le=1)
+    hed_strong_sigma: float = Field(default=0.2, ge=0, lt=1)
     brightness: float = Field(default=0.1, ge=0)
     contrast: float = Field(default=0.1, ge=0, lt=1)
+    saturation: float = Field(default=0.0, ge=0, lt=1)
+    blur_p: float = Field(default=0.0, ge=0, le=1)
+    noise: float = Field(default=0.0, ge=0, lt=0.5)
 
 
 class PatchSection(_Strict):
@@ -60,6 +67,9 @@ class PatchSection(_Strict):
     per_epoch: int = Field(default=1000, ge=1)
     foreground_bias: float = Field(default=0.5, ge=0, le=1)
     scale_jitter: float = Field(default=0.1, ge=0, lt=0.5)
+    class_bias: float = Field(default=0.0, ge=0, le=1)
+    class_draw: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25)
+    """Draw probabilities of epithelial, lymphocyte, neutrophil, macrophage for class-centred patches."""
     augment: AugmentSection = Field(default_factory=AugmentSection)
 
 
@@ -86,10 +96,14 @@ class TrainSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
+    val_every: int = Field(default=1, ge=1)
+    """Validate every N epochs (and after the last); epochs in between log training figures only."""
     best_metric: str = "val_score"
     score_metrics: list[str] = ["val_monuseg_nucleus_dice"]
     grad_clip: float | None = Field(default=5.0, gt=0)
     time_budget_min: float | None = Field(default=None, gt=0)
+    init_from: str | None = None
+    """Checkpoint whose weights start a fresh run (a warm start; ignored when resuming)."""
 
 
 class CardSection(_Strict):

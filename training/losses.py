@@ -4,6 +4,10 @@
 - ternary: ``focal CE(gamma, weights) + Dice(weights)``;
 - total: ``sem_weight * semantic + ternary``.
 
+Partial labels (``training.data.sample.PARTIAL_LABELS``, for example CoNSeP's "inflammatory" =
+one of lymphocyte, neutrophil, macrophage) add ``f * mean_P(-log sum_{c in set} p_c)`` to the
+semantic loss, where ``f`` is their share of the labelled pixels; CE and Dice treat them as ignored.
+
 Definitions (so tests can compute them by hand), over valid pixels ``V`` (target != -1):
 
 - ``CE = sum_V w[t] * -log p_t / sum_V w[t]`` (PyTorch's weighted mean).
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.data.sample import PARTIAL_LABELS
 
 IGNORE = -1
 
@@ -45,6 +51,35 @@ def _valid(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
         raise ValueError(f"target values must be -1 or in [0, {n}), got {got}")
     valid = target != IGNORE
     return valid, target.clamp(min=0)
+
+
+def partial_ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum over partial-label pixels of -log sum_{c in set} p_c, their count)``."""
+    logp = F.log_softmax(logits.float(), 1)
+    total = (logits * 0).sum()
+    count = torch.zeros((), device=logits.device)
+    for value, classes in PARTIAL_LABELS.items():
+        where = target == value
+        if where.any():
+            in_set = torch.logsumexp(logp[:, list(classes)], dim=1)
+            total = total - in_set[where].sum()
+            count = count + where.sum()
+    return total, count
+
+
+def semantic_loss(logits: torch.Tensor, target: torch.Tensor,
+                  weights: Sequence[float] | None) -> torch.Tensor:
+    """``CE + Dice`` on full labels, plus the partial-label term weighted by its pixel share."""
+    partial = torch.zeros_like(target, dtype=torch.bool)
+    for value in PARTIAL_LABELS:
+        partial |= target == value
+    full = torch.where(partial, torch.full_like(target, IGNORE), target)
+    loss = focal_ce(logits, full, weights) + dice_loss(logits, full, weights)
+    if partial.any():
+        total, count = partial_ce(logits, target)
+        labelled = (full != IGNORE).sum() + count
+        loss = loss + (count / labelled) * total / count
+    return loss
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, weights: Sequence[float] | None = None,
@@ -98,8 +133,7 @@ class TwoHeadLoss(nn.Module):
     def forward(self, sem_logits: torch.Tensor, ter_logits: torch.Tensor, sem_target: torch.Tensor,
                 ter_target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg
-        sem = focal_ce(sem_logits, sem_target, c.sem_class_weights) + dice_loss(
-            sem_logits, sem_target, c.sem_class_weights)
+        sem = semantic_loss(sem_logits, sem_target, c.sem_class_weights)
         ter = focal_ce(ter_logits, ter_target, c.ter_class_weights, c.gamma) + dice_loss(
             ter_logits, ter_target, c.ter_class_weights)
         total = c.sem_weight * sem + ter

@@ -29,10 +29,10 @@ class Confusion:
         self.matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        """Add one prediction/target pair of equal shape (target -1 = ignored)."""
+        """Add one prediction/target pair of equal shape (negative targets, -1 or partial, are ignored)."""
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {pred.shape} differs from target shape {target.shape}")
-        valid = target != IGNORE
+        valid = target >= 0
         p, t = pred[valid].astype(np.int64), target[valid].astype(np.int64)
         for name, arr in (("pred", p), ("target", t)):
             if arr.size and (arr.min() < 0 or arr.max() >= self.n):

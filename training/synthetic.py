@@ -46,3 +46,30 @@ def write_instance_folder(root: Path, n_images: int, size: int = 128, n_nuclei: 
         Image.fromarray(instances).save(root / "instances" / f"{stem}.png")
         Image.fromarray(classes).save(root / "classes" / f"{stem}.png")
     return root
+
+
+def write_class_mask_folder(root: Path, patients: int, images_each: int = 2, size: int = 96,
+                            n_nuclei: int = 12, seed: int = 0) -> Path:
+    """Write ``images/ masks/`` (MoNuSAC class-mask layout, values 0..4) named ``TCGA-XX-P00<p>-..._<j>``.
+
+    Nuclei get the four cell types in turn; every second image also holds an unlabelled dark nucleus
+    (as MoNuSAC leaves fibroblasts unlabelled) in its top-left corner.
+    """
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for p in range(patients):
+        for j in range(images_each):
+            image, instances, _ = synthetic_tile(size, n_nuclei, rng)
+            mask = np.zeros(instances.shape, dtype=np.uint8)
+            for k in range(1, int(instances.max()) + 1):
+                mask[instances == k] = 1 + (k - 1) % 4
+            if j % 2:
+                yy, xx = np.mgrid[:size, :size]
+                disc = (yy - 6) ** 2 + (xx - 6) ** 2 <= 16
+                image[disc] = (60, 30, 120)
+                mask[disc] = 0
+            stem = f"TCGA-XX-P{p:03d}-01Z-00-DX1_{j + 1}"
+            Image.fromarray(image).save(root / "images" / f"{stem}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    return root

@@ -35,7 +35,7 @@ from model.checkpoint import save_checkpoint
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES, TwoHeadUnet
 from training.config import SourceConfig, TrainConfig, load_config
 from training.data.augment import AugmentConfig
-from training.data.patches import PatchConfig, PatchDataset
+from training.data.patches import PatchConfig, PatchDataset, write_sampling
 from training.data.sample import Sample
 from training.data.sources import load_instance_folder, load_monusac, load_monuseg
 from training.data.split import check_no_leak, split_by_group, split_record, write_split
@@ -93,13 +93,24 @@ def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[float], list[Sample]
         samples = load_source(src, cfg.data.boundary_width)
         if not samples:
             raise FileNotFoundError(f"source {src.root!r} ({src.kind}) holds no samples")
-        tr, va = split_by_group(samples, cfg.data.val_fraction, cfg.seed)
+        tr, va = split_samples(samples, src.label, cfg)
         area = sum(s.semantic.size for s in tr)
         weights += [src.weight * s.semantic.size / area for s in tr]
         train += tr
         val += va
     check_no_leak(train, val)
     return train, weights, val
+
+
+def split_samples(samples: list[Sample], label: str, cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) of one source: its configured validation groups, else a seeded fraction."""
+    groups = cfg.data.val_groups.get(label)
+    if groups is None:
+        return split_by_group(samples, cfg.data.val_fraction, cfg.seed)
+    unknown = sorted(set(groups) - {s.group for s in samples})
+    if unknown:
+        raise ValueError(f"data.val_groups[{label!r}] names groups that source has not: {unknown}")
+    return [s for s in samples if s.group not in groups], [s for s in samples if s.group in groups]
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
@@ -168,12 +179,22 @@ class Trainer:
         self._epoch_start = time.perf_counter()
         if not fresh and (self.out / "last.pt").is_file():
             self._resume(self.out / "last.pt")
+        elif cfg.train.init_from:
+            self._warm_start(cfg.train.init_from)
+        write_sampling(self.out / "sampling.json", self.dataset)
 
     def _dataset(self, weights: list[float]) -> PatchDataset:
         p = self.cfg.patches
         pc = PatchConfig(size=p.size, per_epoch=p.per_epoch, foreground_bias=p.foreground_bias,
-                         scale_jitter=p.scale_jitter, augment=AugmentConfig(**p.augment.model_dump()))
+                         scale_jitter=p.scale_jitter, class_bias=p.class_bias, class_draw=p.class_draw,
+                         augment=AugmentConfig(**p.augment.model_dump()))
         return PatchDataset(self.train_samples, pc, seed=self.cfg.seed, weights=weights)
+
+    def _warm_start(self, path: str) -> None:
+        from model.checkpoint import load_model
+
+        self.network.load_state_dict(load_model(path).network.state_dict())
+        self._log(f"weights initialised from {path}")
 
     def _resume(self, path: Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -196,7 +217,8 @@ class Trainer:
             start = self._epoch_start = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optim.param_groups[0]["lr"]}
             row.update(self.train_epoch(epoch))
-            row.update(self.validate())
+            if self._validate_now(epoch):
+                row.update(self.validate())
             row["val_score"] = self._score(row)
             row["epoch_s"] = time.perf_counter() - start
             row["progress"] = self.progress()
@@ -208,6 +230,11 @@ class Trainer:
             write_logs(self.out, self.state.history, self.cfg.train.score_metrics)
             self._log(_short(row))
         return self.state
+
+    def _validate_now(self, epoch: int) -> bool:
+        """Every ``val_every`` epochs, and always at the last one or when the schedule is done."""
+        last = epoch + 1 == self.cfg.train.epochs or self.state.done
+        return last or (epoch + 1) % self.cfg.train.val_every == 0
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The epoch's patches, moved to the device."""
@@ -293,7 +320,9 @@ class Trainer:
     def _score(self, row: dict[str, Any]) -> float:
         vals = [row.get(k, math.nan) for k in self.cfg.train.score_metrics]
         finite = [v for v in vals if isinstance(v, float) and math.isfinite(v)]
-        return float(np.mean(finite)) if finite else -float(row["train_loss"])
+        if not finite:
+            return math.nan if self.val_samples else -float(row["train_loss"])
+        return float(np.mean(finite))
 
     def _checkpoint(self, row: dict[str, Any]) -> None:
         metric = float(row.get(self.cfg.train.best_metric, math.nan))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in skimage.color.
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -20,8 +21,14 @@ class AugmentConfig:
     flips: bool = True
     hed_sigma: float = 0.05
     hed_bias: float = 0.02
+    hed_strong_p: float = 0.0
+    """Share of patches whose stain jitter is ``hed_strong_sigma`` / ``3 * hed_bias`` instead."""
+    hed_strong_sigma: float = 0.2
     brightness: float = 0.1
     contrast: float = 0.1
+    saturation: float = 0.0
+    blur_p: float = 0.0
+    noise: float = 0.0
 
 
 def flip_rotate(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -56,13 +63,37 @@ def brightness_contrast(image: np.ndarray, rng: np.random.Generator, brightness:
     return np.clip((img - mean) * c + mean + b + 0.5, 0, 255).astype(np.uint8)
 
 
+def saturate(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Blend with the grey image: factor ``1 ± strength`` (below 1 fades colour, above 1 boosts it)."""
+    img = image.astype(np.float32)
+    grey = img.mean(axis=2, keepdims=True)
+    s = rng.uniform(1 - strength, 1 + strength)
+    return np.clip(grey + (img - grey) * s + 0.5, 0, 255).astype(np.uint8)
+
+
+def blur_noise(image: np.ndarray, rng: np.random.Generator, blur_p: float, noise: float) -> np.ndarray:
+    """Gaussian blur (σ 0.5–1.5 px) with probability ``blur_p``; additive noise of σ up to ``noise``·255."""
+    img = image.astype(np.float32)
+    if blur_p > 0 and rng.random() < blur_p:
+        img = ndimage.gaussian_filter(img, sigma=(rng.uniform(0.5, 1.5),) * 2 + (0,))
+    if noise > 0:
+        img = img + rng.normal(0, rng.uniform(0, noise) * 255.0, size=img.shape).astype(np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
 def augment(image: np.ndarray, semantic: np.ndarray, ternary: np.ndarray, rng: np.random.Generator,
             cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Geometric transforms on all three arrays, colour transforms on the image only."""
     if cfg.flips:
         image, semantic, ternary = flip_rotate([image, semantic, ternary], rng)
-    if cfg.hed_sigma > 0 or cfg.hed_bias > 0:
+    if cfg.hed_strong_p > 0 and rng.random() < cfg.hed_strong_p:
+        image = hed_jitter(image, rng, cfg.hed_strong_sigma, 3 * cfg.hed_bias)
+    elif cfg.hed_sigma > 0 or cfg.hed_bias > 0:
         image = hed_jitter(image, rng, cfg.hed_sigma, cfg.hed_bias)
     if cfg.brightness > 0 or cfg.contrast > 0:
         image = brightness_contrast(image, rng, cfg.brightness, cfg.contrast)
+    if cfg.saturation > 0:
+        image = saturate(image, rng, cfg.saturation)
+    if cfg.blur_p > 0 or cfg.noise > 0:
+        image = blur_noise(image, rng, cfg.blur_p, cfg.noise)
     return image, semantic, ternary

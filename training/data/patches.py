@@ -1,4 +1,9 @@
-"""Random patches with a foreground bias and small scale jitter, as a torch ``Dataset``.
+"""Random patches with a foreground bias, class-centred draws and scale jitter, as a ``Dataset``.
+
+A ``class_bias`` share of the patches is centred on a pixel of a cell type (semantic classes 1..4)
+drawn with the probabilities ``class_draw`` (pixels of all training samples, uniformly within a
+class); the rest pick a sample by its weight, then a nucleus (``foreground_bias``) or any position.
+:func:`class_shares` measures what that gives, per class, in the pixels the network sees.
 
 Each item is drawn from its own generator seeded by ``(seed, epoch, index)``, so an epoch is
 reproducible whatever the number of workers and whether training was resumed.
@@ -6,8 +11,11 @@ reproducible whatever the number of workers and whether training was resumed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +24,9 @@ from torch.utils.data import Dataset
 
 from training.data.augment import AugmentConfig, augment
 from training.data.sample import IGNORE, Sample
+
+CELL_CLASSES = (1, 2, 3, 4)
+"""Semantic classes that class-centred draws aim at: epithelial, lymphocyte, neutrophil, macrophage."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +37,35 @@ class PatchConfig:
     per_epoch: int = 1000
     foreground_bias: float = 0.5
     scale_jitter: float = 0.1
+    class_bias: float = 0.0
+    class_draw: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+class ClassPixels:
+    """Every pixel of each cell type over all samples, for class-centred draws."""
+
+    def __init__(self, samples: Sequence[Sample], classes: Sequence[int], draw: Sequence[float]) -> None:
+        if len(draw) != len(classes) or min(draw) < 0 or sum(draw) <= 0:
+            raise ValueError(f"class_draw must be {len(classes)} non-negative numbers, got {list(draw)}")
+        self.classes = list(classes)
+        self.where: list[tuple[np.ndarray, np.ndarray]] = []
+        for c in self.classes:
+            per = [np.flatnonzero(s.semantic.ravel() == c) for s in samples]
+            owner = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(per)])
+            self.where.append((owner, np.concatenate(per)))
+        self.pixels = np.array([len(w[1]) for w in self.where], dtype=np.float64)
+        weights = np.where(self.pixels > 0, np.asarray(draw, dtype=np.float64), 0.0)
+        if weights.sum() <= 0:
+            raise ValueError(f"no training pixel of the classes {self.classes} to centre patches on")
+        self.p = weights / weights.sum()
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """(sample index, flat pixel index) of a random pixel of a random class."""
+        k = int(rng.choice(len(self.classes), p=self.p))
+        owner, flat = self.where[k]
+        j = int(rng.integers(len(flat)))
+        return int(owner[j]), int(flat[j])
 
 
 class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -48,6 +87,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         self.mean = np.asarray(mean, dtype=np.float32) * 255.0
         self.std = np.asarray(std, dtype=np.float32) * 255.0
         self._fg = [np.flatnonzero(s.ternary.ravel() > 0) for s in self.samples]
+        self.class_pixels = ClassPixels(self.samples, CELL_CLASSES, cfg.class_draw) if cfg.class_bias else None
 
     def set_epoch(self, epoch: int) -> None:
         """Draw a different, reproducible set of patches next epoch."""
@@ -58,20 +98,27 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        i = int(rng.choice(len(self.samples), p=self.p))
-        image, sem, ter = self.crop(i, rng)
+        i, centre = self.pick(rng)
+        image, sem, ter = self.crop(i, rng, centre)
         image, sem, ter = augment(image, sem, ter, rng, self.cfg.augment)
         x = (image.astype(np.float32) - self.mean) / self.std
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(sem), torch.from_numpy(ter)
 
-    def crop(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A crop of sample ``i`` (scale-jittered, then resized to ``size``)."""
+    def pick(self, rng: np.random.Generator) -> tuple[int, int | None]:
+        """(sample index, centre pixel or None): a class-centred draw or a sample by weight."""
+        if self.class_pixels is not None and rng.random() < self.cfg.class_bias:
+            return self.class_pixels.draw(rng)
+        return int(rng.choice(len(self.samples), p=self.p)), None
+
+    def crop(self, i: int, rng: np.random.Generator,
+             centre: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A crop of sample ``i`` (scale-jittered, then resized to ``size``), around ``centre`` if given."""
         s = self.samples[i]
         size = self.cfg.size
         side = round(size * rng.uniform(1 - self.cfg.scale_jitter, 1 + self.cfg.scale_jitter))
         image, sem, ter = _pad_to(s, side)
         h, w = sem.shape
-        y0, x0 = self._corner(i, rng, side, (h, w), s.semantic.shape[1])
+        y0, x0 = self._corner(i, rng, side, (h, w), s.semantic.shape[1], centre)
         crop = (slice(y0, y0 + side), slice(x0, x0 + side))
         image, sem, ter = image[crop], sem[crop], ter[crop]
         if side != size:
@@ -80,11 +127,13 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         return image, sem, ter
 
     def _corner(self, i: int, rng: np.random.Generator, side: int, shape: tuple[int, int],
-                src_w: int) -> tuple[int, int]:
+                src_w: int, centre: int | None) -> tuple[int, int]:
         h, w = shape
         fg = self._fg[i]
-        if fg.size and rng.random() < self.cfg.foreground_bias:
-            cy, cx = divmod(int(fg[rng.integers(fg.size)]), src_w)
+        if centre is None and fg.size and rng.random() < self.cfg.foreground_bias:
+            centre = int(fg[rng.integers(fg.size)])
+        if centre is not None:
+            cy, cx = divmod(centre, src_w)
             y0 = int(np.clip(cy - side // 2 + rng.integers(-side // 4, side // 4 + 1), 0, h - side))
             x0 = int(np.clip(cx - side // 2 + rng.integers(-side // 4, side // 4 + 1), 0, w - side))
             return y0, x0
@@ -108,3 +157,24 @@ def _resize(arr: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarra
         return np.asarray(Image.fromarray(arr).resize((size, size), resample))
     out = Image.fromarray(arr.astype(np.int32)).resize((size, size), resample)
     return np.asarray(out).astype(np.int64)
+
+
+def class_shares(dataset: PatchDataset, n: int = 400) -> dict[str, Any]:
+    """What the sampler shows: per semantic label, its share of the labelled pixels of ``n`` patches."""
+    counts: dict[int, int] = {}
+    for index in range(n):
+        rng = np.random.default_rng((dataset.seed, 2**32 - 1, index))
+        i, centre = dataset.pick(rng)
+        _, sem, _ = dataset.crop(i, rng, centre)
+        values, freq = np.unique(sem, return_counts=True)
+        for v, f in zip(values.tolist(), freq.tolist(), strict=True):
+            counts[v] = counts.get(v, 0) + f
+    labelled = sum(f for v, f in counts.items() if v != IGNORE)
+    nuclear = sum(f for v, f in counts.items() if v != IGNORE and v != 0)
+    return {"patches": n, "labelled_share": {str(v): f / labelled for v, f in sorted(counts.items()) if v != IGNORE},
+            "nuclear_share": {str(v): f / nuclear for v, f in sorted(counts.items()) if v not in (IGNORE, 0)}}
+
+
+def write_sampling(path: Path, dataset: PatchDataset, n: int = 400) -> None:
+    """Record :func:`class_shares` (label values as keys; -2 = partial 'inflammatory') as JSON."""
+    path.write_text(json.dumps(class_shares(dataset, n), indent=1))

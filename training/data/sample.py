@@ -9,6 +9,12 @@ import numpy as np
 IGNORE = -1
 """Label value meaning "unknown here": excluded from losses and metrics."""
 
+INFLAMMATORY = -2
+"""Semantic label meaning "one of lymphocyte, neutrophil, macrophage" (CoNSeP's inflammatory class):
+trained as a partial label (loss ``-log sum_c p_c`` over the set), excluded from metrics."""
+
+PARTIAL_LABELS: dict[int, tuple[int, ...]] = {INFLAMMATORY: (2, 3, 4)}
+
 
 @dataclass(frozen=True)
 class Sample:

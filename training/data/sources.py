@@ -1,6 +1,7 @@
 """Dataset adapters: folders on disk to lists of :class:`Sample`.
 
-- :func:`load_monusac`: ``<patient>/<id>.{tif,svs,xml}``; group = patient.
+- :func:`load_monusac`: ``<patient>/<id>.{tif,svs,xml}``, or ``images/*.jpg`` + ``masks/*.png``
+  (class masks without instances, :func:`load_monusac_masks`); group = patient.
 - :func:`load_monuseg`: ``images/*.{jpg,png,tif}`` with ``annotations/<stem>.xml`` or
   ``binary_masks/<stem>.png``; group = image.
 - :func:`load_instance_folder`: ``images/ + instances/ + classes/`` with a class-mapping table
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from skimage.color import rgb2hed
+from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
 
@@ -27,6 +30,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # CoNSeP grouped classes -> our semantic head (README of ../shared/data): epithelial -> 1,
 # inflammatory -> lymphocyte (2), other and spindle -> background (MoNuSAC convention).
 CONSEP_CLASS_MAP: dict[int, int] = {0: 0, 1: 0, 2: 2, 3: 1, 4: 0}
+N_SEMANTIC = 5
+TCGA_PATIENT = re.compile(r"^(TCGA-[0-9A-Z]{2}-[0-9A-Z]{4})")
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -51,8 +56,11 @@ def _images(folder: Path) -> list[Path]:
 
 
 def load_monusac(root: str | Path, *, boundary_width: int = 2) -> list[Sample]:
-    """A MoNuSAC folder: one sub-folder per patient holding ``<id>.tif|.svs`` and ``<id>.xml``."""
+    """A MoNuSAC folder: one sub-folder per patient holding ``<id>.tif|.svs`` and ``<id>.xml``,
+    or ``images/`` + ``masks/`` class masks (:func:`load_monusac_masks`)."""
     root = Path(root)
+    if (root / "masks").is_dir():
+        return load_monusac_masks(root, boundary_width=boundary_width)
     samples = []
     for xml in sorted(root.glob("*/*.xml")):
         image_path = next((xml.with_suffix(s) for s in (".tif", ".tiff", ".svs", ".png")
@@ -66,6 +74,59 @@ def load_monusac(root: str | Path, *, boundary_width: int = 2) -> list[Sample]:
     if not samples:
         raise FileNotFoundError(f"no <patient>/<id>.xml files under {str(root)!r}")
     return samples
+
+
+def patient_of(name: str) -> str:
+    """The TCGA patient (``TCGA-TSS-PPPP``) of an image name, or the name itself."""
+    match = TCGA_PATIENT.match(name)
+    return match.group(1) if match else name
+
+
+def load_monusac_masks(root: str | Path, *, boundary_width: int = 2) -> list[Sample]:
+    """MoNuSAC class masks: ``images/<name>.jpg`` + ``masks/<name>.png`` (0 background, 1..4 types).
+
+    Semantic = the mask. The masks have no instances, so "cells" are the connected components of
+    each class (touching nuclei of one class are one). Ternary: those components as nuclei, with
+    probable clumps IGNORE (as for binary masks); background pixels are IGNORE unless their
+    haematoxylin density is low, since MoNuSAC leaves the other nucleus types unlabelled.
+    """
+    root = Path(root)
+    samples = []
+    for path in _images(root / "images"):
+        image = read_rgb(path)
+        mask_path = root / "masks" / f"{path.stem}.png"
+        if not mask_path.is_file():
+            raise FileNotFoundError(f"image {str(path)!r} has no class mask {str(mask_path)!r}")
+        semantic = np.asarray(Image.open(mask_path)).astype(np.int64)
+        if semantic.shape != image.shape[:2] or semantic.min() < 0 or semantic.max() >= N_SEMANTIC:
+            raise ValueError(f"{mask_path.name}: expected {image.shape[:2]} values 0..{N_SEMANTIC - 1}, "
+                             f"got {semantic.shape} values {sorted(np.unique(semantic).tolist())[:8]}")
+        instances = class_components(semantic)
+        clumps = [i for c in range(1, N_SEMANTIC) for i in _clump_ids(np.where(semantic == c, instances, 0))]
+        ternary = _nucleus_ternary(instances, boundary_width, clumps)
+        ternary[(semantic == 0) & ~_low_haematoxylin(image, semantic > 0)] = IGNORE
+        samples.append(Sample(path.stem, patient_of(path.stem), "monusac", image, semantic, ternary, instances))
+    return samples
+
+
+def class_components(semantic: np.ndarray) -> np.ndarray:
+    """Instance ids (int32) from the 4-connected components of each class 1..N-1 separately."""
+    out = np.zeros(semantic.shape, dtype=np.int32)
+    offset = 0
+    for c in range(1, N_SEMANTIC):
+        comp = label_components(semantic == c, connectivity=1)
+        n = int(comp.max())
+        out[comp > 0] = comp[comp > 0] + offset
+        offset += n
+    return out
+
+
+def _low_haematoxylin(image: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
+    """Pixels whose haematoxylin density lies below nearly all labelled nuclei (surely no nucleus)."""
+    h = rgb2hed(image)[..., 0]
+    if nuclei.sum() >= 500:
+        return np.asarray(h < np.percentile(h[nuclei], 5))
+    return np.asarray(h < threshold_otsu(h))
 
 
 def load_monuseg(root: str | Path, *, boundary_width: int = 2) -> list[Sample]:
@@ -97,14 +158,25 @@ def _from_binary_mask(mask: np.ndarray, boundary_width: int, clump_factor: float
     boundaries, so their pixels are IGNORE in the ternary map.
     """
     components = label_components(mask, connectivity=1).astype(np.int32)
-    ternary = ternary_from_instances(components, boundary_width)
-    props = regionprops(components)
-    if props:
-        median = float(np.median([p.area for p in props]))
-        clumps = [p.label for p in props if p.area > clump_factor * median or p.solidity < min_solidity]
-        ternary[np.isin(components, clumps)] = IGNORE
+    ternary = _nucleus_ternary(components, boundary_width, _clump_ids(components, clump_factor, min_solidity))
     semantic = np.where(mask, IGNORE, 0).astype(np.int64)
     return semantic, ternary
+
+
+def _clump_ids(components: np.ndarray, clump_factor: float = 2.5, min_solidity: float = 0.85) -> list[int]:
+    """Components that are probably clumps of touching nuclei (large for their set, or concave)."""
+    props = regionprops(components)
+    if not props:
+        return []
+    median = float(np.median([p.area for p in props]))
+    return [p.label for p in props if p.area > clump_factor * median or p.solidity < min_solidity]
+
+
+def _nucleus_ternary(components: np.ndarray, boundary_width: int, clumps: list[int]) -> np.ndarray:
+    """Ternary map of components that stand in for nuclei, with the ``clumps`` IGNORE."""
+    ternary = ternary_from_instances(components, boundary_width)
+    ternary[np.isin(components, clumps)] = IGNORE
+    return ternary
 
 
 def load_instance_folder(

@@ -1,0 +1,180 @@
+"""MoNuSAC class masks in training: the adapter, the patient split, partial labels, class-centred
+patches, stronger augmentation and the per-cell-type metrics, on generated data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.celltypes import CELL_TYPES, CellTypeEvaluator, match_centroids
+from training.config import TrainConfig
+from training.data.augment import AugmentConfig, augment
+from training.data.patches import PatchConfig, PatchDataset, class_shares
+from training.data.sample import IGNORE, INFLAMMATORY
+from training.data.sources import class_components, load_monusac, patient_of
+from training.losses import semantic_loss
+from training.metrics import Confusion
+from training.synthetic import write_class_mask_folder
+from training.train import split_samples
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_class_mask_folder(tmp_path_factory.mktemp("monusac"), patients=3)
+
+
+def test_class_masks_become_samples_grouped_by_patient(folder: Path) -> None:
+    samples = load_monusac(folder)
+    assert len(samples) == 6
+    assert {s.group for s in samples} == {"TCGA-XX-P000", "TCGA-XX-P001", "TCGA-XX-P002"}
+    s = samples[1]
+    assert set(np.unique(s.semantic)) <= {0, 1, 2, 3, 4} and s.instances is not None
+    nuclei = s.semantic > 0
+    assert ((s.instances > 0) == nuclei).all()
+    assert (s.ternary[nuclei] != 0).all()  # labelled nuclei: inside, boundary or an ignored clump
+    # the unlabelled dark nucleus may be a nucleus: unknown for the ternary head, background for semantic
+    assert (s.ternary[4:9, 4:9] == IGNORE).all() and (s.semantic[4:9, 4:9] == 0).all()
+    # pale background away from any nucleus stays background
+    background = (s.ternary == 0)
+    assert background.mean() > 0.3 and not (background & nuclei).any()
+
+
+def test_touching_nuclei_of_one_class_are_one_cell_and_classes_stay_apart() -> None:
+    sem = np.zeros((10, 10), np.int64)
+    sem[1:4, 1:4] = 2
+    sem[1:4, 4:7] = 2  # touches the first: one lymphocyte component
+    sem[5:8, 1:4] = 3  # touches nothing
+    sem[5:8, 4:7] = 4  # touches the neutrophil, other class
+    labels = class_components(sem)
+    assert labels.max() == 3
+    assert len(np.unique(labels[sem == 2])) == 1
+    assert labels[6, 2] != labels[6, 5]
+
+
+def test_patient_of() -> None:
+    assert patient_of("TCGA-2Z-A9JG-01Z-00-DX1_3") == "TCGA-2Z-A9JG"
+    assert patient_of("img0_001") == "img0_001"
+
+
+def _config(val_groups: dict[str, list[str]]) -> TrainConfig:
+    return TrainConfig.model_validate({"name": "t", "out_dir": "x", "data": {
+        "sources": [{"kind": "monusac", "root": "r"}], "val_groups": val_groups}})
+
+
+def test_validation_split_by_named_patients(folder: Path) -> None:
+    samples = load_monusac(folder)
+    train, val = split_samples(samples, "monusac", _config({"monusac": ["TCGA-XX-P001"]}))
+    assert {s.group for s in val} == {"TCGA-XX-P001"} and len(val) == 2
+    assert "TCGA-XX-P001" not in {s.group for s in train} and len(train) == 4
+    with pytest.raises(ValueError, match="TCGA-XX-NOPE"):
+        split_samples(samples, "monusac", _config({"monusac": ["TCGA-XX-NOPE"]}))
+
+
+def test_partial_label_is_minus_log_of_the_set_probability() -> None:
+    logits = torch.randn(1, 5, 2, 2, requires_grad=True)
+    target = torch.tensor([[[INFLAMMATORY, INFLAMMATORY], [INFLAMMATORY, INFLAMMATORY]]])
+    loss = semantic_loss(logits, target, None)
+    p = F.softmax(logits.detach(), 1)[0]
+    expected = -torch.log(p[2] + p[3] + p[4]).mean()
+    # CE and Dice see no full label (0 and 0 with eps), so the partial term is all there is
+    assert math.isclose(float(loss.detach()), float(expected), rel_tol=1e-5)
+    loss.backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_partial_term_weighted_by_its_pixel_share() -> None:
+    logits = torch.randn(1, 5, 1, 4)
+    full = torch.tensor([[[1, 0, 2, 2]]])
+    mixed = torch.tensor([[[1, 0, 2, INFLAMMATORY]]])
+    ignored = torch.tensor([[[1, 0, 2, IGNORE]]])
+    p = F.softmax(logits, 1)[0, :, 0, 3]
+    partial = float(-torch.log(p[2] + p[3] + p[4]))
+    got = float(semantic_loss(logits, mixed, None))
+    assert math.isclose(got, float(semantic_loss(logits, ignored, None)) + 0.25 * partial, rel_tol=1e-5)
+    assert got != float(semantic_loss(logits, full, None))
+
+
+def test_metrics_ignore_partial_labels() -> None:
+    conf = Confusion(5)
+    conf.update(np.array([2, 3, 1]), np.array([INFLAMMATORY, IGNORE, 1]))
+    assert conf.matrix.sum() == 1 and conf.matrix[1, 1] == 1
+
+
+def test_class_centred_patches_show_the_rare_class(folder: Path) -> None:
+    samples = load_monusac(folder)
+    base = PatchConfig(size=32, per_epoch=8, foreground_bias=0.0, scale_jitter=0.0)
+    plain = class_shares(PatchDataset(samples, base, seed=1), n=120)
+    centred = PatchConfig(size=32, per_epoch=8, foreground_bias=0.0, scale_jitter=0.0, class_bias=1.0,
+                          class_draw=(0.0, 0.0, 1.0, 0.0))
+    ds = PatchDataset(samples, centred, seed=1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        i, centre = ds.pick(rng)
+        assert centre is not None and samples[i].semantic.ravel()[centre] == 3
+    shares = class_shares(ds, n=120)
+    assert shares["nuclear_share"]["3"] > 2 * plain["nuclear_share"].get("3", 0.0)
+    with pytest.raises(ValueError, match="class_draw"):
+        PatchDataset(samples, PatchConfig(class_bias=0.5, class_draw=(1.0, -1.0, 0.0, 0.0)))
+
+
+def test_strong_augmentation_keeps_labels_and_types() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    sem = rng.integers(-2, 5, (32, 32)).astype(np.int64)
+    ter = rng.integers(-1, 3, (32, 32)).astype(np.int64)
+    cfg = AugmentConfig(flips=False, hed_strong_p=1.0, saturation=0.3, blur_p=1.0, noise=0.05)
+    out, s2, t2 = augment(image, sem, ter, rng, cfg)
+    assert out.dtype == np.uint8 and out.shape == image.shape and not np.array_equal(out, image)
+    assert np.array_equal(s2, sem) and np.array_equal(t2, ter)
+
+
+def test_centroid_matching_is_one_to_one_within_the_radius() -> None:
+    gt = np.array([[0.0, 0.0], [0.0, 20.0]])
+    pred = np.array([[0.0, 5.0], [0.0, 6.0], [0.0, 40.0]])
+    assert match_centroids(gt, pred, 12.0) == 1
+    assert match_centroids(gt, pred, 15.0) == 2
+    assert match_centroids(gt, pred[:0], 12.0) == 0
+
+
+def test_cell_type_counts_and_f1_by_hand() -> None:
+    gt = np.zeros((40, 40), np.int32)
+    gt[2:8, 2:8] = 1      # lymphocyte, found as lymphocyte
+    gt[20:26, 2:8] = 2    # neutrophil, found as lymphocyte: a miss for both
+    gt[30:36, 30:36] = 3  # macrophage, not found
+    pred = np.zeros_like(gt)
+    pred[2:8, 3:9] = 1
+    pred[20:26, 2:8] = 2
+    pred[10:16, 30:36] = 3  # an epithelial false positive
+    ev = CellTypeEvaluator()
+    truth = gt > 0
+    ev.update(gt, {1: 1, 2: 2, 3: 3}, pred, {1: 1, 2: 1, 3: 0}, {"semantic": (pred > 0, truth)})
+    res = ev.result(bootstrap=50)
+    lym, neu, mac, epi = (res["classes"][n] for n in ("lymphocyte", "neutrophil", "macrophage", "epithelial"))
+    assert (lym["tp"], lym["fp"], lym["fn"], lym["gt_cells"]) == (1, 1, 0, 1)
+    assert math.isclose(lym["det_f1"], 2 / 3)
+    assert (neu["tp"], neu["fn"], neu["det_f1"]) == (0, 1, 0.0)
+    assert (mac["gt_cells"], mac["fn"]) == (1, 1)
+    assert (epi["fp"], epi["gt_cells"]) == (1, 0)
+    lo, hi = lym["det_f1_ci"]
+    assert lo <= lym["det_f1"] <= hi
+    assert lym["pq_gt_cells"] == 1 and lym["pq"] > 0
+    inter, fp, fn = 30 + 36, 6 + 36, 6 + 36  # pixel overlap by hand
+    assert math.isclose(res["nucleus_dice_semantic"], 2 * inter / (2 * inter + fp + fn))
+    assert len(CELL_TYPES) == 4
+
+
+def test_reinhard_matches_the_reference_statistics() -> None:
+    from training.stain import lab_stats, normalise, reference
+
+    rng = np.random.default_rng(5)
+    pink = np.clip(rng.normal((200, 120, 170), 20, (48, 48, 3)), 0, 255).astype(np.uint8)
+    blue = np.clip(rng.normal((120, 110, 200), 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+    ref = reference([pink])
+    mean, std = lab_stats(normalise(blue, ref))
+    assert np.allclose(mean, ref["mean"], atol=1.5) and np.allclose(std, ref["std"], rtol=0.1)
+    assert not np.allclose(lab_stats(blue)[0], ref["mean"], atol=5)
