@@ -4,9 +4,12 @@
 
 Each ``--data`` folder is detected as MoNuSeg (``images/`` + ``annotations/`` or ``binary_masks/``),
 a CoNSeP-style ``images/ + instances/ + classes/`` folder (CoNSeP class map), or a MoNuSAC folder
-(``<patient>/<id>.xml``). Images are taken to be at the model's mpp. Writes ``eval.json`` and
-``eval.md`` (pixel metrics; instance metrics PQ/DQ/SQ/F1/AJI, aggregated over all images of a dataset
-with ``model.metrics.InstanceEvaluator``, for datasets with instance ground truth).
+(``<patient>/<id>.xml``, or ``images/ + masks/`` class masks). Images are taken to be at the model's
+mpp. ``--split runs/<run>/split.json --part val`` keeps only that part of each dataset (the patients
+a run never trained on). Writes ``eval.json`` and ``eval.md`` (pixel metrics; instance metrics
+PQ/DQ/SQ/F1/AJI, aggregated over all images of a dataset with ``model.metrics.InstanceEvaluator``,
+for datasets with instance ground truth; for MoNuSAC, per cell type with the number of cells each
+figure rests on, ``training.celltypes``).
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ from typing import Any
 
 from model.checkpoint import LoadedModel, load_model
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES
+from training.celltypes import CELL_TYPES, CellTypeEvaluator
 from training.data.sample import Sample
 from training.data.sources import CONSEP_CLASS_MAP, load_instance_folder, load_monusac, load_monuseg
 from training.metrics import PixelMetrics
+from training.stain import normalise
 
-# Targets of the shipped model (issue 4): (dataset, metric, minimum).
+# Targets of the shipped model: (dataset, metric, minimum). MoNuSAC: the validation patients.
 TARGETS: tuple[tuple[str, str, float], ...] = (
-    ("monuseg", "nucleus_dice", 0.75),
-    ("monuseg", "ter_dice_boundary", 0.45),
+    ("monusac", "sem_iou_epithelial", 0.60),
+    ("monusac", "sem_iou_lymphocyte", 0.55),
+    ("monusac", "sem_iou_macrophage", 0.30),
+    ("monusac", "det_f1_neutrophil", 0.3),
+    ("monuseg", "nucleus_dice", 0.79),
     ("consep", "sem_iou_epithelial", 0.5),
-    ("consep", "sem_iou_lymphocyte", 0.4),
 )
 TABLE_METRICS = ("nucleus_dice", "ter_dice_inside", "ter_dice_boundary", "sem_iou_background",
                  "sem_iou_epithelial", "sem_iou_lymphocyte", "sem_miou_macro", "sem_miou_micro")
@@ -43,7 +50,7 @@ def detect_kind(root: Path) -> str:
         return "monuseg"
     if all((root / sub).is_dir() for sub in ("images", "instances", "classes")):
         return "consep"
-    if any(root.glob("*/*.xml")):
+    if any(root.glob("*/*.xml")) or all((root / sub).is_dir() for sub in ("images", "masks")):
         return "monusac"
     raise ValueError(f"cannot tell the dataset layout of {str(root)!r}: expected images/+annotations/, "
                      "images/+instances/+classes/, or <patient>/<id>.xml")
@@ -69,24 +76,61 @@ def instance_evaluator() -> Any | None:
     return InstanceEvaluator()
 
 
-def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float) -> dict[str, Any]:
+def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell_types: bool = False,
+                     stain: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Pixel and instance metrics over ``samples``, accumulated over all pixels / nuclei."""
-    from model.postprocess import instance_labels
+    from model.postprocess import find_nuclei
 
     pixel = PixelMetrics(SEMANTIC_CLASSES, TERNARY_CLASSES)
     instances = instance_evaluator()
+    types = CellTypeEvaluator() if cell_types else None
     start = time.perf_counter()
     for s in samples:
-        sem, ter = engine.predict_array(s.image)
+        sem, ter = engine.predict_array(s.image if stain is None else normalise(s.image, stain))
         pixel.update(sem.argmax(0), ter.argmax(0), s.semantic, s.ternary)
-        if instances is not None and s.instances is not None:
-            instances.update(s.instances, instance_labels(ter, mpp=mpp))
+        if s.instances is None:
+            continue
+        nuclei = find_nuclei(sem, ter, mpp=mpp)
+        if types is not None:
+            update_cell_types(types, s, sem, ter, nuclei.labels, nuclei.class_index)
+        elif instances is not None:
+            instances.update(s.instances, nuclei.labels)
     out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
     out.update(pixel.summary())
     if instances is not None and instances.images:
         result = instances.result()
         out.update({f"inst_{k}": float(result[k]) for k in INSTANCE_KEYS})
+    if types is not None:
+        out["cell_types"] = types.result()
+        out.update({f"det_f1_{name}": m["det_f1"] for name, m in out["cell_types"]["classes"].items()})
     return out
+
+
+def update_cell_types(types: CellTypeEvaluator, s: Sample, sem: Any, ter: Any, labels: Any, cls: Any) -> None:
+    """Add one class-labelled image: GT cells by class component, predicted nuclei of the four types."""
+    import numpy as np
+
+    from model.metrics import instance_classes
+
+    assert s.instances is not None
+    gt_class = {i: c - 1 for i, c in instance_classes(s.instances, np.maximum(s.semantic, 0)).items() if c > 0}
+    keep = np.concatenate([[False], cls < len(CELL_TYPES)])
+    pred = np.where(keep[labels], labels, 0)
+    pred_class = {i + 1: int(c) for i, c in enumerate(cls) if c < len(CELL_TYPES)}
+    truth = s.semantic > 0
+    types.update(s.instances, gt_class, pred, pred_class,
+                 {"semantic": (sem.argmax(0) > 0, truth), "ternary": (ter.argmax(0) > 0, truth)})
+
+
+def select(samples: list[Sample], kind: str, args: argparse.Namespace) -> list[Sample]:
+    """The samples listed under ``args.part`` of ``args.split`` for this dataset (all without a split)."""
+    if not args.split:
+        return samples
+    record = json.loads(Path(args.split).read_text())
+    if kind not in record:
+        raise ValueError(f"split {args.split!r} has no entry for dataset {kind!r}: {sorted(record)}")
+    names = set(record[kind][args.part])
+    return [s for s in samples if s.name in names]
 
 
 def make_engine(model: LoadedModel, args: argparse.Namespace) -> Any:
@@ -123,12 +167,31 @@ def markdown(report: dict[str, Any]) -> str:
     if "monuseg" in report["datasets"]:
         lines += ["", "MoNuSeg has no cell-type labels (semantic target ignored on nuclei), so its "
                   "per-type semantic IoUs only count false positives and read 0."]
+    for name in names:
+        if "cell_types" in report["datasets"][name]:
+            lines += ["", *cell_type_table(name, report["datasets"][name])]
     if report["targets"]:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         for t in report["targets"]:
             lines.append(f"| {t['dataset']} {t['metric']} ≥ {t['target']} | {_fmt(t['value'])} | "
                          f"{'yes' if t['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def cell_type_table(name: str, result: dict[str, Any]) -> list[str]:
+    """Per cell type: GT cells, pixel IoU/Dice, detection F1 with its interval, PQ."""
+    ct = result["cell_types"]
+    lines = [f"{name}, per cell type ({ct['images']} images; cells = connected components of each class):", "",
+             "| class | GT cells | pred cells | IoU | Dice | detection F1 [95 % CI] | PQ |",
+             "|---|---|---|---|---|---|---|"]
+    for cls, m in ct["classes"].items():
+        lo, hi = m["det_f1_ci"]
+        lines.append(f"| {cls} | {m['gt_cells']} | {m['pred_cells']} | {_fmt(result.get(f'sem_iou_{cls}'))} | "
+                     f"{_fmt(result.get(f'sem_dice_{cls}'))} | {_fmt(m['det_f1'])} [{_fmt(lo)}, {_fmt(hi)}] | "
+                     f"{_fmt(m['pq'])} |")
+    lines += ["", f"nucleus Dice from the semantic map {_fmt(ct['nucleus_dice_semantic'])}, from the ternary map "
+              f"{_fmt(ct['nucleus_dice_ternary'])}; mPQ {_fmt(ct['mpq'])}."]
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -142,12 +205,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.checkpoint)
     engine = make_engine(model, args)
     results: dict[str, dict[str, Any]] = {}
+    stain = json.loads(Path(args.stain).read_text()) if args.stain else None
     for root in map(Path, args.data):
         kind = args.kind or detect_kind(root)
-        samples = load_dataset(root, kind)[: args.limit or None]
-        results[kind] = evaluate_dataset(engine, samples, model.card.mpp) | {"data": str(root)}
+        samples = select(load_dataset(root, kind), kind, args)[: args.limit or None]
+        results[kind] = evaluate_dataset(engine, samples, model.card.mpp, cell_types=kind == "monusac",
+                                         stain=stain) | {"data": str(root)}
     report = {"checkpoint": str(args.checkpoint), "sha256": model.sha256, "card": model.card.name,
-              "engine": {"tile_size": args.tile_size, "overlap": args.overlap, "precision": engine.precision},
+              "engine": {"tile_size": args.tile_size, "overlap": args.overlap, "precision": engine.precision,
+                         "stain": args.stain},
               "datasets": results,
               "targets": check_targets(results)}
     out = Path(args.out)
@@ -173,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stain", help="Reinhard-normalise images to this reference first (training.stain)")
+    p.add_argument("--split", help="split.json of a training run: evaluate only its --part of each dataset")
+    p.add_argument("--part", default="val", choices=("train", "val"))
     p.add_argument("--limit", type=int, default=0, help="only the first N images per dataset (0: all)")
     return p.parse_args(argv)
 

@@ -1,0 +1,125 @@
+"""Cell-type metrics on class-labelled images (MoNuSAC), with the number of cells each rests on.
+
+Ground-truth "cells" are the connected components of each class in the class mask
+(``training.data.sources.class_components``): MoNuSAC's masks hold no instances, so touching nuclei
+of one class count as one cell. Predicted cells are the engine's nuclei (``model.postprocess``)
+with their class; nuclei the model calls ``other`` are dropped, since MoNuSAC labels only the four
+types (every other nucleus is background there).
+
+Per class ``c`` (pooled over all images, as CoNIC's mPQ+):
+
+- ``pq``, ``dq``, ``sq``: panoptic quality, matching GT and predicted cells of class ``c`` at
+  IoU > 0.5 (``model.metrics``);
+- ``det_f1``: detection F1 with centroids matched one to one within ``radius_px`` (12 px at 40x,
+  as HoVer-Net's ``compute_stats``), cells of class ``c`` on both sides;
+- ``gt_cells``, ``pred_cells``, ``tp``, ``fp``, ``fn``; ``det_f1_ci``: a 95 % bootstrap interval
+  over images (resampled with replacement, counts pooled).
+
+Also ``nucleus_dice_semantic`` (semantic argmax != background) and ``nucleus_dice_ternary``
+(ternary argmax != background), both against ``mask > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+
+from model.metrics import InstanceEvaluator
+
+CELL_TYPES = ("epithelial", "lymphocyte", "neutrophil", "macrophage")
+DETECTION_RADIUS_PX = 12.0
+
+
+def centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, ``(n, 2)`` row/col centroids) of the labels > 0."""
+    fg = labels > 0
+    if not fg.any():
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 2))
+    rows, cols = np.nonzero(fg)
+    lab = labels[fg]
+    ids, inverse, area = np.unique(lab, return_inverse=True, return_counts=True)
+    cy = np.bincount(inverse, rows) / area
+    cx = np.bincount(inverse, cols) / area
+    return ids, np.stack([cy, cx], axis=1)
+
+
+def match_centroids(gt: np.ndarray, pred: np.ndarray, radius: float) -> int:
+    """Number of one-to-one pairs within ``radius`` (optimal assignment)."""
+    if not len(gt) or not len(pred):
+        return 0
+    dist = cdist(gt, pred)
+    cost = np.where(dist <= radius, dist, 1e6)
+    rows, cols = linear_sum_assignment(cost)
+    return int((dist[rows, cols] <= radius).sum())
+
+
+def f1(tp: int, fp: int, fn: int) -> float:
+    """``2TP / (2TP + FP + FN)``, NaN when there is nothing to count."""
+    denom = 2 * tp + fp + fn
+    return 2 * tp / denom if denom else math.nan
+
+
+@dataclass
+class CellTypeEvaluator:
+    """Accumulates per-class instance and detection metrics over images."""
+
+    radius_px: float = DETECTION_RADIUS_PX
+    instances: InstanceEvaluator = field(default_factory=lambda: InstanceEvaluator(CELL_TYPES))
+    per_image: list[np.ndarray] = field(default_factory=list)  # (classes, 3): tp, fp, fn
+    nucleus: dict[str, np.ndarray] = field(default_factory=lambda: {"semantic": np.zeros(3), "ternary": np.zeros(3)})
+
+    def update(self, gt_labels: np.ndarray, gt_class: dict[int, int], pred_labels: np.ndarray,
+               pred_class: dict[int, int], masks: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """One image: labels with ``{id: class index into CELL_TYPES}``; ``masks`` name -> (pred, gt)."""
+        self.instances.update(gt_labels, pred_labels, gt_class, pred_class)
+        gt_ids, gt_xy = centroids(gt_labels)
+        pred_ids, pred_xy = centroids(pred_labels)
+        counts = np.zeros((len(CELL_TYPES), 3), dtype=np.int64)
+        for c in range(len(CELL_TYPES)):
+            g = gt_xy[np.array([gt_class.get(int(i)) == c for i in gt_ids], dtype=bool)]
+            p = pred_xy[np.array([pred_class.get(int(i)) == c for i in pred_ids], dtype=bool)]
+            tp = match_centroids(g, p, self.radius_px)
+            counts[c] = (tp, len(p) - tp, len(g) - tp)
+        self.per_image.append(counts)
+        for name, (pred, gt) in masks.items():
+            self.nucleus[name] += (np.sum(pred & gt), np.sum(pred & ~gt), np.sum(~pred & gt))
+
+    def result(self, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """Per class metrics with cell counts, plus nucleus Dice."""
+        inst = self.instances.result()
+        total = np.sum(self.per_image, axis=0) if self.per_image else np.zeros((len(CELL_TYPES), 3), int)
+        cis = self._bootstrap(bootstrap, seed)
+        classes = {}
+        for c, name in enumerate(CELL_TYPES):
+            tp, fp, fn = (int(v) for v in total[c])
+            pq = inst["classes"][name]
+            classes[name] = {"gt_cells": tp + fn, "pred_cells": tp + fp, "tp": tp, "fp": fp, "fn": fn,
+                             "det_f1": f1(tp, fp, fn), "det_f1_ci": cis[c],
+                             "pq": pq["pq"], "dq": pq["dq"], "sq": pq["sq"],
+                             "pq_gt_cells": pq["tp"] + pq["fn"]}
+        out: dict[str, Any] = {"images": len(self.per_image), "classes": classes, "mpq": inst["mpq"]}
+        for name, (tp, fp, fn) in self.nucleus.items():
+            out[f"nucleus_dice_{name}"] = f1(int(tp), int(fp), int(fn))
+        return out
+
+    def _bootstrap(self, n: int, seed: int) -> list[list[float]]:
+        if not self.per_image or n <= 0:
+            return [[math.nan, math.nan] for _ in CELL_TYPES]
+        rng = np.random.default_rng(seed)
+        stack = np.stack(self.per_image)
+        picks = rng.integers(len(stack), size=(n, len(stack)))
+        sums = stack[picks].sum(axis=1)  # (n, classes, 3)
+        out = []
+        for c in range(len(CELL_TYPES)):
+            tp, fp, fn = sums[:, c, 0], sums[:, c, 1], sums[:, c, 2]
+            denom = 2 * tp + fp + fn
+            vals = np.divide(2 * tp, denom, out=np.full(n, np.nan), where=denom > 0)
+            vals = vals[np.isfinite(vals)]
+            out.append([float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals)
+                       else [math.nan, math.nan])
+        return out
