@@ -5,8 +5,8 @@
 Each ``--data`` folder is detected as MoNuSeg (``images/`` + ``annotations/`` or ``binary_masks/``),
 a CoNSeP-style ``images/ + instances/ + classes/`` folder (CoNSeP class map), or a MoNuSAC folder
 (``<patient>/<id>.xml``, or ``images/ + masks/`` class masks). Images are taken to be at the model's
-mpp. ``--split runs/<run>/split.json --part val`` keeps only that part of each dataset (the patients
-a run never trained on). Writes ``eval.json`` and ``eval.md`` (pixel metrics; instance metrics
+mpp. ``--split runs/<run>/split.json --part val`` keeps only that part of MoNuSAC (the patients a
+run never trained on; ``--split-datasets`` names other datasets it should apply to). Writes ``eval.json`` and ``eval.md`` (pixel metrics; instance metrics
 PQ/DQ/SQ/F1/AJI, aggregated over all images of a dataset with ``model.metrics.InstanceEvaluator``,
 for datasets with instance ground truth; for MoNuSAC, per cell type with the number of cells each
 figure rests on, ``training.celltypes``).
@@ -123,8 +123,8 @@ def update_cell_types(types: CellTypeEvaluator, s: Sample, sem: Any, ter: Any, l
 
 
 def select(samples: list[Sample], kind: str, args: argparse.Namespace) -> list[Sample]:
-    """The samples listed under ``args.part`` of ``args.split`` for this dataset (all without a split)."""
-    if not args.split:
+    """The samples listed under ``args.part`` of ``args.split`` for this dataset, if the split applies to it."""
+    if not args.split or kind not in args.split_datasets.split(","):
         return samples
     record = json.loads(Path(args.split).read_text())
     if kind not in record:
@@ -242,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stain", help="Reinhard-normalise images to this reference first (training.stain)")
     p.add_argument("--split", help="split.json of a training run: evaluate only its --part of each dataset")
     p.add_argument("--part", default="val", choices=("train", "val"))
+    p.add_argument("--split-datasets", default="monusac",
+                   help="comma-separated datasets the split applies to (others, e.g. test folders, are used whole)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images per dataset (0: all)")
     return p.parse_args(argv)
 
