@@ -6,10 +6,11 @@ Each ``--data`` folder is detected as MoNuSeg (``images/`` + ``annotations/`` or
 a CoNSeP-style ``images/ + instances/ + classes/`` folder (CoNSeP class map), or a MoNuSAC folder
 (``<patient>/<id>.xml``, or ``images/ + masks/`` class masks). Images are taken to be at the model's
 mpp. ``--split runs/<run>/split.json --part val`` keeps only that part of MoNuSAC (the patients a
-run never trained on; ``--split-datasets`` names other datasets it should apply to). Writes ``eval.json`` and ``eval.md`` (pixel metrics; instance metrics
-PQ/DQ/SQ/F1/AJI, aggregated over all images of a dataset with ``model.metrics.InstanceEvaluator``,
-for datasets with instance ground truth; for MoNuSAC, per cell type with the number of cells each
-figure rests on, ``training.celltypes``).
+run never trained on; ``--split-datasets`` names other datasets it should apply to). Writes
+``eval.json`` and ``eval.md``: pixel metrics; instance metrics PQ/DQ/SQ/F1/AJI, aggregated over all
+images of a dataset with ``model.metrics.InstanceEvaluator``, for datasets with instance ground
+truth; for MoNuSAC, per cell type with the number of cells each figure rests on
+(``training.celltypes``).
 """
 
 from __future__ import annotations
