@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,16 @@ import redis
 from PIL import Image
 
 from tests.samples import sample
+from worker.jobs import PREFIX
 from worker.redis_server import start_redis, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 UPLOAD_CAP = 3 * 1024 * 1024
-# Two tenants with one API key each; the stack's configuration holds only the keys' sha256.
-# (lab-c and lab-d are for the limit tests, whose counters are per tenant.)
-KEYS = {t: f"nsk_test_key_of_{t.replace('-', '_')}_0123456789" for t in ("lab-a", "lab-b", "lab-c", "lab-d")}
+# Tenants with one API key each; the stack's configuration holds only the keys' sha256. lab-a and
+# lab-b are the everyday tenants; lab-c and lab-d are for the limit tests, whose counters are per
+# tenant; lab-e is for the listing test, which must see only the jobs it submitted itself.
+KEYS = {t: f"nsk_test_key_of_{t.replace('-', '_')}_0123456789"
+        for t in ("lab-a", "lab-b", "lab-c", "lab-d", "lab-e")}
 WEBHOOK_SECRETS = {t: "whsec_" + base64.b64encode(f"{t} webhook secret, 32 bytes!!".encode()).decode()
                    for t in KEYS}
 FAST = {"tile_size": 64, "overlap": 0, "outputs": ["masks"]}  # one tile per 64x64 image
@@ -270,19 +273,20 @@ class Stack:
             body["metadata"] = metadata
         return self.client.post("/v1/jobs", json=body, headers=headers)
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        resp = self.client.get(f"/v1/jobs/{job_id}")
+    def job(self, job_id: str, client: httpx.Client | None = None) -> dict[str, Any]:
+        resp = (client or self.client).get(f"/v1/jobs/{job_id}")
         assert resp.status_code == 200, resp.text
         return dict(resp.json())
 
     def wait(self, job_id: str, until: Iterable[str] = TERMINAL, timeout_s: float = 120.0,
              history: list[dict[str, Any]] | None = None, min_done: int = 0,
-             stage: str | None = None) -> dict[str, Any]:
-        """Poll until the job's status is in ``until`` (with ``progress.done >= min_done``, at ``stage``)."""
+             stage: str | None = None, client: httpx.Client | None = None) -> dict[str, Any]:
+        """Poll until the job's status is in ``until`` (with ``progress.done >= min_done``, at ``stage``),
+        as ``client``'s tenant (default ``client``)."""
         wanted = set(until)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            job = self.job(job_id)
+            job = self.job(job_id, client)
             if history is not None:
                 history.append(job)
             if job["status"] in wanted and job["progress"]["done"] >= min_done and \
@@ -291,7 +295,7 @@ class Stack:
             if job["status"] in TERMINAL and job["status"] not in wanted:
                 raise AssertionError(f"job {job_id} ended {job['status']}, wanted {sorted(wanted)}: {job}")
             time.sleep(0.01 if history is not None else 0.05)  # a history wants every state seen
-        raise TimeoutError(f"job {job_id} not {sorted(wanted)} after {timeout_s} s: {self.job(job_id)}")
+        raise TimeoutError(f"job {job_id} not {sorted(wanted)} after {timeout_s} s: {self.job(job_id, client)}")
 
     def run_good_job(self) -> dict[str, Any]:
         """Submit a tiny upload and require that it succeeds."""
@@ -305,7 +309,16 @@ class Stack:
         """Whether the store holds a record for ``job_id``, whatever its tenant (asks Redis directly)."""
         broker = redis.Redis(port=self.redis_port)
         try:
-            return bool(broker.exists(f"nucseg:job:{job_id}"))
+            return bool(broker.exists(f"{PREFIX}job:{job_id}"))
+        finally:
+            broker.close()
+
+    def wait_lease_expired(self, job_id: str, timeout_s: float = 60.0) -> None:
+        """Until the job's lease has expired in Redis (its process is dead and the lease TTL ran out)."""
+        broker = redis.Redis(port=self.redis_port)
+        try:
+            wait_until(lambda: not broker.exists(f"{PREFIX}lease:{job_id}"), timeout_s,
+                       f"the lease of job {job_id} expires")
         finally:
             broker.close()
 
@@ -318,6 +331,15 @@ class Stack:
             cursor = page["next_cursor"]
             if not cursor:
                 return len(ids)
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "condition",
+               interval_s: float = 0.05) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not met within {timeout_s} s"
+        time.sleep(interval_s)
 
 
 def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:

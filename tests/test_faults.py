@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_stack import FAST, Stack, png_bytes
+from tests.service_stack import FAST, Stack, png_bytes, wait_until
 from worker.redis_server import stop_process
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -30,13 +30,6 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
     finally:
         running.stop()
-
-
-def _until(check: object, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def _get(stack: Stack, path: str) -> httpx.Response:
@@ -73,7 +66,7 @@ def test_a_job_whose_worker_is_lost_twice_fails_with_worker_lost(faults: Stack) 
     job_id = faults.submit_upload(png_bytes(256, 256, seed=80), options=LONG).json()["id"]
     faults.wait(job_id, until=["running"], min_done=2)
     faults.kill_worker()
-    time.sleep(4.0)  # no worker for longer than the 3 s lease: nobody may touch the job meanwhile
+    faults.wait_lease_expired(job_id)  # no worker past the lease: nobody may touch the job meanwhile
     stuck = faults.job(job_id)
     assert stuck["status"] == "running" and stuck["attempts"] == 1
 
@@ -82,7 +75,7 @@ def test_a_job_whose_worker_is_lost_twice_fails_with_worker_lost(faults: Stack) 
     again = faults.wait(job_id, until=["running"], min_done=2, timeout_s=120)
     assert (again["attempts"], again["redeliveries"]) == (2, 1)
     faults.kill_worker()
-    time.sleep(4.0)
+    faults.wait_lease_expired(job_id)
 
     faults.start_worker()
     faults.wait_ready()
@@ -103,7 +96,7 @@ def test_a_kill_while_results_are_written_exposes_no_partial_files(faults: Stack
     def writing() -> bool:
         return any(p.is_file() for d in partial_root.glob(f"{job_id}.*") for p in d.iterdir())
 
-    _until(writing, timeout_s=120)  # the first result file is on disk, the rest are not
+    wait_until(writing, timeout_s=120, what="the first result file is on disk, the rest are not")
     faults.kill_worker()
     written = [p.name for d in partial_root.glob(f"{job_id}.*") for p in d.iterdir()]
     job = faults.job(job_id)
@@ -112,7 +105,7 @@ def test_a_kill_while_results_are_written_exposes_no_partial_files(faults: Stack
     blocked = faults.client.get(f"/v1/jobs/{job_id}/results/{written[0]}")
     assert blocked.status_code == 409 and blocked.json()["error"]["code"] == "results_not_ready"
 
-    time.sleep(3.5)
+    faults.wait_lease_expired(job_id)
     faults.start_worker()
     faults.wait_ready()
     done = faults.wait(job_id, timeout_s=240)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import http.client
 import os
 import socket
-import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.service_stack import UPLOAD_CAP, Stack, png_bytes
+from tests.service_stack import UPLOAD_CAP, Stack, png_bytes, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -127,11 +126,7 @@ def test_client_that_disconnects_mid_upload_leaves_no_partial_file(stack: Stack)
         auth = stack.client.headers["authorization"].encode()
         sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
                      b"Authorization: " + auth + b"\r\nContent-Length: 3000000\r\n\r\n" + body)
-        time.sleep(0.5)  # the server is now streaming into a partial file
-        partial = stack.data_dir / "uploads" / ".partial"
-        assert partial.is_dir() and any(partial.iterdir())  # authorised: it really is streaming to disk
-    deadline = time.monotonic() + 10
-    while _leftover_uploads(stack):
-        assert time.monotonic() < deadline, _leftover_uploads(stack)
-        time.sleep(0.1)
+        partial = stack.data_dir / "uploads" / ".partial"  # authorised: it really streams to disk
+        wait_until(lambda: partial.is_dir() and any(partial.iterdir()), what="a partial upload file appears")
+    wait_until(lambda: not _leftover_uploads(stack), what="no partial or orphaned upload is left")
     stack.run_good_job()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -143,30 +144,46 @@ def test_results_support_range_and_name_unknown_results(stack: Stack) -> None:
 
 
 def test_list_newest_first_with_cursor_and_status_filter(stack: Stack) -> None:
-    ids = [stack.submit_upload(png_bytes(64, 64, seed=i), options=FAST).json()["id"] for i in range(3)]
-    for job_id in ids:
-        stack.wait(job_id)
-    everything = stack.client.get("/v1/jobs", params={"limit": 100}).json()["jobs"]
-    assert [j["id"] for j in everything[:3]] == ids[::-1]
-    created = [j["created_at"] for j in everything]
-    assert created == sorted(created, reverse=True)
-    paged, cursor = [], None
+    """On a tenant of its own, so the listing holds exactly the jobs submitted here."""
+    with stack.client_for("lab-e") as lab:
+        ids = [_submit_as(lab, png_bytes(64, 64, seed=i)) for i in range(5)]
+        for job_id in ids:
+            stack.wait(job_id, client=lab)
+        everything = lab.get("/v1/jobs", params={"limit": 100}).json()
+        assert [j["id"] for j in everything["jobs"]] == ids[::-1] and everything["next_cursor"] is None
+        created = [j["created_at"] for j in everything["jobs"]]
+        assert created == sorted(created, reverse=True)
+        for limit in (1, 2, 5):  # a last page that is full, short, or the only one
+            assert _all_pages(lab, limit) == ids[::-1], limit
+        succeeded = lab.get("/v1/jobs", params={"status": "succeeded", "limit": 100}).json()["jobs"]
+        assert [j["id"] for j in succeeded] == ids[::-1]
+        assert lab.get("/v1/jobs", params={"status": "failed"}).json()["jobs"] == []
+        bad = lab.get("/v1/jobs", params={"cursor": "bm9wZQ"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
+        bad = lab.get("/v1/jobs", params={"status": "finished"})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
+        assert "'finished'" in bad.json()["error"]["message"]
+
+
+def _submit_as(client: httpx.Client, content: bytes) -> str:
+    resp = client.post("/v1/jobs", files={"file": ("slide.png", content, "application/octet-stream")},
+                       data={"options": json.dumps(FAST)})
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def _all_pages(client: httpx.Client, limit: int) -> list[str]:
+    """Every job id, following ``next_cursor`` with pages of ``limit``."""
+    ids: list[str] = []
+    cursor = None
     while True:
-        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
-        page = stack.client.get("/v1/jobs", params=params).json()
-        paged += [j["id"] for j in page["jobs"]]
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/jobs", params=params).json()
+        assert 0 < len(page["jobs"]) <= limit, page
+        ids += [j["id"] for j in page["jobs"]]
         cursor = page["next_cursor"]
         if cursor is None:
-            break
-    assert paged == [j["id"] for j in everything]
-    succeeded = stack.client.get("/v1/jobs", params={"status": "succeeded", "limit": 100}).json()["jobs"]
-    assert succeeded and all(j["status"] == "succeeded" for j in succeeded)
-    assert set(ids) <= {j["id"] for j in succeeded}
-    bad = stack.client.get("/v1/jobs", params={"cursor": "bm9wZQ"})
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
-    bad = stack.client.get("/v1/jobs", params={"status": "finished"})
-    assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
-    assert "'finished'" in bad.json()["error"]["message"]
+            return ids
 
 
 def test_idempotency_key_returns_the_original_job(stack: Stack) -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 import redis
 from PIL import Image
 
-from tests.service_stack import FAST, Stack, png_bytes
+from tests.service_stack import FAST, Stack, png_bytes, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -36,7 +34,7 @@ def test_sigkill_worker_mid_job_then_new_worker_finishes_it(stack: Stack) -> Non
     assert before["progress"]["done"] < before["progress"]["total"]
     assert broker.hlen("unacked") == 1 and broker.llen("cpu") == 2  # unacked, not lost, not redelivered
 
-    time.sleep(3.5)  # let the dead worker's lease expire: recovery must not need Redis' visibility timeout
+    stack.wait_lease_expired(victim["id"])  # recovery must not need Redis' visibility timeout
     stack.start_worker()
     stack.wait_ready()
     done = stack.wait(victim["id"], timeout_s=180)
@@ -48,7 +46,7 @@ def test_sigkill_worker_mid_job_then_new_worker_finishes_it(stack: Stack) -> Non
         assert finished["status"] == "succeeded" and finished["redeliveries"] == 0
     partial = stack.data_dir / "results" / ".partial"
     assert [p for p in partial.iterdir() if p.name.startswith(victim["id"])] == []
-    _until(lambda: broker.hlen("unacked") == 0)  # the ack follows the job's last store update
+    wait_until(lambda: broker.hlen("unacked") == 0, what="the ack that follows the job's last store update")
     assert broker.llen("cpu") == 0
 
 
@@ -70,13 +68,6 @@ def test_sigkill_pool_process_then_a_new_pool_process_finishes_the_job(stack: St
     assert done["status"] == "succeeded" and done["attempts"] == 2
     _check_complete(stack, done, (256, 256))
     stack.run_good_job()
-
-
-def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def _check_complete(stack: Stack, job: dict, size: tuple[int, int]) -> None:

@@ -58,7 +58,7 @@ CANVAS_SUM = """() => {
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run does this)")
+        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs it")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         try:
