@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLES := .cache/samples/cmu_small_region.svs
-SRC := api worker model training client benchmarks scripts tests
+PACKAGES := api core worker cli model training
+SRC := $(PACKAGES) client benchmarks scripts tests
 
 .PHONY: venv samples up predict-sample test lint typecheck pytest chromium bench clean web-vendor
 
@@ -33,7 +34,7 @@ lint: venv
 	$(VENV)/bin/ruff check $(SRC)
 
 typecheck: venv
-	$(VENV)/bin/mypy api worker model training client/nucseg_client
+	$(VENV)/bin/mypy $(PACKAGES) client/nucseg_client
 
 pytest: venv samples
 	$(PY) -m pytest -q

@@ -15,7 +15,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from api.errors import ApiError
-from worker.settings import DEFAULT_TENANT, Settings
+from core.settings import DEFAULT_TENANT, Settings
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nucseg"'}
 

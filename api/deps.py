@@ -16,9 +16,9 @@ from fastapi import Depends, Path, Request
 
 from api.auth import KeyTable, authenticate
 from api.limits import RateLimiter
-from worker.celery_app import create_celery
-from worker.jobs import JOB_ID_PATTERN, JobStore
-from worker.settings import Settings, get_settings
+from core.celery_app import create_celery
+from core.jobs import JOB_ID_PATTERN, JobStore
+from core.settings import Settings, get_settings
 
 T = TypeVar("T")
 

@@ -15,8 +15,8 @@ import time
 import redis
 
 from api.errors import ApiError
-from worker.jobs import PREFIX, JobStore
-from worker.settings import Settings
+from core.jobs import PREFIX, JobStore
+from core.settings import Settings
 
 QUEUE_FULL_RETRY_S = 30
 

@@ -28,13 +28,13 @@ from api.deps import get_store
 from api.main import create_app
 from api.tiles import MASK_TILE, SLIDE_TILE, dz_levels
 from benchmarks.common import measured
+from core.jobs import JobRecord
+from core.settings import Settings
 from model.engine import EngineOptions
 from model.pipeline import predict_reader
 from model.readers import open_slide
 from tests.stubs import TrivialNet, loaded
 from tests.synthetic import write_pyramid
-from worker.jobs import JobRecord
-from worker.settings import Settings
 
 JOB_ID = "b" * 32
 

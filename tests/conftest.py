@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from cli.redis_server import start_redis, stop_process
 from tests.service_stack import KEYS, Stack, free_port
-from worker.redis_server import start_redis, stop_process
 
 
 @pytest.fixture(scope="session")

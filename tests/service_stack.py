@@ -29,9 +29,9 @@ import numpy as np
 import redis
 from PIL import Image
 
+from cli.redis_server import start_redis, stop_process
+from core.jobs import PREFIX
 from tests.samples import sample
-from worker.jobs import PREFIX
-from worker.redis_server import start_redis, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 UPLOAD_CAP = 3 * 1024 * 1024
@@ -181,7 +181,7 @@ class Stack:
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{log_name}.log").open("ab")
-        cmd = [sys.executable, "-m", "worker.service_cli", *args]
+        cmd = [sys.executable, "-m", "cli.service", *args]
         return subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -216,7 +216,7 @@ class Stack:
         """Another API process on the same Redis, with ``extra_env`` on top of the stack's settings."""
         port = port or free_port()
         log = (self.root / f"api-{port}.log").open("ab")
-        cmd = [sys.executable, "-m", "worker.service_cli", "serve", "--host", host, "--port", str(port),
+        cmd = [sys.executable, "-m", "cli.service", "serve", "--host", host, "--port", str(port),
                "--log-level", "warning"]
         proc = subprocess.Popen(cmd, env={**self.env, **extra_env}, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -147,7 +147,7 @@ def test_responses_forbid_content_sniffing(stack: Stack) -> None:
 
 
 def _serve(env: dict[str, str], host: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "worker.service_cli", "serve", "--host", host, "--port", "1"]
+    cmd = [sys.executable, "-m", "cli.service", "serve", "--host", host, "--port", "1"]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -179,7 +179,7 @@ def test_keys_new_prints_a_key_once_and_the_entry_holding_only_its_hash() -> Non
     import json as _json
     import re
 
-    cmd = [sys.executable, "-m", "worker.service_cli", "keys", "new", "lab-x"]
+    cmd = [sys.executable, "-m", "cli.service", "keys", "new", "lab-x"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     key = re.search(r"^\s+(nsk_\S+)$", out.stdout, re.M)

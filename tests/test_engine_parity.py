@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks.reference import original_loop
+from core.settings import DEFAULT_MODEL
 from model.analysis import make_view
 from model.card import ModelCard
 from model.checkpoint import LoadedModel, load_model
@@ -15,7 +16,6 @@ from model.network import build_network
 from model.readers import open_slide
 from model.tiling import Box
 from tests.samples import sample
-from worker.settings import DEFAULT_MODEL
 
 
 @pytest.fixture(scope="module")

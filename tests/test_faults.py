@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.redis_server import stop_process
 from tests.service_stack import FAST, Stack, png_bytes, wait_until
-from worker.redis_server import stop_process
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

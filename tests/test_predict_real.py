@@ -21,7 +21,7 @@ from model.pipeline import result_files, run_prediction
 from tests.samples import sample
 from tests.stubs import TrivialNet, loaded
 
-NUCSEG = [sys.executable, "-m", "worker.cli"]
+NUCSEG = [sys.executable, "-m", "cli.main"]
 
 
 def _darkness(x: torch.Tensor) -> torch.Tensor:
@@ -105,3 +105,15 @@ def test_cli_bad_usage_exit_2(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert no_model.returncode == 2 and "missing.pt" in no_model.stderr
     no_args = subprocess.run([*NUCSEG, "predict"], capture_output=True, text=True, timeout=120)
     assert no_args.returncode == 2
+
+
+def test_client_commands_say_what_they_need_when_the_client_is_not_installed() -> None:
+    """The images do not install nucseg-client: ``nucseg submit`` says so instead of not existing."""
+    code = ("import sys; sys.modules['nucseg_client'] = None; from cli.main import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, "submit", "slide.svs", "--wait"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "pip install ./client" in out.stderr and "nucseg submit" in out.stderr
+    assert "Traceback" not in out.stderr
+    with_client = subprocess.run([*NUCSEG, "submit", "--help"], capture_output=True, text=True, timeout=120)
+    assert with_client.returncode == 0 and "--wait" in with_client.stdout

@@ -38,7 +38,7 @@ def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @contextlib.contextmanager
 def retention_paused(stack: Stack, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold the retention sweep's lock, so no worker sweeps until the block ends."""
-    from worker.jobs import PREFIX
+    from core.jobs import PREFIX
 
     broker = redis.Redis(port=stack.redis_port)
     lock, token = f"{PREFIX}lock:retention", b"held by the retention test"

@@ -233,7 +233,7 @@ def test_health_ready_models_metrics_and_openapi(stack: Stack) -> None:
 
 def test_compose_worker_healthcheck_command_pings_the_live_worker(stack: Stack) -> None:
     """The healthcheck in docker-compose.yml, run against a real worker."""
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "inspect", "ping", "--timeout", "10",
+    cmd = [sys.executable, "-m", "celery", "-A", "core.celery_app", "inspect", "ping", "--timeout", "10",
            "-d", stack.worker_name]
     out = subprocess.run(cmd, env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.jobs import JobError, JobRecord, JobStore, dead_local_owner, new_job_id, new_token
+from core.jobs import JobError, JobRecord, JobStore, dead_local_owner, new_job_id, new_token
 
 
 @pytest.fixture
@@ -174,8 +174,8 @@ def test_tenant_indexes_limits_and_expiry_follow_every_transition(store: JobStor
 
 
 def test_retention_sweep_deletes_expired_jobs_and_orphans_never_live_ones(store: JobStore, tmp_path: Path) -> None:
-    from worker.retention import sweep
-    from worker.settings import Settings
+    from core.retention import sweep
+    from core.settings import Settings
 
     settings = Settings(data_dir=tmp_path, result_ttl=10, retention_interval_s=60)
     old, live = _record(), _record()

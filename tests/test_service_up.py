@@ -1,4 +1,4 @@
-"""``make up`` (``python -m worker.up``): embedded Redis with AOF, a worker and the API; Ctrl-C stops all."""
+"""``make up`` (``python -m cli.up``): embedded Redis with AOF, a worker and the API; Ctrl-C stops all."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_up_starts_redis_worker_api_and_ctrl_c_stops_all_three(tmp_path: Path) -
     env |= {"NUCSEG_DATA_DIR": str(tmp_path / "data"), "NUCSEG_REDIS_PORT": str(redis_port),
             "NUCSEG_MODEL": str(write_checkpoint(tmp_path / "tiny.pt")), "NUCSEG_DEVICE": "cpu",
             "NUCSEG_PRECISION": "fp32", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "worker.up", "--port", str(port)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.up", "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = _read_until(proc, "nucseg is up", timeout_s=120)
@@ -49,7 +49,7 @@ def test_up_starts_redis_worker_api_and_ctrl_c_stops_all_three(tmp_path: Path) -
         assert "auth:    DISABLED (loopback only" in banner  # no keys configured: says so
         pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         names = " ".join(" ".join(psutil.Process(p).cmdline()) for p in pids)
-        assert "redis-server" in names and "worker.service_cli worker" in names and "serve" in names
+        assert "redis-server" in names and "cli.service worker" in names and "serve" in names
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             job = client.post("/v1/jobs", files={"file": ("a.png", png_bytes(64, 64))},
                               data={"options": json.dumps(FAST)}).json()

@@ -77,7 +77,8 @@ def test_resume_continues_from_last(trained: tuple[Path, Path]) -> None:
 
 
 def test_engine_runs_checkpoint(trained: tuple[Path, Path]) -> None:
-    engine_mod = pytest.importorskip("model.engine")
+    from model import engine as engine_mod
+
     _, run = trained
     loaded = load_model(run / "best.pt")
     opts = engine_mod.EngineOptions(tile_size=64, overlap=16, batch_size=4, precision="fp32", device="cpu",
@@ -90,7 +91,6 @@ def test_engine_runs_checkpoint(trained: tuple[Path, Path]) -> None:
 
 
 def test_evaluate_and_export(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    pytest.importorskip("model.engine")
     from training.evaluate import main as evaluate_main
     from training.export import export
 
@@ -113,8 +113,9 @@ def test_evaluate_and_export(trained: tuple[Path, Path], tmp_path: Path) -> None
 
 
 def test_nucseg_predict_runs_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    cli = pytest.importorskip("worker.cli")
     from PIL import Image
+
+    from cli import main as cli
 
     _, run = trained
     image, _, _ = synthetic_tile(128, 12, np.random.default_rng(5))

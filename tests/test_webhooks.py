@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import redis
 
+from core.jobs import JobRecord, JobStore, new_job_id
+from core.netguard import CallbackUrlError, check_url
+from core.settings import Settings
 from tests.service_stack import FAST, WEBHOOK_SECRETS, Stack, free_port, png_bytes
 from tests.webhook_receiver import Receiver, receiving
-from worker.jobs import JobRecord, JobStore, new_job_id
-from worker.netguard import CallbackUrlError, check_url
-from worker.settings import Settings
 from worker.webhooks import Dispatcher
 
 

@@ -37,9 +37,8 @@ from celery import Celery, Task, shared_task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ConfigDict
 
-from model.errors import CancelledError, NucsegError
-from worker.celery_app import TASK_RUN_JOB, send_job
-from worker.jobs import (
+from core.celery_app import TASK_RUN_JOB, send_job
+from core.jobs import (
     JobError,
     JobRecord,
     JobStore,
@@ -51,9 +50,10 @@ from worker.jobs import (
     dead_local_owner,
     new_token,
 )
-from worker.retention import discard_upload
-from worker.retention import sweep as sweep_retention
-from worker.settings import Settings, get_settings
+from core.retention import discard_upload
+from core.retention import sweep as sweep_retention
+from core.settings import Settings, get_settings
+from model.errors import CancelledError, NucsegError
 from worker.webhooks import dispatch_forever
 
 if TYPE_CHECKING:

@@ -29,9 +29,9 @@ from typing import Any
 
 import httpx
 
-from worker.jobs import JobRecord, JobStore
-from worker.netguard import CallbackUrlError, check_url
-from worker.settings import Settings
+from core.jobs import JobRecord, JobStore
+from core.netguard import CallbackUrlError, check_url
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from api.errors import ApiError
 from api.limits import check_queue, queue_full
 from api.schemas import CALLBACK_HELP, JobList, JobOut, error_responses
 from api.submit import Submission, check_callback, inspect_slide, receive
-from worker.celery_app import send_job
-from worker.jobs import JobRecord, JobStore, Status, new_job_id
-from worker.retention import discard_upload, remove_job_files
-from worker.settings import Settings
+from core.celery_app import send_job
+from core.jobs import JobRecord, JobStore, Status, new_job_id
+from core.retention import discard_upload, remove_job_files
+from core.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -11,8 +11,8 @@ from fastapi.responses import PlainTextResponse
 
 from api.deps import RedisDep, StoreDep, get_tenant
 from api.schemas import error_responses
-from worker.celery_app import QUEUES
-from worker.jobs import DURATION_BUCKETS, STATUSES
+from core.celery_app import QUEUES
+from core.jobs import DURATION_BUCKETS, STATUSES
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(get_tenant)])
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -20,7 +20,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from worker.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ _default: Celery | None = None
 
 
 def default_app() -> Celery:
-    """The app built from the process settings (for ``celery -A worker.celery_app`` and the CLI)."""
+    """The app built from the process settings (for ``celery -A core.celery_app`` and the CLI)."""
     global _default
     if _default is None:
         _default = create_celery()
@@ -79,7 +79,7 @@ def default_app() -> Celery:
 
 
 def __getattr__(name: str) -> Any:
-    """``worker.celery_app.app`` / ``.celery_app``: built lazily, so importing this module is free."""
+    """``core.celery_app.app`` / ``.celery_app``: built lazily, so importing this module is free."""
     if name in ("app", "celery_app"):
         return default_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

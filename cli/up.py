@@ -1,4 +1,4 @@
-"""``make up`` (``python -m worker.up``) and ``nucseg up``: Redis, one worker and the API on 127.0.0.1.
+"""``make up`` (``python -m cli.up``) and ``nucseg up``: Redis, one worker and the API on 127.0.0.1.
 
 Redis is ``NUCSEG_REDIS_URL`` when set, else the embedded redis-server on ``NUCSEG_REDIS_PORT``
 with its AOF under ``<data_dir>/redis`` (reused if one already answers there).
@@ -20,8 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from worker.redis_server import ping, start_redis, stop_process
-from worker.settings import REPO_ROOT, Settings, get_settings
+from cli.redis_server import ping, start_redis, stop_process
+from core.settings import REPO_ROOT, Settings, get_settings
 
 API_GRACE_S = 10.0
 WORKER_GRACE_S = 15.0
@@ -92,7 +92,7 @@ def _ensure_redis(settings: Settings, env: dict[str, str]) -> subprocess.Popen[b
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "worker.service_cli", *args]
+    cmd = [sys.executable, "-m", "cli.service", *args]
     return subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, start_new_session=True)
 
 
@@ -164,7 +164,7 @@ def banner(port: int, settings: Settings) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m worker.up", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cli.up", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=None, help="API port (default: NUCSEG_PORT or 8000)")
     return run_stack(api_port=parser.parse_args(argv).port)
 

@@ -1,6 +1,6 @@
 """``nucseg serve``, ``nucseg worker``, ``nucseg redis`` and ``nucseg up``: the service, piece by piece.
 
-``worker.cli`` hooks these in with ``add_service_commands``; ``python -m worker.service_cli`` runs
+``cli.main`` hooks these in with ``add_service_commands``; ``python -m cli.service`` runs
 them without the rest of the CLI.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.settings import get_settings
+from core.settings import get_settings
 
 
 def add_service_commands(subparsers: Any) -> None:
@@ -45,7 +45,7 @@ def _add_serve(subparsers: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from worker.settings import ConfigError
+    from core.settings import ConfigError
 
     os.environ["NUCSEG_HOST"] = args.host  # the app factory checks the bind address it is served on
     get_settings.cache_clear()
@@ -85,7 +85,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from worker.celery_app import create_celery
+    from core.celery_app import create_celery
 
     os.environ["NUCSEG_DEVICE"] = args.device  # read by the task processes' settings
     get_settings.cache_clear()
@@ -109,7 +109,7 @@ def _add_redis(subparsers: Any) -> None:
 
 
 def _redis(args: argparse.Namespace) -> int:
-    from worker.redis_server import start_redis, stop_process
+    from cli.redis_server import start_redis, stop_process
 
     proc = start_redis(args.port, args.dir)
     print(f"redis-server on redis://127.0.0.1:{args.port}/0, data in {args.dir} (Ctrl-C stops it)", flush=True)
@@ -136,7 +136,7 @@ def _add_up(subparsers: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from worker.up import run_stack
+    from cli.up import run_stack
 
     return run_stack(api_port=args.port)
 
@@ -159,7 +159,7 @@ def _keys_new(args: argparse.Namespace) -> int:
     import re
     import secrets
 
-    from worker.settings import TENANT_PATTERN
+    from core.settings import TENANT_PATTERN
 
     if not re.fullmatch(TENANT_PATTERN, args.tenant):
         print(f"nucseg keys new: tenant name {args.tenant!r} must match {TENANT_PATTERN}", file=sys.stderr)

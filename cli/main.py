@@ -1,7 +1,8 @@
 """The ``nucseg`` command line.
 
 ``predict`` runs the engine locally; ``up``, ``serve``, ``worker`` and ``redis`` run the service;
-``submit``, ``status``, ``list``, ``cancel`` and ``download`` talk to a server (from nucseg-client).
+``submit``, ``status``, ``list``, ``cancel`` and ``download`` talk to a server (from the nucseg-client
+package, the ``client`` extra; without it they print what to install and exit 2).
 
 Exit codes: 0 success; 1 job failed; 2 bad usage or configuration; 3 for ``predict`` an unreadable
 or unsupported slide, for the server commands a server or connection error.
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.settings import get_settings
+from core.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SLIDE = 0, 1, 2, 3
 
@@ -114,20 +115,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_service_commands(subparsers: Any) -> None:
-    try:
-        from worker.service_cli import add_service_commands
-    except ImportError:
-        return
+    from cli.service import add_service_commands
+
     add_service_commands(subparsers)
 
 
+# The commands of the separate nucseg-client distribution (httpx + tqdm), which the images do not install.
+CLIENT_COMMANDS = ("submit", "status", "list", "cancel", "download")
+CLIENT_MISSING = "needs the nucseg-client package: pip install ./client (or pip install 'nucseg[client]')"
+
+
 def _add_client_commands(subparsers: Any) -> None:
-    """``submit``, ``status``, ``list``, ``cancel``, ``download``: talk to a server over HTTP."""
+    """``submit``, ``status``, ``list``, ``cancel``, ``download``: talk to a server over HTTP.
+
+    Without nucseg-client they still exist, and say what they need instead of vanishing."""
     try:
         from nucseg_client.cli import add_client_commands
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "nucseg_client":
+            raise
+        for name in CLIENT_COMMANDS:
+            p = subparsers.add_parser(name, add_help=False, help=f"({CLIENT_MISSING})")
+            p.add_argument("args", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_client_missing)
         return
     add_client_commands(subparsers)
+
+
+def _client_missing(args: argparse.Namespace) -> int:
+    print(f"nucseg {args.command}: {CLIENT_MISSING}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:

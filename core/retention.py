@@ -16,8 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from worker.jobs import PREFIX, JobRecord, JobStore
-from worker.settings import Settings
+from core.jobs import PREFIX, JobRecord, JobStore
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
