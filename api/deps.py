@@ -17,8 +17,9 @@ from fastapi import Depends, Path, Request
 from api.auth import KeyTable, authenticate
 from api.limits import RateLimiter
 from core.celery_app import create_celery
-from core.jobs import JOB_ID_PATTERN, JobStore
+from core.records import JOB_ID_PATTERN
 from core.settings import Settings, get_settings
+from core.store import JobStore
 
 T = TypeVar("T")
 

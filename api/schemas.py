@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.jobs import JobRecord, Status
+from core.records import JobRecord, Status
 
 OutputGroup = Literal["masks", "overlays", "nuclei"]
 # Must equal model.pipeline.OUTPUT_GROUPS (a test checks it); the API cannot import the pipeline (torch).

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from api.errors import ApiError, validation_error
 from api.schemas import JobCreate, JobOptions
 from api.uploads import receive_multipart
-from core.jobs import JobRecord, Progress, now
 from core.netguard import CallbackUrlError, check_url
+from core.records import JobRecord, Progress, now
 from core.settings import Settings
 from model.errors import SlideError
 from model.readers import open_slide

@@ -28,7 +28,7 @@ from api.deps import get_store
 from api.main import create_app
 from api.tiles import MASK_TILE, SLIDE_TILE, dz_levels
 from benchmarks.common import measured
-from core.jobs import JobRecord
+from core.records import JobRecord
 from core.settings import Settings
 from model.engine import EngineOptions
 from model.pipeline import predict_reader

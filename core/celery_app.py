@@ -7,7 +7,7 @@ the rest.
 Delivery guarantees: ``acks_late`` + ``reject_on_worker_lost`` + prefetch 1, so a message is acked
 only after its job has finished, and a worker child that dies gives its message back at once. When a
 whole worker dies (SIGKILL, lost node) its message stays unacked in Redis; the job's lease expires
-and ``recover_orphans`` puts that same message back on the queue (see ``worker.tasks``). The Redis
+and ``recover_orphans`` puts that same message back on the queue (see ``worker.recovery``). The Redis
 ``visibility_timeout`` is longer than the longest allowed job, so Redis itself never hands a live
 job's message to a second worker.
 """

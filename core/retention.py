@@ -16,8 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-from core.jobs import PREFIX, JobRecord, JobStore
+from core.keys import Keys
+from core.records import JobRecord
 from core.settings import Settings
+from core.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,7 @@ def sweep(store: JobStore, settings: Settings, now: float | None = None) -> int:
     if ttl <= 0:
         return 0
     token = secrets.token_hex(8)
-    lock = f"{PREFIX}lock:retention"
-    if not store.r.set(lock, token, nx=True, px=int(settings.retention_interval_s * 1000)):
+    if not store.r.set(Keys.RETENTION_LOCK, token, nx=True, px=int(settings.retention_interval_s * 1000)):
         return 0
     now = time.time() if now is None else now
     deleted = _expire_jobs(store, settings, now - ttl)
@@ -71,7 +72,7 @@ def _expire_jobs(store: JobStore, settings: Settings, before: float) -> int:
 def _remove_orphans(store: JobStore, settings: Settings, older_than: float) -> None:
     for folder in (settings.results_dir, settings.uploads_dir):
         for path in _job_dirs(folder):
-            if path.stat().st_mtime < older_than and not store.r.exists(store.job_key(path.name)):
+            if path.stat().st_mtime < older_than and not store.exists(path.name):
                 log.warning("retention: removing %s (no job record)", path)
                 shutil.rmtree(path, ignore_errors=True)
 

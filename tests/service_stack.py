@@ -30,7 +30,7 @@ import redis
 from PIL import Image
 
 from cli.redis_server import start_redis, stop_process
-from core.jobs import PREFIX
+from core.keys import Keys
 from tests.samples import sample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,7 +309,7 @@ class Stack:
         """Whether the store holds a record for ``job_id``, whatever its tenant (asks Redis directly)."""
         broker = redis.Redis(port=self.redis_port)
         try:
-            return bool(broker.exists(f"{PREFIX}job:{job_id}"))
+            return bool(broker.exists(Keys.job(job_id)))
         finally:
             broker.close()
 
@@ -317,7 +317,7 @@ class Stack:
         """Until the job's lease has expired in Redis (its process is dead and the lease TTL ran out)."""
         broker = redis.Redis(port=self.redis_port)
         try:
-            wait_until(lambda: not broker.exists(f"{PREFIX}lease:{job_id}"), timeout_s,
+            wait_until(lambda: not broker.exists(Keys.lease(job_id)), timeout_s,
                        f"the lease of job {job_id} expires")
         finally:
             broker.close()

@@ -16,6 +16,7 @@ from datetime import datetime
 import pytest
 import redis
 
+from core.keys import Keys
 from tests.service_stack import FAST, Stack, png_bytes, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -38,10 +39,8 @@ def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @contextlib.contextmanager
 def retention_paused(stack: Stack, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold the retention sweep's lock, so no worker sweeps until the block ends."""
-    from core.jobs import PREFIX
-
     broker = redis.Redis(port=stack.redis_port)
-    lock, token = f"{PREFIX}lock:retention", b"held by the retention test"
+    lock, token = Keys.RETENTION_LOCK, b"held by the retention test"
     deadline = time.monotonic() + timeout_s
     try:
         while not broker.set(lock, token, nx=True):  # a sweep holds it for at most one interval

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from core.jobs import JobError, JobRecord, JobStore, dead_local_owner, new_job_id, new_token
+from core.keys import Keys
+from core.leases import dead_local_owner, new_token
+from core.records import JobError, JobRecord, new_job_id
+from core.store import JobStore
 
 
 @pytest.fixture
@@ -109,7 +112,7 @@ def test_retry_goes_back_to_queued_and_overdue_retries_are_found(store: JobStore
 
 def test_idempotency_key_is_kept_for_a_day_and_discard_forgets_it(store: JobStore) -> None:
     rec = _record()
-    key = store.idempotency_key("default", "k1")
+    key = Keys.idempotency("default", "k1")
     assert store.create(rec, idempotency=(key, "fp1"), idempotency_ttl_s=86400).created
     again = store.create(_record(), idempotency=(key, "fp2"))
     assert not again.created and (again.job_id, again.fingerprint) == (rec.id, "fp1")
@@ -189,9 +192,18 @@ def test_retention_sweep_deletes_expired_jobs_and_orphans_never_live_ones(store:
     orphan.mkdir()
 
     assert sweep(store, settings, now=time.time() + 5) == 0  # not yet expired
-    store.r.delete("nucseg:lock:retention")
+    store.r.delete(Keys.RETENTION_LOCK)
     assert sweep(store, settings, now=time.time() + 3 * 3600) == 1
     assert store.get(old.id) is None and not (settings.results_dir / old.id).exists()
     assert not (settings.uploads_dir / old.id).exists() and not orphan.exists()  # an hour old, no record
     assert store.get(live.id) is not None and (settings.results_dir / live.id).is_dir()
     assert sweep(store, settings, now=time.time() + 3 * 3600) == 0  # another sweep waits for the lock
+
+
+def test_no_lua_script_spells_a_key_name() -> None:
+    """Key names come from ``core.keys`` through KEYS; a prefix literal in Lua would be a second spelling."""
+    from core import scripts
+    from core.keys import PREFIX
+
+    bodies = {name: body for name, body in vars(scripts).items() if name.isupper() and isinstance(body, str)}
+    assert len(bodies) >= 10 and [name for name, body in bodies.items() if PREFIX in body] == []

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import redis
 
-from core.jobs import JobRecord, JobStore, new_job_id
+from core.keys import Keys
 from core.netguard import CallbackUrlError, check_url
+from core.records import JobRecord, new_job_id
 from core.settings import Settings
+from core.store import JobStore
 from tests.service_stack import FAST, WEBHOOK_SECRETS, Stack, free_port, png_bytes
 from tests.webhook_receiver import Receiver, receiving
 from worker.webhooks import Dispatcher
@@ -151,7 +153,7 @@ def test_delivery_backs_off_exponentially_then_gives_up_after_the_max_age(redis_
     times = [time.mktime(time.strptime(a["at"][:19], "%Y-%m-%dT%H:%M:%S")) for a in rec.webhook_attempts]
     assert 4 <= rec.webhook_attempt_count <= 6  # 0.1, 0.2, 0.4 s ... until 1 s after the job ended
     assert times == sorted(times)
-    assert redis_client.zscore("nucseg:webhooks", record.id) is None  # no longer scheduled
+    assert redis_client.zscore(Keys.WEBHOOKS, record.id) is None  # no longer scheduled
     assert store.delete(record.id) == "deleted" and dispatcher.run_once() == 0
 
 

@@ -29,9 +29,10 @@ from typing import Any
 
 import httpx
 
-from core.jobs import JobRecord, JobStore
 from core.netguard import CallbackUrlError, check_url
+from core.records import JobRecord
 from core.settings import Settings
+from core.store import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from api.schemas import error_responses
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
 
 
-# the content types results are served with: worker.tasks.CONTENT_TYPES and its fallback (not imported:
+# the content types results are served with: worker.results.CONTENT_TYPES and its fallback (not imported:
 # the API does not load the task module)
 _FILE_TYPES = ("image/png", "image/tiff", "application/json", "application/geo+json", "application/octet-stream")
 

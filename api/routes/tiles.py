@@ -16,7 +16,7 @@ from api.errors import ApiError
 from api.routes.jobs import require_job
 from api.schemas import error_responses
 from api.tiles import MaskPyramid, SlideTiles, l0_per_analysis_px, mask_pyramid, rgba_png, slide_tiles
-from core.jobs import JobRecord
+from core.records import JobRecord
 from core.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["tiles"])
