@@ -18,6 +18,7 @@ from api.auth import KeyTable, authenticate
 from api.limits import RateLimiter
 from core.celery_app import create_celery
 from core.records import JOB_ID_PATTERN
+from core.redis_client import connect
 from core.settings import Settings, get_settings
 from core.store import JobStore
 
@@ -42,9 +43,7 @@ class Resources:
             return value
 
     def redis(self, settings: Settings) -> redis.Redis:
-        return self._per_url("redis", settings, lambda: redis.Redis.from_url(
-            settings.broker_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
-            health_check_interval=30))
+        return self._per_url("redis", settings, lambda: connect(settings.broker_url))
 
     def store(self, settings: Settings) -> JobStore:
         return self._per_url("store", settings, lambda: JobStore(self.redis(settings)))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import redis
+from redis import RedisError
+
+from cli.processes import stop_group
+from core.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,10 @@ def redis_command(port: int, data_dir: Path) -> list[str]:
 
 def ping(url: str, timeout_s: float = 0.5) -> bool:
     """True when a Redis server answers at ``url``."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    client = connect(url, timeout_s=timeout_s, connect_timeout_s=timeout_s)
     try:
         return bool(client.ping())
-    except redis.RedisError:
+    except RedisError:
         return False
     finally:
         client.close()
@@ -73,19 +75,5 @@ def start_redis(port: int, data_dir: Path, *, wait_s: float = 15.0,
             log.info("redis-server %s up on %s (data in %s)", proc.pid, url, data_dir)
             return proc
         time.sleep(0.05)
-    stop_process(proc)
+    stop_group(proc)
     raise RuntimeError(f"redis-server on port {port} did not answer within {wait_s} s")
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0,
-                 sig: signal.Signals = signal.SIGTERM) -> int:
-    """Send ``sig``, wait up to ``timeout_s``, then SIGKILL; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("process %s ignored %s for %s s; killing it", proc.pid, sig.name, timeout_s)
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)

@@ -109,12 +109,13 @@ def _add_redis(subparsers: Any) -> None:
 
 
 def _redis(args: argparse.Namespace) -> int:
-    from cli.redis_server import start_redis, stop_process
+    from cli.processes import stop_group
+    from cli.redis_server import start_redis
 
     proc = start_redis(args.port, args.dir)
     print(f"redis-server on redis://127.0.0.1:{args.port}/0, data in {args.dir} (Ctrl-C stops it)", flush=True)
     _wait_for_signal(lambda: proc.poll() is not None)
-    return stop_process(proc)
+    return stop_group(proc)
 
 
 def _wait_for_signal(done: Callable[[], bool]) -> None:
@@ -154,19 +155,18 @@ def _add_keys(subparsers: Any) -> None:
 
 def _keys_new(args: argparse.Namespace) -> int:
     import base64
-    import hashlib
     import json
     import re
     import secrets
 
-    from core.settings import TENANT_PATTERN
+    from core.settings import TENANT_PATTERN, hash_api_key
 
     if not re.fullmatch(TENANT_PATTERN, args.tenant):
         print(f"nucseg keys new: tenant name {args.tenant!r} must match {TENANT_PATTERN}", file=sys.stderr)
         return 2
     key = "nsk_" + secrets.token_urlsafe(32)
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    entry = {args.tenant: {"keys": [hashlib.sha256(key.encode()).hexdigest()], "webhook_secret": secret}}
+    entry = {args.tenant: {"keys": [hash_api_key(key)], "webhook_secret": secret}}
     print(f"API key for tenant {args.tenant!r} (shown once; the server keeps only its sha256):\n  {key}\n")
     print("Merge this into NUCSEG_TENANTS_FILE (or NUCSEG_TENANTS):")
     print(json.dumps(entry, indent=2))

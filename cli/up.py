@@ -10,7 +10,6 @@ its job; a job cut short is recovered at the next start), then Redis (which sync
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,7 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cli.redis_server import ping, start_redis, stop_process
+from cli.processes import stop_group
+from cli.redis_server import ping, start_redis
 from core.settings import REPO_ROOT, Settings, get_settings
 
 API_GRACE_S = 10.0
@@ -124,26 +124,9 @@ def _shutdown(children: list[tuple[str, subprocess.Popen[bytes]]],
               redis_proc: subprocess.Popen[bytes] | None) -> None:
     for name, proc in reversed(children):  # api first, then the worker
         grace = WORKER_GRACE_S if name == "worker" else API_GRACE_S
-        _stop_group(proc, grace)
+        stop_group(proc, grace)
     if redis_proc is not None:
-        stop_process(redis_proc, timeout_s=10.0)
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the child's process group, then SIGKILL it after ``grace_s``."""
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    _signal_group(proc, signal.SIGKILL)  # stragglers (e.g. pool children) of an exited leader
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
+        stop_group(redis_proc, grace_s=10.0)
 
 
 def banner(port: int, settings: Settings) -> str:

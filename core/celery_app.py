@@ -29,23 +29,23 @@ QUEUES = ("cpu", "gpu")
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app whose broker and result backend are the configured Redis."""
+    """A Celery app whose broker is the configured Redis.
+
+    No result backend: a job's state and results live in the job store (``core.store``), and
+    nothing ever asks Celery for a task's result."""
     s = settings or get_settings()
-    app = Celery("nucseg", broker=s.broker_url, backend=s.broker_url, include=["worker.tasks"])
+    app = Celery("nucseg", broker=s.broker_url, include=["worker.tasks"])
     transport = {"visibility_timeout": s.visibility_timeout_s}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
-        result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue=s.queue,
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],
-        result_expires=24 * 3600,
         task_soft_time_limit=s.job_time_limit_s,
         task_time_limit=s.job_time_limit_s + 120,
         worker_proc_alive_timeout=300,  # a pool process loads torch and the model before it reports up

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from datetime import timedelta
@@ -22,6 +23,11 @@ DEFAULT_MODEL = REPO_ROOT / "model" / "weights" / "nucseg-default.safetensors"
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 DEFAULT_TENANT = "default"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def hash_api_key(key: str) -> str:
+    """The sha256 hex digest that configures ``key`` (the server keeps only this, never the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from cli.redis_server import start_redis, stop_process
+from cli.processes import stop_group
+from cli.redis_server import start_redis
 from tests.service_stack import KEYS, Stack, free_port
 
 
@@ -42,4 +43,4 @@ def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
         yield client
     finally:
         client.close()
-        stop_process(proc)
+        stop_group(proc)

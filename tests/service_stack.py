@@ -8,8 +8,6 @@ Everything lives under ``root`` and is torn down by ``stop``. Helpers drive it o
 from __future__ import annotations
 
 import base64
-import contextlib
-import hashlib
 import io
 import json
 import os
@@ -29,8 +27,10 @@ import numpy as np
 import redis
 from PIL import Image
 
-from cli.redis_server import start_redis, stop_process
+from cli.processes import stop_group
+from cli.redis_server import start_redis
 from core.keys import Keys
+from core.settings import hash_api_key
 from tests.samples import sample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ class Stack:
             "NUCSEG_SWEEP_INTERVAL_S": "1",
             "NUCSEG_PROGRESS_INTERVAL_S": "0",
             "NUCSEG_RETRY_BACKOFF_S": "1",
-            "NUCSEG_TENANTS": json.dumps({t: {"keys": [hashlib.sha256(k.encode()).hexdigest()],
+            "NUCSEG_TENANTS": json.dumps({t: {"keys": [hash_api_key(k)],
                                               "webhook_secret": WEBHOOK_SECRETS[t]} for t, k in KEYS.items()}),
             "NUCSEG_SUBMIT_BURST": "100000",  # limits are tested on their own tenants
             "NUCSEG_WEBHOOK_ALLOW": json.dumps(["127.0.0.1/32"]),
@@ -249,9 +249,9 @@ class Stack:
             self.client.close()
         for proc in (self.api, self.worker, *self.extra_workers):
             if proc is not None:
-                _stop_group(proc)
+                stop_group(proc, grace_s=15.0)
         if self.redis is not None:
-            stop_process(self.redis)
+            stop_group(self.redis)
 
     # jobs
     def submit_upload(self, content: bytes, *, filename: str = "slide.png", options: dict[str, Any] | None = None,
@@ -360,13 +360,3 @@ def _model_loaded_since(models: dict[str, Any], since: float) -> bool:
     from datetime import datetime
 
     return any(datetime.fromisoformat(m["loaded_at"]).timestamp() >= since for m in models.get("models", []))
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)

@@ -175,9 +175,10 @@ def test_auth_disabled_on_loopback_serves_everyone_as_the_default_tenant(stack: 
 
 
 def test_keys_new_prints_a_key_once_and_the_entry_holding_only_its_hash() -> None:
-    import hashlib
     import json as _json
     import re
+
+    from core.settings import hash_api_key
 
     cmd = [sys.executable, "-m", "cli.service", "keys", "new", "lab-x"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -185,7 +186,7 @@ def test_keys_new_prints_a_key_once_and_the_entry_holding_only_its_hash() -> Non
     key = re.search(r"^\s+(nsk_\S+)$", out.stdout, re.M)
     assert key is not None and len(key.group(1)) > 40
     entry = _json.loads(out.stdout[out.stdout.index("{"):])
-    assert entry["lab-x"]["keys"] == [hashlib.sha256(key.group(1).encode()).hexdigest()]
+    assert entry["lab-x"]["keys"] == [hash_api_key(key.group(1))]
     assert entry["lab-x"]["webhook_secret"].startswith("whsec_") and key.group(1) not in _json.dumps(entry)
     bad = subprocess.run([*cmd[:-1], "Lab X/../"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'Lab X/../'" in bad.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.redis_server import stop_process
+from cli.processes import stop_group
 from tests.service_stack import FAST, Stack, png_bytes, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
@@ -46,7 +46,7 @@ def test_jobs_queued_when_redis_is_stopped_survive_its_restart_and_complete(faul
     faults.kill_worker()  # nobody consumes: the jobs stay queued
     ids = [faults.submit_upload(png_bytes(64, 64, seed=70 + i), options=FAST).json()["id"] for i in range(5)]
     assert faults.redis is not None
-    assert stop_process(faults.redis) == 0  # SIGTERM: redis-server writes its AOF and exits cleanly
+    assert stop_group(faults.redis) == 0  # SIGTERM: redis-server writes its AOF and exits cleanly
     down = faults.client.get(f"/v1/jobs/{ids[0]}")
     assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
     assert (faults.data_dir / "redis" / "appendonlydir").is_dir() or \

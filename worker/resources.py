@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from core.redis_client import connect
 from core.settings import Settings, get_settings
 from core.store import JobStore
 
@@ -30,7 +31,7 @@ def process_store(settings: Settings | None = None) -> JobStore:
     if pid not in _stores:
         url = (settings or get_settings()).broker_url
         _stores.clear()
-        _stores[pid] = JobStore(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+        _stores[pid] = JobStore(connect(url))
     return _stores[pid]
 
 
