@@ -40,7 +40,8 @@ from model.card import ModelCard, Normalisation
 from model.checkpoint import LoadedModel
 from model.engine import EngineOptions
 from model.network import TwoHeadUnet, build_network
-from model.pipeline import OUTPUT_GROUPS, predict_reader
+from model.options import OUTPUT_GROUPS
+from model.pipeline import predict_reader
 from model.readers import SlideReader, open_slide
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
+from model.options import DEFAULTS, OUTPUT_GROUPS, Stats
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SLIDE = 0, 1, 2, 3
 
@@ -28,16 +29,17 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("slide", type=Path, help="slide or image file (svs, ndpi, mrxs, tiff, png, jpg, ...)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--model", default=settings.model, help="checkpoint (default: NUCSEG_MODEL or shipped model)")
-    p.add_argument("--tile", type=int, default=256, help="tile size in px (multiple of 32)")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in px")
-    p.add_argument("--block", type=int, default=2048, help="output block size in px")
-    p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    p.add_argument("--tile", type=int, default=DEFAULTS.tile_size, help="tile size in px (multiple of 32)")
+    p.add_argument("--overlap", type=int, default=DEFAULTS.overlap, help="tile overlap in px")
+    p.add_argument("--block", type=int, default=DEFAULTS.block_size, help="output block size in px")
+    p.add_argument("--batch", type=int, default=DEFAULTS.batch_size, help="tiles per forward pass")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=settings.precision)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=settings.device)
-    p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=DEFAULTS.tissue,
                    help="skip tiles without tissue (default: on for multi-level slides)")
-    p.add_argument("--mpp", type=float, default=None, help="µm/px of level 0 when the slide does not say")
-    p.add_argument("--outputs", default="masks,overlays,nuclei", help="comma list of masks,overlays,nuclei")
+    p.add_argument("--mpp", type=float, default=DEFAULTS.mpp, help="µm/px of level 0 when the slide does not say")
+    groups = ",".join(OUTPUT_GROUPS)
+    p.add_argument("--outputs", default=groups, help=f"comma list of {groups}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print stats as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,8 +50,9 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from model.checkpoint import load_model
-    from model.engine import EngineOptions, set_threads
+    from model.engine import set_threads
     from model.errors import CheckpointError, OptionsError, SlideError
+    from model.options import EngineOptions
     from model.pipeline import run_prediction
 
     settings = get_settings()
@@ -90,7 +93,7 @@ def _fail(code: int, message: str, as_json: bool) -> int:
     return code
 
 
-def _print_summary(stats: dict[str, Any], out: Path) -> None:
+def _print_summary(stats: Stats, out: Path) -> None:
     a = stats["analysis"]
     print(f"{stats['slide']['name']}: {a['width']}x{a['height']} px at {a['mpp']:.4f} µm/px, "
           f"{stats['tiles']['run']} tiles run, {stats['tiles']['skipped']} skipped, "

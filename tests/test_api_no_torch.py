@@ -58,3 +58,13 @@ def test_the_api_imports_only_packages_its_image_copies() -> None:
     outside = sorted(f"{name} ({path})" for name, path in ours.items()
                      if (REPO / path).relative_to(REPO).parts[0] not in copied)
     assert len(ours) > 10 and not outside, f"the API imports modules Dockerfile.api does not copy: {outside}"
+
+
+def test_the_contract_and_the_model_card_import_without_torch() -> None:
+    """``model.options`` is standard library only; the model card needs pydantic, never torch."""
+    probe = ("import sys, model.options, model.card; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'pydantic')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = {name.split(".")[0] for name in json.loads(out.stdout.replace("'", '"'))}
+    assert loaded == {"pydantic"}, loaded

@@ -17,7 +17,8 @@ from model.card import ModelCard
 from model.checkpoint import save_checkpoint
 from model.engine import EngineOptions
 from model.network import build_network
-from model.pipeline import result_files, run_prediction
+from model.options import result_files
+from model.pipeline import run_prediction
 from tests.samples import sample
 from tests.stubs import TrivialNet, loaded
 

@@ -13,9 +13,7 @@ from core.leases import LeaseKeeper
 from core.records import JobRecord
 from core.settings import Settings
 from model.errors import CancelledError
-
-CONTENT_TYPES = {".png": "image/png", ".json": "application/json", ".geojson": "application/geo+json",
-                 ".tiff": "image/tiff"}
+from model.options import JOB_FILE, Stats, content_type
 
 
 def sha256_file(path: Path, lease: LeaseKeeper | None = None, chunk: int = 4 << 20) -> str:
@@ -29,14 +27,14 @@ def sha256_file(path: Path, lease: LeaseKeeper | None = None, chunk: int = 4 << 
     return digest.hexdigest()
 
 
-def slide_facts(stats: dict[str, Any]) -> dict[str, Any]:
+def slide_facts(stats: Stats) -> dict[str, Any]:
     s, a = stats["slide"], stats["analysis"]
     return {"width": s["dimensions"][0], "height": s["dimensions"][1], "levels": s["levels"],
             "mpp": s["mpp"], "format": s["format"],
             "analysis": {"width": a["width"], "height": a["height"], "mpp": a["mpp"], "level": a["level"]}}
 
 
-def write_job_json(out_dir: Path, record: JobRecord, stats: dict[str, Any], worker: str,
+def write_job_json(out_dir: Path, record: JobRecord, stats: Stats, worker: str,
                    started: float, finished: float) -> None:
     """The durable record of a finished job, next to its results."""
     doc = {
@@ -52,7 +50,7 @@ def write_job_json(out_dir: Path, record: JobRecord, stats: dict[str, Any], work
         "redeliveries": record.redeliveries,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "job.json").write_text(json.dumps(doc, indent=2))
+    (out_dir / JOB_FILE).write_text(json.dumps(doc, indent=2))
 
 
 def publish_results(partial: Path, final: Path) -> list[dict[str, Any]]:
@@ -64,7 +62,7 @@ def publish_results(partial: Path, final: Path) -> list[dict[str, Any]]:
     partial.rename(final)
     return [
         {"name": p.name, "size_bytes": p.stat().st_size,
-         "content_type": CONTENT_TYPES.get(p.suffix, "application/octet-stream")}
+         "content_type": content_type(p.name)}
         for p in sorted(final.iterdir()) if p.is_file()
     ]
 

@@ -39,6 +39,7 @@ from core.records import JobError, JobRecord, Progress, Status
 from core.retention import discard_upload
 from core.settings import Settings, get_settings
 from model.errors import CancelledError, NucsegError
+from model.options import Stats, engine_options
 from worker.recovery import sweep_forever
 from worker.resources import get_model, process_store
 from worker.results import publish_results, remove_partials, sha256_file, slide_facts, write_job_json
@@ -159,8 +160,7 @@ class JobRunner:
             shutil.rmtree(self.partial, ignore_errors=True)  # already renamed away after a success
 
     # the work itself
-    def _execute(self, record: JobRecord, lease: LeaseKeeper) -> dict[str, Any]:
-        from model.engine import EngineOptions
+    def _execute(self, record: JobRecord, lease: LeaseKeeper) -> Stats:
         from model.pipeline import run_prediction
 
         self._progress("loading_model")
@@ -171,10 +171,7 @@ class JobRunner:
             record.slide.update(sha256=sha256_file(slide, lease), size_bytes=slide.stat().st_size)
             self._update(slide=record.slide)
         opts = record.options
-        options = EngineOptions(tile_size=opts["tile_size"], overlap=opts["overlap"],
-                                block_size=opts["block_size"], batch_size=opts["batch_size"],
-                                tissue=opts.get("tissue"), mpp=opts.get("mpp"),
-                                device=self.settings.device, precision=self.settings.precision)
+        options = engine_options(opts, device=self.settings.device, precision=self.settings.precision)
         self._progress("inference")
         stats = run_prediction(
             slide, self.partial, model, options, outputs=frozenset(opts["outputs"]),
@@ -199,7 +196,7 @@ class JobRunner:
                     f"slide_path {record.slide.get('path')!r} now resolves outside the slide root")
         return path
 
-    def _succeed(self, record: JobRecord, stats: dict[str, Any], started: float) -> dict[str, Any]:
+    def _succeed(self, record: JobRecord, stats: Stats, started: float) -> dict[str, Any]:
         finished = time.time()
         slide = {**record.slide, **slide_facts(stats)}
         model = {k: stats["model"][k] for k in ("name", "version", "encoder", "sha256", "format")}
