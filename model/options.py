@@ -23,7 +23,7 @@ SEMANTIC_CLASSES = ("background", "epithelial", "lymphocyte", "neutrophil", "mac
 TERNARY_CLASSES = ("background", "inside", "boundary")
 # RGB colours of the original project, used in palettes, overlays and legends.
 SEMANTIC_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (0, 255, 0))
-TERNARY_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (0, 255, 0), (255, 0, 0))
+TERNARY_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (0, 200, 100), (255, 100, 0))
 DEFAULT_ENCODER = "resnet18"  # the shipped model's encoder
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.reference import original_loop
+from benchmarks.reference import band_start, original_loop
 from core.settings import DEFAULT_MODEL
 from model.analysis import make_view
 from model.card import ModelCard
@@ -40,13 +40,21 @@ def _argmax_agreement(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
     return tuple(float((x.argmax(0) == y.argmax(0)).mean()) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
-def test_engine_matches_original_loop(he_region: np.ndarray, seeded_model: LoadedModel) -> None:
+def test_engine_matches_the_original_loop_outside_its_last_stride_band(he_region: np.ndarray,
+                                                                        seeded_model: LoadedModel) -> None:
+    """Our global grid and the original's tile placement agree exactly except where the original adds a
+    tile flush with its padded edge (the last stride band at the bottom and right)."""
     engine = Engine(seeded_model, EngineOptions(precision="fp32", device="cpu", tissue=False, block_size=300))
     ours = engine.predict_array(he_region)
     reference = original_loop(seeded_model.network, he_region)
-    sem_agree, ter_agree = _argmax_agreement(ours, reference)
-    assert sem_agree >= 0.999 and ter_agree >= 0.999, (sem_agree, ter_agree)
-    np.testing.assert_allclose(ours[0], reference[0], atol=1e-3, rtol=1e-3)
+    h, w = he_region.shape[:2]
+    y0, x0 = band_start(h, 256, 192), band_start(w, 256, 192)
+    assert (y0, x0) == (320, 320)  # 448x544 does trigger the original's flush tile on both axes
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(a[:, :y0, :x0], b[:, :y0, :x0], atol=1e-4, rtol=1e-4)
+        assert (a[:, :y0, :x0].argmax(0) == b[:, :y0, :x0].argmax(0)).all()
+    band = np.abs(ours[0] - reference[0])
+    assert band[:, y0:, :].max() > 1e-2 and band[:, :, x0:].max() > 1e-2  # the band really differs
 
 
 def test_bf16_agrees_with_fp32(he_region: np.ndarray) -> None:
