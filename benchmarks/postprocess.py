@@ -1,4 +1,4 @@
-"""Post-processing benchmark: the share of nuclei post-processing in total job time (issue 5).
+"""Post-processing benchmark: the share of nuclei post-processing in total job time.
 
 Run: ``python -m benchmarks.postprocess [--sizes 10000 20000] [--write]``
 

@@ -24,9 +24,9 @@ import torch
 from fastapi.testclient import TestClient
 
 import model.maps
+from api.deepzoom import MASK_TILE, SLIDE_TILE, dz_levels
 from api.deps import get_store
 from api.main import create_app
-from api.tiles import MASK_TILE, SLIDE_TILE, dz_levels
 from benchmarks.common import measured
 from core.records import JobRecord
 from core.settings import Settings

@@ -1,4 +1,4 @@
-"""docker-compose.yml structure and Dockerfile lint. No images are built here (there is no Docker)."""
+"""docker-compose.yml structure and Dockerfile lint. CI builds no images (it has no Docker engine)."""
 
 from __future__ import annotations
 

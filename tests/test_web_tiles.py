@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from api.tiles import MASK_TILE, SLIDE_OVERLAP, SLIDE_TILE, MaskPyramid, dz_level_size, dz_levels
+from api.deepzoom import MASK_TILE, SLIDE_OVERLAP, SLIDE_TILE, MaskPyramid, dz_level_size, dz_levels
 from model.writers import ClassMapStore, mask_pyramid_sizes, write_tiff_from_store
 from tests.service_stack import Stack, tissue_image
 

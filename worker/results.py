@@ -3,28 +3,14 @@ durable record), then renamed to ``results/<id>`` in one step."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from core.leases import LeaseKeeper
 from core.records import JobRecord
 from core.settings import Settings
-from model.errors import CancelledError
 from model.options import JOB_FILE, Stats, content_type
-
-
-def sha256_file(path: Path, lease: LeaseKeeper | None = None, chunk: int = 4 << 20) -> str:
-    """Hex sha256 of a file; stops early (CancelledError) if the lease is lost."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-            if lease is not None and lease.lost.is_set():
-                raise CancelledError(f"lease lost while hashing {path.name!r}")
-    return digest.hexdigest()
 
 
 def slide_facts(stats: Stats) -> dict[str, Any]:

@@ -42,12 +42,12 @@ from model.errors import CancelledError, NucsegError
 from model.options import Stats, engine_options
 from worker.recovery import sweep_forever
 from worker.resources import get_model, process_store
-from worker.results import publish_results, remove_partials, sha256_file, slide_facts, write_job_json
+from worker.results import publish_results, remove_partials, slide_facts, write_job_json
 from worker.webhooks import dispatch_forever
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 600.0
+RETRY_MAX_BACKOFF_S = 600.0
 
 
 class JobMessage(BaseModel):
@@ -146,7 +146,7 @@ class JobRunner:
             return self._end(record, "cancelled", started, stage="cancelled", lost=lease.lost.is_set(),
                              note=str(exc))
         except Exception as exc:
-            transient, error = classify(exc)
+            transient, error = classify_failure(exc)
             error = error.model_copy(update={"message": self._redact(error.message, record)})
             log.warning("job %s: %s error %s: %s", self.job_id, "transient" if transient else "permanent",
                         error.code, error.message, exc_info=not isinstance(exc, NucsegError))
@@ -161,6 +161,7 @@ class JobRunner:
 
     # the work itself
     def _execute(self, record: JobRecord, lease: LeaseKeeper) -> Stats:
+        from model.checkpoint import sha256_file
         from model.pipeline import run_prediction
 
         self._progress("loading_model")
@@ -168,7 +169,8 @@ class JobRunner:
         slide = self._slide_path(record)
         if not record.slide.get("sha256"):
             self._progress("hashing")
-            record.slide.update(sha256=sha256_file(slide, lease), size_bytes=slide.stat().st_size)
+            digest = sha256_file(slide, should_stop=lease.lost.is_set)
+            record.slide.update(sha256=digest, size_bytes=slide.stat().st_size)
             self._update(slide=record.slide)
         opts = record.options
         options = engine_options(opts, device=self.settings.device, precision=self.settings.precision)
@@ -228,7 +230,7 @@ class JobRunner:
         return {"job_id": self.job_id, "status": status}
 
     def _retry(self, record: JobRecord, error: JobError) -> dict[str, Any]:
-        delay = min(self.settings.retry_backoff_s * 2 ** record.retries, MAX_BACKOFF_S)
+        delay = min(self.settings.retry_backoff_s * 2 ** record.retries, RETRY_MAX_BACKOFF_S)
         if not self.store.schedule_retry(self.job_id, self.token, delay, error):
             return {"job_id": self.job_id, "status": "lost"}
         raise RetryableError(error, delay)
@@ -265,7 +267,7 @@ class JobRunner:
             log.warning("metrics not recorded: %s", exc)
 
 
-def classify(exc: BaseException) -> tuple[bool, JobError]:
+def classify_failure(exc: BaseException) -> tuple[bool, JobError]:
     """``(transient, error)``: the code and message a failed job shows."""
     if isinstance(exc, NucsegError):
         return False, JobError(code=exc.code, message=str(exc))

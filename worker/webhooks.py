@@ -36,7 +36,7 @@ from core.store import JobStore
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 900.0
+WEBHOOK_MAX_BACKOFF_S = 900.0
 USER_AGENT = "nucseg-webhooks/1"
 
 
@@ -129,7 +129,7 @@ class Dispatcher:
 
     def _next_at(self, record: JobRecord) -> float | None:
         """When to try again, or None once the retry window after the job's end has passed."""
-        delay = min(self.settings.webhook_backoff_s * 2 ** record.webhook_attempt_count, MAX_BACKOFF_S)
+        delay = min(self.settings.webhook_backoff_s * 2 ** record.webhook_attempt_count, WEBHOOK_MAX_BACKOFF_S)
         first = record.finished_at or time.time()
         next_at = time.time() + delay
         return next_at if next_at - first <= self.settings.webhook_max_age_s else None

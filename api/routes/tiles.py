@@ -11,11 +11,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from api.deepzoom import MaskPyramid, SlideTiles, l0_per_analysis_px, mask_pyramid, rgba_png, slide_tiles
 from api.deps import JobIdPath, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
 from api.routes.jobs import require_job
 from api.schemas import error_responses
-from api.tiles import MaskPyramid, SlideTiles, l0_per_analysis_px, mask_pyramid, rgba_png, slide_tiles
 from core.records import JobRecord
 from core.settings import Settings
 from model.options import STATS_FILE
