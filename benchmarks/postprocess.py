@@ -151,7 +151,7 @@ def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str],
 
 
 def _cmu() -> Path:
-    from tests.samples import sample
+    from tests.helpers.samples import sample
 
     return sample("cmu_small_region.svs")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +9,7 @@ import redis
 
 from cli.processes import stop_group
 from cli.redis_server import start_redis
-from tests.service_stack import KEYS, Stack, free_port
+from tests.helpers.service_stack import KEYS, Stack, free_port
 
 
 @pytest.fixture(scope="session")
@@ -20,17 +19,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     Auth is on: ``stack.client`` and the client SDK (through ``NUCSEG_API_KEY``) act as tenant
     ``lab-a``; ``stack.client_for("lab-b")`` is another tenant.
     """
-    running = Stack.start(tmp_path_factory.mktemp("service"))
-    previous = os.environ.get("NUCSEG_API_KEY")
-    os.environ["NUCSEG_API_KEY"] = KEYS["lab-a"]
-    try:
+    with Stack.running(tmp_path_factory.mktemp("service")) as running, pytest.MonkeyPatch.context() as env:
+        env.setenv("NUCSEG_API_KEY", KEYS["lab-a"])
         yield running
-    finally:
-        running.stop()
-        if previous is None:
-            os.environ.pop("NUCSEG_API_KEY", None)
-        else:
-            os.environ["NUCSEG_API_KEY"] = previous
 
 
 @pytest.fixture(scope="module")
