@@ -79,3 +79,15 @@ def test_ids_and_names_cannot_escape_their_path_segment(tmp_path: Path) -> None:
     job = nucseg_client.Job(client(rec), job_body("succeeded"))
     with pytest.raises(ValueError, match=r"'\.\./etc/passwd'"):
         job.download("../etc/passwd", tmp_path)
+
+
+def test_network_errors_do_not_shadow_the_builtins_but_are_caught_by_them() -> None:
+    import warnings
+
+    assert issubclass(nucseg_client.TimeoutException, TimeoutError)
+    assert issubclass(nucseg_client.ConnectError, ConnectionError)
+    assert not {"TimeoutError", "ConnectionError"} & set(nucseg_client.__all__)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert nucseg_client.TimeoutError is nucseg_client.TimeoutException  # the 0.1.0 name, deprecated
+    assert [w.category for w in caught] == [DeprecationWarning]

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import nucseg_client
 import pytest
-from nucseg_client import JobFailed, TimeoutError
+from nucseg_client import JobFailed, TimeoutException
 
 from tests.helpers.client_mock import JOB_ID, Recorder, Sleeps, client, job_body, sequence
 
@@ -36,7 +36,7 @@ def test_wait_honours_retry_after_on_the_job() -> None:
 def test_wait_times_out_on_the_injected_clock() -> None:
     sleeps = Sleeps()
     job = nucseg_client.Job(client(sequence(job_body("running")), sleeps), job_body())
-    with pytest.raises(TimeoutError, match=f"job {JOB_ID} is still running after waiting 5"):
+    with pytest.raises(TimeoutException, match=f"job {JOB_ID} is still running after waiting 5"):
         job.wait(timeout=5, progress=False)
     assert sum(sleeps) == pytest.approx(5.0)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import nucseg_client
 import pytest
-from nucseg_client import ApiError, Client, ConnectionError, NucsegError, Retries, TimeoutError
+from nucseg_client import ApiError, Client, ConnectError, NucsegError, Retries, TimeoutException
 
 from tests.helpers.client_mock import JOB_ID, Recorder, Sleeps, client, err, job_body
 
@@ -106,7 +106,7 @@ def test_non_idempotent_requests_are_retried_only_if_nothing_was_sent() -> None:
     assert job.deleted and len(rec.requests) == 2 and sleeps == [0.5]
     rec = Recorder(httpx.ReadError("connection reset"))
     job = nucseg_client.Job(client(rec), job_body("succeeded"))
-    with pytest.raises(ConnectionError, match="connection broke during DELETE"):
+    with pytest.raises(ConnectError, match="connection broke during DELETE"):
         job.delete()
     assert len(rec.requests) == 1
 
@@ -117,7 +117,7 @@ def test_connection_refused_by_a_real_closed_port() -> None:
         port = s.getsockname()[1]  # closed again when the block ends
     sleeps = Sleeps()
     with Client(f"http://127.0.0.1:{port}", retries=Retries(total=2, jitter=False), sleep=sleeps) as c, \
-            pytest.raises(ConnectionError) as info:
+            pytest.raises(ConnectError) as info:
         c.models()
     assert sleeps == [0.5, 1.0]
     assert f"127.0.0.1:{port}" in str(info.value) and "NUCSEG_URL" in str(info.value)
@@ -126,6 +126,6 @@ def test_connection_refused_by_a_real_closed_port() -> None:
 
 def test_timeouts_map_to_our_timeout_error() -> None:
     rec = Recorder(httpx.ReadTimeout("timed out"))
-    with pytest.raises(TimeoutError, match="read timeout during GET") as info:
+    with pytest.raises(TimeoutException, match="read timeout during GET") as info:
         client(rec, retries=Retries(total=1, jitter=False)).job(JOB_ID)
     assert isinstance(info.value, builtins.TimeoutError) and len(rec.requests) == 2
