@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLES := .cache/samples/cmu_small_region.svs
-SRC := api worker model training client benchmarks scripts tests
+PACKAGES := api core worker cli model training
+SRC := $(PACKAGES) client benchmarks scripts tests
 
-.PHONY: venv samples up predict-sample test lint typecheck pytest bench clean web-vendor
+.PHONY: venv samples up predict-sample test lint typecheck pytest chromium bench clean web-vendor
 
 venv: $(STAMP)
 
@@ -33,12 +34,24 @@ lint: venv
 	$(VENV)/bin/ruff check $(SRC)
 
 typecheck: venv
-	$(VENV)/bin/mypy api worker model training client/nucseg_client
+	$(VENV)/bin/mypy $(PACKAGES) client/nucseg_client
 
 pytest: venv samples
 	$(PY) -m pytest -q
 
-test: lint typecheck pytest
+test: chromium lint typecheck pytest
+
+# The browser tests drive Debian's Chromium (no browser download): install it once if missing and
+# this user may (root or password-less sudo), otherwise say how and stop before any test runs.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else \
+	    echo "$(CHROMIUM) is missing (browser tests): run 'sudo apt-get install -y chromium' once" >&2; exit 1; fi; \
+	  echo "installing Chromium for the browser tests (apt-get)"; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
 
 bench: venv samples
 	$(PY) -m benchmarks.engine

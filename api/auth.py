@@ -9,13 +9,12 @@ caller is the ``default`` tenant.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
 
 from api.errors import ApiError
-from worker.settings import DEFAULT_TENANT, Settings
+from core.settings import DEFAULT_TENANT, Settings, hash_api_key
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="nucseg"'}
 
@@ -33,17 +32,12 @@ class KeyTable:
         return cls(tuple(pairs))
 
     def tenant_for(self, key: str) -> str | None:
-        digest = hashlib.sha256(key.encode()).digest()
+        digest = bytes.fromhex(hash_api_key(key))
         found: str | None = None
         for known, tenant in self.entries:
             if hmac.compare_digest(digest, known) and found is None:
                 found = tenant
         return found
-
-
-def hash_key(key: str) -> str:
-    """The sha256 hex digest to configure for ``key``."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def authenticate(header: str | None, table: KeyTable, settings: Settings, server_host: str | None) -> str:

@@ -16,9 +16,11 @@ from fastapi import Depends, Path, Request
 
 from api.auth import KeyTable, authenticate
 from api.limits import RateLimiter
-from worker.celery_app import create_celery
-from worker.jobs import JOB_ID_PATTERN, JobStore
-from worker.settings import Settings, get_settings
+from core.celery_app import create_celery
+from core.records import JOB_ID_PATTERN
+from core.redis_client import connect
+from core.settings import Settings, get_settings
+from core.store import JobStore
 
 T = TypeVar("T")
 
@@ -41,9 +43,7 @@ class Resources:
             return value
 
     def redis(self, settings: Settings) -> redis.Redis:
-        return self._per_url("redis", settings, lambda: redis.Redis.from_url(
-            settings.broker_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2,
-            health_check_interval=30))
+        return self._per_url("redis", settings, lambda: connect(settings.broker_url))
 
     def store(self, settings: Settings) -> JobStore:
         return self._per_url("store", settings, lambda: JobStore(self.redis(settings)))

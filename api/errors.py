@@ -1,23 +1,7 @@
 """One exception -> HTTP mapping: every error leaves the API as ``{"error": {"code", "message"}}``.
 
-Status codes:
-
-- 400 ``bad_request`` and friends: the request itself is malformed (no slide given, bad JSON,
-  a bad cursor or Range header).
-- 404 ``not_found``, ``job_not_found``, ``result_not_found``.
-- 405 ``method_not_allowed``.
-- 409 ``idempotency_conflict`` (same key, different body), ``results_not_ready``.
-- 413: too many bytes sent: ``upload_too_large``, ``body_too_large``, ``field_too_large``,
-  ``metadata_too_large``.
-- 415 ``unsupported_slide`` (the bytes are no slide format we read), ``unsupported_content_type``.
-- 416 ``range_not_satisfiable``.
-- 422: well-formed but unusable: ``validation_error`` (unknown or out-of-range options),
-  ``invalid_job_id``, ``invalid_slide_path``, ``slide_not_found``, ``slide_path_disabled``,
-  ``unreadable_slide``, ``slide_too_large`` (too many *pixels*: 422, not 413, because the client
-  cannot fix it by sending fewer bytes, and a ``slide_path`` job sends almost none).
-- 401 and 429 are reserved for authentication and rate limits.
-- 503 ``store_unavailable``, ``broker_unavailable``, ``no_workers``.
-- 500 ``internal_error`` (the message does not leak details; the log has them).
+The status codes, and the error codes each one carries, are listed once: in the table "Status codes
+and error codes" of ``docs/SERVICE.md``. Keep it current when a code is added here.
 """
 
 from __future__ import annotations

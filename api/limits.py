@@ -15,8 +15,9 @@ import time
 import redis
 
 from api.errors import ApiError
-from worker.jobs import PREFIX, JobStore
-from worker.settings import Settings
+from core.keys import Keys
+from core.settings import Settings
+from core.store import JobStore
 
 QUEUE_FULL_RETRY_S = 30
 
@@ -45,7 +46,7 @@ class RateLimiter:
         """0 when the request may go ahead (and counts it), else how long to wait."""
         interval_ms = 60_000.0 / settings.submit_rate_per_min
         args = [int(time.time() * 1000), interval_ms, settings.submit_burst]
-        return int(self._script(keys=[f"{PREFIX}rate:submit:{tenant}"], args=args))
+        return int(self._script(keys=[Keys.submit_rate(tenant)], args=args))
 
     def check(self, tenant: str, settings: Settings) -> None:
         """Raise 429 ``rate_limited`` when the tenant is over its submission rate."""

@@ -22,7 +22,7 @@ from api.deps import Resources
 from api.errors import error_body, install_error_handlers
 from api.routes import health, jobs, metrics, models, results, tiles, web
 from api.schemas import JobCreate
-from worker.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 
 def _version() -> str:

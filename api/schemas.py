@@ -7,11 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from worker.jobs import JobRecord, Status
-
-OutputGroup = Literal["masks", "overlays", "nuclei"]
-# Must equal model.pipeline.OUTPUT_GROUPS (a test checks it); the API cannot import the pipeline (torch).
-OUTPUT_GROUPS: tuple[OutputGroup, ...] = ("masks", "overlays", "nuclei")
+from core.records import JobRecord, Status
+from model.options import DEFAULTS, OUTPUT_GROUPS, OutputGroup
 
 
 class JobOptions(BaseModel):
@@ -19,12 +16,13 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tile_size: int = Field(256, ge=32, le=2048, multiple_of=32, description="tile side in px (x32)")
-    overlap: int = Field(64, ge=0, le=1024, description="overlap of neighbouring tiles in px (< tile_size)")
-    block_size: int = Field(2048, ge=64, le=16384, description="output block side in px (progress unit)")
-    batch_size: int = Field(8, ge=1, le=256, description="tiles per forward pass")
-    tissue: bool | None = Field(None, description="skip tiles without tissue (default: on for WSIs)")
-    mpp: float | None = Field(None, gt=0, le=1000, description="µm/px of level 0, overriding the slide's")
+    tile_size: int = Field(DEFAULTS.tile_size, ge=32, le=2048, multiple_of=32, description="tile side in px (x32)")
+    overlap: int = Field(DEFAULTS.overlap, ge=0, le=1024,
+                         description="overlap of neighbouring tiles in px (< tile_size)")
+    block_size: int = Field(DEFAULTS.block_size, ge=64, le=16384, description="output block side in px (progress unit)")
+    batch_size: int = Field(DEFAULTS.batch_size, ge=1, le=256, description="tiles per forward pass")
+    tissue: bool | None = Field(DEFAULTS.tissue, description="skip tiles without tissue (default: on for WSIs)")
+    mpp: float | None = Field(DEFAULTS.mpp, gt=0, le=1000, description="µm/px of level 0, overriding the slide's")
     outputs: list[OutputGroup] = Field(default_factory=lambda: list(OUTPUT_GROUPS), min_length=1,
                                        description="result groups to produce")
 

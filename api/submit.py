@@ -20,11 +20,11 @@ from pydantic import ValidationError
 from api.errors import ApiError, validation_error
 from api.schemas import JobCreate, JobOptions
 from api.uploads import receive_multipart
+from core.netguard import CallbackUrlError, check_url
+from core.records import JobRecord, Progress, now
+from core.settings import Settings
 from model.errors import SlideError
 from model.readers import open_slide
-from worker.jobs import JobRecord, Progress, now
-from worker.netguard import CallbackUrlError, check_url
-from worker.settings import Settings
 
 
 @dataclass

@@ -40,7 +40,7 @@ from model.maps import ClassMapSink
 from model.network import build_network
 from model.readers import open_slide
 from model.tiling import Box, TileGrid
-from tests.samples import sample
+from tests.helpers.samples import sample
 
 
 @dataclass
@@ -151,7 +151,7 @@ def memory_child(side: int, encoder: str) -> None:
     """Child process: engine over a generated ``side``-px pyramid (constant tissue), print peak RSS."""
     import resource
 
-    from tests.synthetic import write_pyramid
+    from tests.helpers.synthetic import write_pyramid
 
     with tempfile.TemporaryDirectory() as tmp:
         slide = write_pyramid(Path(tmp) / f"s{side}.tiff", side, side, tissue_fraction=0.0, cell=1024)

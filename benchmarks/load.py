@@ -1,6 +1,6 @@
 """Service load: ``python -m benchmarks.load [--jobs 200] [--kill-worker]``.
 
-Starts the live test stack (``tests.service_stack.Stack``: redis-server, uvicorn, the tiny random-init
+Starts the live test stack (``tests.helpers.service_stack.Stack``: redis-server, uvicorn, the tiny random-init
 resnet18) with two workers, submits ``--jobs`` 64x64 PNG uploads at once from 32 threads (one unique
 Idempotency-Key each) while a poller thread GETs every job round robin until all are terminal.
 Reports submit and GET latency p50/p99 and the wall time until all complete, and checks that no job
@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import machine
-from tests.service_stack import FAST, TERMINAL, Stack, png_bytes
+from tests.helpers.service_stack import FAST, TERMINAL, Stack, png_bytes
 
 THREADS = 32
 EXTRA_WORKER = "bench-2@localhost"
@@ -159,9 +159,8 @@ def pct(seconds: list[float], q: float) -> float:
 
 def load(n_jobs: int, kill: bool, timeout_s: float) -> int:
     root = Path(tempfile.mkdtemp(prefix="nucseg-load-"))
-    stack = Stack.start(root, env=LIMITS)
     run = Run()
-    try:
+    with Stack.running(root, env=LIMITS) as stack:
         extra_started = time.time()
         extra = stack.start_extra_worker(EXTRA_WORKER)
         wait_two_workers(stack, extra_started)
@@ -183,8 +182,6 @@ def load(n_jobs: int, kill: bool, timeout_s: float) -> int:
         results = stack.data_dir / "results"
         folders = [p.name for p in results.iterdir() if not p.name.startswith(".")]
         partials = len(list((results / ".partial").glob("*"))) if (results / ".partial").exists() else 0
-    finally:
-        stack.stop()
     bad = check(n_jobs, run, listed, folders)
     report(n_jobs, kill, run, listed, folders, partials, bad)
     if any(bad.values()):

@@ -1,4 +1,4 @@
-"""Post-processing benchmark: the share of nuclei post-processing in total job time (issue 5).
+"""Post-processing benchmark: the share of nuclei post-processing in total job time.
 
 Run: ``python -m benchmarks.postprocess [--sizes 10000 20000] [--write]``
 
@@ -40,7 +40,8 @@ from model.card import ModelCard, Normalisation
 from model.checkpoint import LoadedModel
 from model.engine import EngineOptions
 from model.network import TwoHeadUnet, build_network
-from model.pipeline import OUTPUT_GROUPS, predict_reader
+from model.options import OUTPUT_GROUPS
+from model.pipeline import predict_reader
 from model.readers import SlideReader, open_slide
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -150,7 +151,7 @@ def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str],
 
 
 def _cmu() -> Path:
-    from tests.samples import sample
+    from tests.helpers.samples import sample
 
     return sample("cmu_small_region.svs")
 

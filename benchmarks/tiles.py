@@ -1,7 +1,7 @@
 """Deep Zoom tile latency on a 20k px job: ``python -m benchmarks.tiles [--side 20480] [--requests 300]``.
 
-1. Writes a generated pyramidal TIFF slide (``tests.synthetic.write_pyramid``) and runs the real
-   pipeline on it with a near-free stub network (``tests.stubs.TrivialNet``), masks only, so the
+1. Writes a generated pyramidal TIFF slide (``tests.helpers.synthetic.write_pyramid``) and runs the real
+   pipeline on it with a near-free stub network (``tests.helpers.stubs.TrivialNet``), masks only, so the
    results folder holds ``semantic.tiff`` / ``ternary.tiff`` as the worker writes them.
 2. Serves the job from the real app in-process (Starlette ``TestClient``; the job store is replaced by
    a one-record stand-in, so no Redis) and times random tile requests per kind, cold (first request of
@@ -24,17 +24,17 @@ import torch
 from fastapi.testclient import TestClient
 
 import model.maps
+from api.deepzoom import MASK_TILE, SLIDE_TILE, dz_levels
 from api.deps import get_store
 from api.main import create_app
-from api.tiles import MASK_TILE, SLIDE_TILE, dz_levels
 from benchmarks.common import measured
+from core.records import JobRecord
+from core.settings import Settings
 from model.engine import EngineOptions
 from model.pipeline import predict_reader
 from model.readers import open_slide
-from tests.stubs import TrivialNet, loaded
-from tests.synthetic import write_pyramid
-from worker.jobs import JobRecord
-from worker.settings import Settings
+from tests.helpers.stubs import TrivialNet, loaded
+from tests.helpers.synthetic import write_pyramid
 
 JOB_ID = "b" * 32
 

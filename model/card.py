@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.network import SEMANTIC_CLASSES, SEMANTIC_COLOURS, TERNARY_CLASSES, TERNARY_COLOURS
+from model.options import DEFAULT_ENCODER, SEMANTIC_CLASSES, SEMANTIC_COLOURS, TERNARY_CLASSES, TERNARY_COLOURS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +28,7 @@ class ModelCard(BaseModel):
 
     name: str = "unnamed"
     version: str = "0"
-    encoder: str = "resnet34"
+    encoder: str = DEFAULT_ENCODER
     semantic_classes: tuple[str, ...] = SEMANTIC_CLASSES
     ternary_classes: tuple[str, ...] = TERNARY_CLASSES
     semantic_colours: tuple[tuple[int, int, int], ...] = SEMANTIC_COLOURS

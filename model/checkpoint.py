@@ -17,6 +17,7 @@ import hashlib
 import json
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.card import ModelCard
-from model.errors import CheckpointError
+from model.errors import CancelledError, CheckpointError
 from model.network import TwoHeadUnet
 
 _RESNET_BLOCKS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"}
@@ -43,12 +44,14 @@ class LoadedModel:
     format: str
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+def sha256_file(path: Path, chunk: int = 4 << 20, should_stop: Callable[[], bool] | None = None) -> str:
+    """Hex sha256 of a file, read in chunks; raises ``CancelledError`` once ``should_stop()`` is true."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
+            if should_stop is not None and should_stop():
+                raise CancelledError(f"stopped while hashing {path.name!r}")
     return digest.hexdigest()
 
 

@@ -73,7 +73,7 @@ _prepared_lock = threading.Lock()
 def inference_network(network: nn.Module, device: torch.device) -> nn.Module:
     """``network`` folded, on ``device``, channels_last: prepared once per network, device and weights.
 
-    Folding traces the network with torch.fx (0.1-0.8 s for resnet18 on this CPU), so a worker that
+    Folding traces the network with torch.fx (0.1-0.8 s for resnet18 on a CPU), so a worker that
     runs many small jobs must not pay it for each one. The copy lives as long as ``network`` and is
     rebuilt when any parameter or buffer changed in place since (training, ``load_state_dict``).
     """

@@ -27,7 +27,8 @@ from model.blending import Accumulator, gaussian_weights
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision
-from model.errors import CancelledError, OptionsError
+from model.errors import CancelledError
+from model.options import EngineOptions
 from model.readers import ArrayReader, SlideReader
 from model.tilecache import BlockIndex, TileCache
 from model.tiling import Box, TileGrid, iter_batches, plan_blocks
@@ -36,38 +37,6 @@ from model.tissue import TissueMask, detect_tissue, full_tissue
 log = logging.getLogger(__name__)
 N_SEMANTIC = 5
 N_CHANNELS = 8  # 5 semantic + 3 ternary logits
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to cut and run the slide. Defaults follow the original project (256/64)."""
-
-    tile_size: int = 256
-    overlap: int = 64
-    block_size: int = 2048
-    batch_size: int = 8
-    precision: str = "auto"
-    device: str = "auto"
-    tissue: bool | None = None  # None: on for multi-level slides, off for single images
-    mpp: float | None = None  # overrides the slide's stated resolution
-    margin: int = 0  # extra blended pixels around each block, for post-processing
-    sigma_scale: float = 0.25
-    tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
-
-    def validate(self, multiple: int = 32) -> None:
-        """Raise ``OptionsError`` naming the bad value."""
-        if self.tile_size < multiple or self.tile_size % multiple:
-            raise OptionsError(f"tile_size must be a positive multiple of {multiple}, got {self.tile_size}")
-        if not 0 <= self.overlap < self.tile_size:
-            raise OptionsError(f"overlap must be in [0, tile_size={self.tile_size}), got {self.overlap}")
-        if self.block_size < 1:
-            raise OptionsError(f"block_size must be >= 1, got {self.block_size}")
-        if self.batch_size < 1:
-            raise OptionsError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.margin < 0:
-            raise OptionsError(f"margin must be >= 0, got {self.margin}")
-        if self.tile_cache_mb < 0:
-            raise OptionsError(f"tile_cache_mb must be >= 0, got {self.tile_cache_mb}")
 
 
 @dataclass

@@ -12,12 +12,12 @@ import torch
 from segmentation_models_pytorch.base import SegmentationHead
 from torch import nn
 
+# The class lists live in the contract module; training imports them from here too.
+from model.options import DEFAULT_ENCODER, SEMANTIC_CLASSES, TERNARY_CLASSES
+
+__all__ = ["DECODER_CHANNELS", "SEMANTIC_CLASSES", "TERNARY_CLASSES", "TwoHeadUnet", "build_network"]
+
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
-SEMANTIC_CLASSES = ("background", "epithelial", "lymphocyte", "neutrophil", "macrophage")
-TERNARY_CLASSES = ("background", "inside", "boundary")
-# Colours of the original project (RGB), used in palettes, overlays and legends.
-SEMANTIC_COLOURS = ((0, 0, 0), (255, 0, 0), (255, 255, 0), (0, 0, 255), (0, 255, 0))
-TERNARY_COLOURS = ((0, 0, 0), (0, 255, 0), (255, 0, 0))
 
 
 class TwoHeadUnet(nn.Module):
@@ -25,7 +25,7 @@ class TwoHeadUnet(nn.Module):
 
     def __init__(
         self,
-        encoder_name: str = "resnet34",
+        encoder_name: str = DEFAULT_ENCODER,
         n_semantic: int = len(SEMANTIC_CLASSES),
         n_ternary: int = len(TERNARY_CLASSES),
     ) -> None:
@@ -54,6 +54,6 @@ class TwoHeadUnet(nn.Module):
         return self.sem_head(decoded), self.ter_head(decoded)
 
 
-def build_network(encoder_name: str = "resnet34") -> TwoHeadUnet:
+def build_network(encoder_name: str = DEFAULT_ENCODER) -> TwoHeadUnet:
     """Build an untrained network; never downloads weights."""
     return TwoHeadUnet(encoder_name)

@@ -9,30 +9,16 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from model.checkpoint import LoadedModel
-from model.engine import BlockSink, Engine, EngineOptions, RunReport
+from model.engine import BlockSink, Engine, RunReport
 from model.maps import ClassMapSink
+from model.options import GROUP_FILES, OUTPUT_GROUPS, STATS_FILE, EngineOptions, Stats, result_files
 from model.postprocess import NucleusSink, engine_margin
 from model.readers import SlideReader, open_slide
 
-OUTPUT_GROUPS = ("masks", "overlays", "nuclei")
-_FILES = {
-    "masks": ("semantic.png", "ternary.png", "semantic.tiff", "ternary.tiff"),
-    "overlays": ("overlay_semantic.png", "overlay_ternary.png", "thumbnail.png"),
-    "nuclei": ("nuclei.geojson",),
-}
-STATS_FILE = "stats.json"
 NUCSEG_VERSION = "0.1.0"
-
-
-def result_files(outputs: frozenset[str] | set[str] = frozenset(OUTPUT_GROUPS)) -> list[str]:
-    """File names a run with these output groups produces (``stats.json`` always)."""
-    unknown = set(outputs) - set(OUTPUT_GROUPS)
-    if unknown:
-        raise ValueError(f"unknown output groups {sorted(unknown)}; allowed: {list(OUTPUT_GROUPS)}")
-    return [STATS_FILE] + [name for group in OUTPUT_GROUPS if group in outputs for name in _FILES[group]]
 
 
 def build_sinks(
@@ -41,7 +27,7 @@ def build_sinks(
     """The sinks for the requested outputs, and the engine options they need (e.g. a margin)."""
     sinks: list[BlockSink] = [ClassMapSink(out_dir, masks="masks" in outputs, overlays="overlays" in outputs)]
     if "nuclei" in outputs:
-        sinks.append(NucleusSink(out_dir / "nuclei.geojson"))
+        sinks.append(NucleusSink(out_dir / GROUP_FILES["nuclei"][0]))
         options = replace(options, margin=max(options.margin, engine_margin(model_mpp)))
     return sinks, options
 
@@ -57,7 +43,7 @@ def run_prediction(
     should_cancel: Callable[[], bool] | None = None,
     max_image_pixels: int = 200_000_000,
     max_slide_pixels: int = 20_000_000_000,
-) -> dict[str, Any]:
+) -> Stats:
     """Open the slide, run the engine, write the result files into ``out_dir``; return the stats."""
     reader = open_slide(slide_path, max_image_pixels=max_image_pixels, max_slide_pixels=max_slide_pixels)
     try:
@@ -76,7 +62,7 @@ def predict_reader(
     outputs: frozenset[str] = frozenset(OUTPUT_GROUPS),
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
-) -> dict[str, Any]:
+) -> Stats:
     """Like ``run_prediction`` for an already open reader."""
     result_files(outputs)  # validates the names
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,11 +78,11 @@ def predict_reader(
 
 
 def build_stats(reader: SlideReader, model: LoadedModel, options: EngineOptions, report: RunReport,
-                outputs: frozenset[str], started: datetime) -> dict[str, Any]:
+                outputs: frozenset[str], started: datetime) -> Stats:
     """The content of ``stats.json``."""
     width, height = report.analysis_size
     mpp = report.analysis_mpp
-    return {
+    stats: dict[str, Any] = {
         "slide": {
             "name": reader.name,
             "format": reader.format,
@@ -121,6 +107,7 @@ def build_stats(reader: SlideReader, model: LoadedModel, options: EngineOptions,
         "warnings": report.warnings,
         "versions": versions(),
     }
+    return cast(Stats, stats)  # the sinks' parts (semantic, ternary, nuclei) are checked by the tests
 
 
 def _mpp_source(reader: SlideReader, options: EngineOptions) -> str:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from tests.service_stack import KEYS, Stack, free_port
-from worker.redis_server import start_redis, stop_process
+from cli.processes import stop_group
+from cli.redis_server import start_redis
+from tests.helpers.service_stack import KEYS, Stack, free_port
 
 
 @pytest.fixture(scope="session")
@@ -19,17 +19,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     Auth is on: ``stack.client`` and the client SDK (through ``NUCSEG_API_KEY``) act as tenant
     ``lab-a``; ``stack.client_for("lab-b")`` is another tenant.
     """
-    running = Stack.start(tmp_path_factory.mktemp("service"))
-    previous = os.environ.get("NUCSEG_API_KEY")
-    os.environ["NUCSEG_API_KEY"] = KEYS["lab-a"]
-    try:
+    with Stack.running(tmp_path_factory.mktemp("service")) as running, pytest.MonkeyPatch.context() as env:
+        env.setenv("NUCSEG_API_KEY", KEYS["lab-a"])
         yield running
-    finally:
-        running.stop()
-        if previous is None:
-            os.environ.pop("NUCSEG_API_KEY", None)
-        else:
-            os.environ["NUCSEG_API_KEY"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -42,4 +34,4 @@ def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
         yield client
     finally:
         client.close()
-        stop_process(proc)
+        stop_group(proc)

@@ -29,13 +29,14 @@ from typing import Any
 
 import httpx
 
-from worker.jobs import JobRecord, JobStore
-from worker.netguard import CallbackUrlError, check_url
-from worker.settings import Settings
+from core.netguard import CallbackUrlError, check_url
+from core.records import JobRecord
+from core.settings import Settings
+from core.store import JobStore
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 900.0
+WEBHOOK_MAX_BACKOFF_S = 900.0
 USER_AGENT = "nucseg-webhooks/1"
 
 
@@ -128,7 +129,7 @@ class Dispatcher:
 
     def _next_at(self, record: JobRecord) -> float | None:
         """When to try again, or None once the retry window after the job's end has passed."""
-        delay = min(self.settings.webhook_backoff_s * 2 ** record.webhook_attempt_count, MAX_BACKOFF_S)
+        delay = min(self.settings.webhook_backoff_s * 2 ** record.webhook_attempt_count, WEBHOOK_MAX_BACKOFF_S)
         first = record.finished_at or time.time()
         next_at = time.time() + delay
         return next_at if next_at - first <= self.settings.webhook_max_age_s else None

@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from api.deps import CeleryDep, RedisDep
 from api.errors import ApiError
 from api.schemas import Health, Ready, error_responses
-from worker.celery_app import ping_workers
+from core.celery_app import ping_workers
 
 router = APIRouter(tags=["health"])
 

@@ -16,10 +16,12 @@ from api.errors import ApiError
 from api.limits import check_queue, queue_full
 from api.schemas import CALLBACK_HELP, JobList, JobOut, error_responses
 from api.submit import Submission, check_callback, inspect_slide, receive
-from worker.celery_app import send_job
-from worker.jobs import JobRecord, JobStore, Status, new_job_id
-from worker.retention import discard_upload, remove_job_files
-from worker.settings import Settings
+from core.celery_app import send_job
+from core.keys import Keys
+from core.records import JobRecord, Status, new_job_id
+from core.retention import discard_upload, remove_job_files
+from core.settings import Settings
+from core.store import JobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -69,13 +71,13 @@ def _admit(limiter: Any, store: JobStore, tenant: str, settings: Settings, key: 
     the client must get its original job back even while the queue is full.
     """
     limiter.check(tenant, settings)
-    if key is None or store.lookup_idempotency(store.idempotency_key(tenant, key)) is None:
+    if key is None or store.lookup_idempotency(Keys.idempotency(tenant, key)) is None:
         check_queue(store, tenant, settings)
 
 
 def _create(sub: Submission, settings: Settings, store: JobStore, celery: Any, tenant: str,
             key: str | None) -> JSONResponse:
-    idem = (store.idempotency_key(tenant, key), sub.fingerprint()) if key else None
+    idem = (Keys.idempotency(tenant, key), sub.fingerprint()) if key else None
     if idem and (prior := store.lookup_idempotency(idem[0])):
         sub.discard()
         return _replay(store, key or "", prior, idem[1], tenant, settings)

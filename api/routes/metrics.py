@@ -11,8 +11,9 @@ from fastapi.responses import PlainTextResponse
 
 from api.deps import RedisDep, StoreDep, get_tenant
 from api.schemas import error_responses
-from worker.celery_app import QUEUES
-from worker.jobs import DURATION_BUCKETS, STATUSES
+from core.celery_app import QUEUES
+from core.metrics import DURATION_BUCKETS
+from core.records import STATUSES
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(get_tenant)])
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -21,7 +22,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 @router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401, 503))
 def metrics(store: StoreDep, client: RedisDep) -> PlainTextResponse:
     """Jobs by state, job duration histogram, tiles processed, broker queue lengths."""
-    counters = store.metric_counters()
+    counters = store.metrics.counters()
     lines = [
         *_family("nucseg_jobs", "gauge", "jobs in the store by state",
                  [({"status": s}, n) for s, n in store.count_by_status().items()]),

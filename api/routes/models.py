@@ -17,6 +17,6 @@ def list_models(store: StoreDep) -> ModelList:
     """Newest first: sha256, file, format, the card (classes, colours, mpp, licence), when loaded."""
     models = [
         ModelOut(**{**m, "loaded_at": datetime.fromtimestamp(float(m.get("loaded_at", 0)), UTC)})
-        for m in store.models()
+        for m in store.metrics.models()
     ]
     return ModelList(models=models)

@@ -10,13 +10,12 @@ from api.deps import JobIdPath, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
 from api.routes.jobs import require_job
 from api.schemas import error_responses
+from model.options import CONTENT_TYPES, FALLBACK_CONTENT_TYPE
 
 router = APIRouter(prefix="/v1/jobs", tags=["results"])
 
 
-# the content types results are served with: worker.tasks.CONTENT_TYPES and its fallback (not imported:
-# the API does not load the task module)
-_FILE_TYPES = ("image/png", "image/tiff", "application/json", "application/geo+json", "application/octet-stream")
+_FILE_TYPES = (*dict.fromkeys(CONTENT_TYPES.values()), FALLBACK_CONTENT_TYPE)  # what results are served as
 
 
 @router.api_route("/{job_id}/results/{name}", methods=["GET", "HEAD"], response_class=FileResponse,

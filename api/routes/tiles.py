@@ -11,13 +11,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from api.deepzoom import MaskPyramid, SlideTiles, l0_per_analysis_px, mask_pyramid, rgba_png, slide_tiles
 from api.deps import JobIdPath, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiError
 from api.routes.jobs import require_job
 from api.schemas import error_responses
-from api.tiles import MaskPyramid, SlideTiles, l0_per_analysis_px, mask_pyramid, rgba_png, slide_tiles
-from worker.jobs import JobRecord
-from worker.settings import Settings
+from core.records import JobRecord
+from core.settings import Settings
+from model.options import STATS_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["tiles"])
 
@@ -88,7 +89,7 @@ def get_tile(job_id: JobIdPath, image: str, level: str, tile: str, request: Requ
         return Response(tiles.jpeg(lvl, col, row), media_type="image/jpeg", headers=headers)
     mask = _mask(record, settings, image)
     _check_tile(mask.valid(lvl, col, row), image, lvl, col, row)
-    colours = _colours(settings.results_dir / job_id / "stats.json", image)
+    colours = _colours(settings.results_dir / job_id / STATS_FILE, image)
     return Response(rgba_png(mask.tile(lvl, col, row), colours), media_type="image/png", headers=headers)
 
 
@@ -149,7 +150,7 @@ def _mask(record: JobRecord, settings: Settings, image: str) -> MaskPyramid:
 
 def _stats(settings: Settings, job_id: str) -> dict[str, Any]:
     try:
-        return dict(json.loads((settings.results_dir / job_id / "stats.json").read_text()))
+        return dict(json.loads((settings.results_dir / job_id / STATS_FILE).read_text()))
     except (OSError, ValueError):
         return {}
 

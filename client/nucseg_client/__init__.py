@@ -22,9 +22,9 @@ Errors: every error raised on purpose derives from ``NucsegError``::
     │                                    'invalid_response'); code and message are the server's
     ├── JobFailed(code, message)         wait() saw the job fail (the server's code) or be cancelled
     │                                    (code 'cancelled'); .job is the Job
-    ├── TimeoutError                     a network timeout, or wait(timeout=...) ran out; also a
-    │                                    builtin TimeoutError
-    ├── ConnectionError                  the server could not be reached or the connection broke;
+    ├── TimeoutException                 a network timeout, or wait(timeout=...) ran out; also a
+    │                                    builtin TimeoutError (so ``except TimeoutError`` catches it)
+    ├── ConnectError                     the server could not be reached or the connection broke;
     │                                    also a builtin ConnectionError
     └── WebhookVerificationError         verify_webhook() refused a delivery (missing header, stale
                                          timestamp, bad signature)
@@ -45,10 +45,10 @@ from nucseg_client._client import Client, Job
 from nucseg_client._config import Retries, Timeout
 from nucseg_client._errors import (
     ApiError,
-    ConnectionError,
+    ConnectError,
     JobFailed,
     NucsegError,
-    TimeoutError,
+    TimeoutException,
     WebhookVerificationError,
 )
 from nucseg_client._models import JobError, Model, Progress, ResultFile, Webhook, WebhookAttempt
@@ -60,7 +60,7 @@ __all__ = [
     "AsyncClient",
     "AsyncJob",
     "Client",
-    "ConnectionError",
+    "ConnectError",
     "Job",
     "JobError",
     "JobFailed",
@@ -70,10 +70,22 @@ __all__ = [
     "ResultFile",
     "Retries",
     "Timeout",
-    "TimeoutError",
+    "TimeoutException",
     "Webhook",
     "WebhookAttempt",
     "WebhookVerificationError",
     "__version__",
     "verify_webhook",
 ]
+
+# The names of 0.1.0, which shadowed the builtins; kept importable, with a warning, until 0.2.
+_RENAMED = {"TimeoutError": "TimeoutException", "ConnectionError": "ConnectError"}
+
+
+def __getattr__(name: str) -> type[NucsegError]:
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"nucseg_client.{name} is now {_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from nucseg_client._config import DEFAULT_TIMEOUT, Retries, Timeout
-from nucseg_client._errors import ConnectionError
+from nucseg_client._errors import ConnectError
 from nucseg_client._http import (
     RetryState,
     api_error,
@@ -200,7 +200,7 @@ class AsyncJob(JobBase):
 
     async def wait(self, *, timeout: float | None = None, poll: float = 0.5, max_poll: float = 10.0,
                    progress: ProgressArg = True) -> AsyncJob:
-        """Poll until finished; raises ``JobFailed``/``TimeoutError``; see ``Job.wait``.
+        """Poll until finished; raises ``JobFailed``/``TimeoutException``; see ``Job.wait``.
 
         Example: ``await job.wait(timeout=600)``.
         """
@@ -301,5 +301,5 @@ class AsyncJob(JobBase):
             await response.aclose()
         try:
             return plan.finish()
-        except ConnectionError as exc:
+        except ConnectError as exc:
             raise Interrupted(exc) from exc

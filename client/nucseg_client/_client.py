@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from nucseg_client._config import DEFAULT_TIMEOUT, Retries, Timeout
-from nucseg_client._errors import ConnectionError
+from nucseg_client._errors import ConnectError
 from nucseg_client._http import (
     RetryState,
     api_error,
@@ -173,7 +173,7 @@ class Client:
         return self._send(self._http.build_request(method, path, **kwargs))
 
     def _send(self, request: httpx.Request, *, stream: bool = False, replayable: bool = True) -> httpx.Response:
-        """Send with retries; returns a 2xx response or raises ``ApiError``/``ConnectionError``/``TimeoutError``."""
+        """Send with retries; returns a 2xx response or raises ``ApiError``/``ConnectError``/``TimeoutException``."""
         state = RetryState(self.retries, request, replayable=replayable)
         while True:
             try:
@@ -230,7 +230,7 @@ class Job(JobBase):
         """Poll until the job has finished; returns ``self`` if it succeeded.
 
         Polls every ``poll`` seconds, growing x1.5 up to ``max_poll`` (a ``Retry-After`` from the
-        server wins). Raises ``JobFailed`` if the job failed or was cancelled, and ``TimeoutError``
+        server wins). Raises ``JobFailed`` if the job failed or was cancelled, and ``TimeoutException``
         after ``timeout`` seconds (the job keeps running). ``progress=True`` shows a bar on a terminal.
 
         Example::
@@ -353,6 +353,6 @@ class Job(JobBase):
             response.close()
         try:
             return plan.finish()
-        except ConnectionError as exc:
+        except ConnectError as exc:
             raise Interrupted(exc) from exc
 

@@ -81,14 +81,14 @@ class JobFailed(NucsegError):
         return f"{where}{self.code}: {self.message}"
 
 
-class TimeoutError(NucsegError, builtins.TimeoutError):
+class TimeoutException(NucsegError, builtins.TimeoutError):
     """A network operation or ``Job.wait(timeout=...)`` took too long (also a builtin ``TimeoutError``).
 
     Example::
 
         try:
             job.wait(timeout=600)
-        except TimeoutError:
+        except TimeoutException:
             job.cancel()
     """
 
@@ -96,14 +96,14 @@ class TimeoutError(NucsegError, builtins.TimeoutError):
         NucsegError.__init__(self, message)
 
 
-class ConnectionError(NucsegError, builtins.ConnectionError):
+class ConnectError(NucsegError, builtins.ConnectionError):
     """The server could not be reached, or the connection broke (also a builtin ``ConnectionError``).
 
     Example::
 
         try:
             client.models()
-        except ConnectionError as exc:
+        except ConnectError as exc:
             print(f"is the service up? {exc}")
     """
 

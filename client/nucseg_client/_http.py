@@ -18,7 +18,7 @@ from urllib.parse import quote
 import httpx
 
 from nucseg_client._config import Retries, Timeout
-from nucseg_client._errors import ApiError, ConnectionError, NucsegError, TimeoutError
+from nucseg_client._errors import ApiError, ConnectError, NucsegError, TimeoutException
 from nucseg_client._version import __version__
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT"})
@@ -108,15 +108,15 @@ class RetryState:
 
 
 def transport_error(exc: httpx.RequestError, request: httpx.Request) -> NucsegError:
-    """Map an httpx transport exception to ``TimeoutError`` or ``ConnectionError``."""
+    """Map an httpx transport exception to ``TimeoutException`` or ``ConnectError``."""
     what = f"{request.method} {request.url}"
     if isinstance(exc, httpx.TimeoutException):
         kind = type(exc).__name__.replace("Timeout", " timeout").lower().strip()
-        return TimeoutError(f"{kind} during {what}: {exc or 'no answer in time'}")
+        return TimeoutException(f"{kind} during {what}: {exc or 'no answer in time'}")
     if isinstance(exc, httpx.ConnectError):
-        return ConnectionError(f"cannot connect to {request.url.scheme}://{request.url.netloc.decode()}: "
+        return ConnectError(f"cannot connect to {request.url.scheme}://{request.url.netloc.decode()}: "
                                f"{exc} (is the service running, and is NUCSEG_URL right?)")
-    return ConnectionError(f"connection broke during {what}: {type(exc).__name__}: {exc}")
+    return ConnectError(f"connection broke during {what}: {type(exc).__name__}: {exc}")
 
 
 def retry_after(response: httpx.Response) -> float | None:

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import httpx
 
-from nucseg_client._errors import ConnectionError, JobFailed, TimeoutError
+from nucseg_client._errors import ConnectError, JobFailed, TimeoutException
 from nucseg_client._http import parse_time
 from nucseg_client._models import JobError, Progress, ResultFile, Webhook
 
@@ -127,14 +127,14 @@ class Poller:
         self.deadline = None if timeout is None else clock() + timeout
 
     def next_delay(self, status: str, retry_after: float | None) -> float:
-        """Seconds to sleep before the next poll; raises ``TimeoutError`` once the deadline has passed."""
+        """Seconds to sleep before the next poll; raises ``TimeoutException`` once the deadline has passed."""
         delay = retry_after if retry_after is not None else self.interval
         self.interval = min(self.interval * 1.5, self.max_poll)
         if self.deadline is None:
             return delay
         left = self.deadline - self.clock()
         if left <= 0:
-            raise TimeoutError(f"job {self.job_id} is still {status} after waiting {self.timeout} s")
+            raise TimeoutException(f"job {self.job_id} is still {status} after waiting {self.timeout} s")
         return min(delay, left)
 
 
@@ -196,7 +196,7 @@ class DownloadPlan:
         """Check the size and rename ``.part`` to the destination."""
         size = self.part.stat().st_size
         if self.total is not None and size != self.total:
-            raise ConnectionError(f"download of {self.dest.name} stopped at {size} of {self.total} bytes")
+            raise ConnectError(f"download of {self.dest.name} stopped at {size} of {self.total} bytes")
         os.replace(self.part, self.dest)
         return self.dest
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from nucseg_client._client import Client, Job
 from nucseg_client._config import Timeout
-from nucseg_client._errors import ApiError, ConnectionError, JobFailed, NucsegError, TimeoutError
+from nucseg_client._errors import ApiError, ConnectError, JobFailed, NucsegError, TimeoutException
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER = 0, 1, 2, 3
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -154,9 +154,9 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
         except ApiError as exc:
             code = EXIT_USAGE if 400 <= exc.status < 500 and exc.status not in (408, 429) else EXIT_SERVER
             return _fail(args, code, exc.code, str(exc))
-        except ConnectionError as exc:
+        except ConnectError as exc:
             return _fail(args, EXIT_SERVER, "connection_error", str(exc))
-        except TimeoutError as exc:
+        except TimeoutException as exc:
             return _fail(args, EXIT_SERVER, "timeout", str(exc))
         except NucsegError as exc:
             return _fail(args, EXIT_SERVER, "error", str(exc))
@@ -215,8 +215,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         print(f"submitted job {job.id}; waiting for it", file=sys.stderr, flush=True)
     try:
         job.wait(timeout=args.wait_timeout, progress=_bars(args))
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc}; it keeps running: nucseg status {job.id}") from exc
+    except TimeoutException as exc:
+        raise TimeoutException(f"{exc}; it keeps running: nucseg status {job.id}") from exc
     files = job.download_all(args.out or Path(job.id), progress=_bars(args))
     return _show_done(job, files, args)
 

@@ -1,0 +1,168 @@
+"""The contract every package shares, importable without torch (standard library only).
+
+- the classes the network predicts and their colours (the original project's palette);
+- ``EngineOptions``: how a slide is cut and run, with its defaults and validation (``nucseg
+  predict``, the API's job options and the worker all read them from here);
+- the output groups, the result files each group writes, and the content types results are
+  served with;
+- ``Stats``: the shape of ``stats.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import PurePath
+from typing import Any, Literal, NotRequired, TypedDict, get_args
+
+from model.errors import OptionsError
+
+Colour = tuple[int, int, int]
+
+SEMANTIC_CLASSES = ("background", "epithelial", "lymphocyte", "neutrophil", "macrophage")
+TERNARY_CLASSES = ("background", "inside", "boundary")
+# RGB colours of the original project, used in palettes, overlays and legends.
+SEMANTIC_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (0, 255, 0))
+TERNARY_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (0, 200, 100), (255, 100, 0))
+DEFAULT_ENCODER = "resnet18"  # the shipped model's encoder
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to cut and run the slide. Defaults follow the original project (256/64)."""
+
+    tile_size: int = 256
+    overlap: int = 64
+    block_size: int = 2048
+    batch_size: int = 8
+    precision: str = "auto"
+    device: str = "auto"
+    tissue: bool | None = None  # None: on for multi-level slides, off for single images
+    mpp: float | None = None  # overrides the slide's stated resolution
+    margin: int = 0  # extra blended pixels around each block, for post-processing
+    sigma_scale: float = 0.25
+    tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
+
+    def validate(self, multiple: int = 32) -> None:
+        """Raise ``OptionsError`` naming the bad value."""
+        if self.tile_size < multiple or self.tile_size % multiple:
+            raise OptionsError(f"tile_size must be a positive multiple of {multiple}, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise OptionsError(f"overlap must be in [0, tile_size={self.tile_size}), got {self.overlap}")
+        for name in ("block_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("margin", "tile_cache_mb"):
+            if getattr(self, name) < 0:
+                raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+DEFAULTS = EngineOptions()
+
+
+def engine_options(values: Mapping[str, Any], **overrides: Any) -> EngineOptions:
+    """``EngineOptions`` from a job's stored options (other keys, such as ``outputs``, are ignored)."""
+    names = {f.name for f in fields(EngineOptions)}
+    return EngineOptions(**{k: v for k, v in values.items() if k in names}, **overrides)
+
+
+# Result groups, in the order they are written and listed, and the files each one writes.
+OutputGroup = Literal["masks", "overlays", "nuclei"]
+OUTPUT_GROUPS: tuple[OutputGroup, ...] = get_args(OutputGroup)
+GROUP_FILES: dict[str, tuple[str, ...]] = {
+    "masks": ("semantic.png", "ternary.png", "semantic.tiff", "ternary.tiff"),
+    "overlays": ("overlay_semantic.png", "overlay_ternary.png", "thumbnail.png"),
+    "nuclei": ("nuclei.geojson",),
+}
+STATS_FILE = "stats.json"
+JOB_FILE = "job.json"  # the service's durable record of a job, beside its results
+CONTENT_TYPES = {".png": "image/png", ".tiff": "image/tiff", ".json": "application/json",
+                 ".geojson": "application/geo+json"}
+FALLBACK_CONTENT_TYPE = "application/octet-stream"
+
+
+def result_files(outputs: frozenset[str] | set[str] = frozenset(OUTPUT_GROUPS)) -> list[str]:
+    """File names a run with these output groups produces (``stats.json`` always)."""
+    unknown = set(outputs) - set(OUTPUT_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown output groups {sorted(unknown)}; allowed: {list(OUTPUT_GROUPS)}")
+    return [STATS_FILE] + [name for group in OUTPUT_GROUPS if group in outputs for name in GROUP_FILES[group]]
+
+
+def content_type(name: str) -> str:
+    """The content type a result file is served with."""
+    return CONTENT_TYPES.get(PurePath(name).suffix, FALLBACK_CONTENT_TYPE)
+
+
+# ---------------------------------------------------------------- the shape of stats.json
+
+
+class SlideStats(TypedDict):
+    name: str
+    format: str
+    dimensions: list[int]  # level 0 width, height
+    levels: int
+    mpp: float | None
+
+
+class AnalysisStats(TypedDict):
+    mpp: float
+    width: int
+    height: int
+    level: int
+    mpp_source: str  # slide | override | assumed_model_mpp
+
+
+class ClassStats(TypedDict):
+    pixels: int
+    area_um2: float
+    tissue_fraction: float | None
+
+
+class HeadStats(TypedDict):
+    classes: dict[str, ClassStats]
+    total_pixels: int
+    colours: list[list[int]]
+
+
+class TileStats(TypedDict):
+    run: int
+    reused: int
+    skipped: int
+    grid: int
+
+
+class BlockStats(TypedDict):
+    total: int
+    skipped: int
+
+
+class ModelStats(TypedDict):
+    name: str
+    version: str
+    encoder: str
+    sha256: str
+    format: str
+    mpp: float
+
+
+class Stats(TypedDict):
+    """``stats.json``: what one run measured. ``semantic``/``ternary`` come with the masks or
+    overlays, ``nuclei`` with the nuclei group."""
+
+    slide: SlideStats
+    analysis: AnalysisStats
+    tissue: dict[str, Any]
+    semantic: NotRequired[HeadStats]
+    ternary: NotRequired[HeadStats]
+    nuclei: NotRequired[dict[str, Any]]
+    tiles: TileStats
+    blocks: BlockStats
+    model: ModelStats
+    parameters: dict[str, Any]
+    device: str
+    precision: str
+    timings_s: dict[str, float]
+    started_at: str
+    warnings: list[str]
+    versions: dict[str, str]

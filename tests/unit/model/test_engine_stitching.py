@@ -1,0 +1,117 @@
+"""Exact stitching: trivial networks over grids of tile x overlap x image size x block size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.engine import CollectSink, Engine, EngineOptions
+from model.readers import ArrayReader
+from model.tiling import Box, TileGrid, plan_blocks
+from tests.helpers.stubs import TrivialNet, loaded
+
+TILE_OVERLAPS = ((32, 0), (32, 8), (64, 24), (96, 40))
+SIZES = ((32, 32), (37, 100), (191, 257), (64, 65))
+FNS = {
+    "constant": (lambda x: x * 0 + 0.375, lambda img: np.full((*img.shape[:2], 3), 0.375, np.float32)),
+    "identity": (lambda x: x, lambda img: img.astype(np.float32) / 255.0),
+    "x_plus_1": (lambda x: x + 1.0, lambda img: img.astype(np.float32) / 255.0 + 1.0),
+}
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _run(image: np.ndarray, fn_name: str, tile: int, overlap: int, block: int) -> CollectSink:
+    engine = Engine(loaded(TrivialNet(FNS[fn_name][0])),
+                    EngineOptions(tile_size=tile, overlap=overlap, block_size=block, batch_size=3,
+                                  precision="fp32", device="cpu", tissue=False))
+    sink = CollectSink()
+    engine.run(ArrayReader(image, mpp=0.25), [sink])
+    return sink
+
+
+def _expected(image: np.ndarray, fn_name: str) -> np.ndarray:
+    rgb = FNS[fn_name][1](image).transpose(2, 0, 1)
+    return np.concatenate((rgb, rgb[:2], rgb))
+
+
+@pytest.mark.parametrize(("tile", "overlap"), TILE_OVERLAPS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("fn_name", sorted(FNS))
+def test_blend_equals_analytic_and_blocks_equal_whole(tile: int, overlap: int, size: tuple[int, int],
+                                                        fn_name: str) -> None:
+    image = _image(*size)
+    whole = _run(image, fn_name, tile, overlap, block=4096)
+    assert whole.covered is not None and whole.covered.all(), "every pixel must be covered"
+    np.testing.assert_allclose(whole.logits, _expected(image, fn_name), atol=1e-5, rtol=0)
+    for block in (17, 50):
+        blocked = _run(image, fn_name, tile, overlap, block=block)
+        np.testing.assert_allclose(blocked.logits, whole.logits, atol=1e-5, rtol=0)
+
+
+def test_position_dependent_network_blends_identically_across_blocks() -> None:
+    """A network whose output depends on the position inside the tile: blocks must not matter."""
+
+    def ramp(x):  # type: ignore[no-untyped-def]
+        import torch
+
+        t = x.shape[-1]
+        pos = torch.arange(t, dtype=x.dtype).view(1, 1, 1, t) / t
+        return x * 0.5 + pos
+
+    image = _image(150, 170, seed=3)
+    opts = dict(tile_size=64, overlap=24, batch_size=5, precision="fp32", device="cpu", tissue=False)
+    sinks = []
+    for block in (4096, 33, 70):
+        engine = Engine(loaded(TrivialNet(ramp)), EngineOptions(block_size=block, **opts))  # type: ignore[arg-type]
+        sink = CollectSink()
+        engine.run(ArrayReader(image, mpp=0.25), [sink])
+        sinks.append(sink)
+    for other in sinks[1:]:
+        np.testing.assert_allclose(other.logits, sinks[0].logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("width", "height", "tile", "overlap"), [(1, 1, 32, 8), (500, 33, 64, 16), (257, 1000, 96, 0)])
+def test_grid_covers_image_and_tiles_touching_is_exact(width: int, height: int, tile: int, overlap: int) -> None:
+    grid = TileGrid(tile, overlap, width, height)
+    last = grid.tile_box(grid.n_x - 1, grid.n_y - 1)
+    assert last.x1 >= width and last.y1 >= height
+    assert grid.n_x == 1 or grid.tile_box(grid.n_x - 2, 0).x1 < width
+    for block in plan_blocks(width, height, 45):
+        touching = set(grid.tiles_touching(block))
+        brute = {(tx, ty) for ty in range(grid.n_y) for tx in range(grid.n_x)
+                 if grid.tile_box(tx, ty).intersect(block) is not None}
+        assert touching == brute
+
+
+def test_blocks_partition_the_image() -> None:
+    blocks = plan_blocks(101, 57, 20)
+    cover = np.zeros((57, 101), dtype=int)
+    for b in blocks:
+        cover[b.y0 : b.y1, b.x0 : b.x1] += 1
+    assert (cover == 1).all()
+    assert Box(0, 0, 10, 10).intersect(Box(10, 0, 20, 10)) is None
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1, 512])
+def test_tile_cache_runs_each_tile_once_and_changes_nothing(cache_mb: int) -> None:
+    image = _image(300, 410, seed=5)
+
+    def run(mb: int) -> tuple[CollectSink, int, int, int]:
+        engine = Engine(loaded(TrivialNet(lambda x: x * 3 - 1)),
+                        EngineOptions(tile_size=64, overlap=24, block_size=70, margin=9, precision="fp32",
+                                      device="cpu", tissue=False, tile_cache_mb=mb))
+        sink = CollectSink()
+        report = engine.run(ArrayReader(image, mpp=0.25), [sink])
+        return sink, report.tiles_run, report.tiles_reused, report.grid_tiles
+
+    base, run0, reused0, grid = run(0)
+    sink, tiles_run, reused, _ = run(cache_mb)
+    np.testing.assert_allclose(sink.logits, base.logits, atol=1e-5, rtol=0)
+    assert tiles_run + reused == run0 and reused0 == 0
+    if cache_mb == 512:
+        assert tiles_run == grid, "with room for every shared tile, each grid tile runs exactly once"
+    elif cache_mb == 1:
+        assert reused > 0 and tiles_run > grid

@@ -1,0 +1,107 @@
+"""Instances, classes and measurements from the two heads (pure functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.errors import OptionsError
+from model.postprocess import (
+    PostprocessParams,
+    classify,
+    find_nuclei,
+    instance_labels,
+    nucleus_margin_px,
+    nucleus_polygons,
+    softmax,
+)
+from tests.helpers.nuclei_stubs import Nucleus, exact_logits, paint, ternary_of
+
+
+def _disc(cx: float, cy: float, r: float, sem: int = 1) -> Nucleus:
+    return Nucleus(cx, cy, r, r, 0.0, sem)
+
+
+def test_touching_nuclei_are_split_by_the_boundary_class():
+    nuclei = [_disc(30, 30, 12), _disc(54, 30, 12, sem=2), _disc(42, 52, 11, sem=3)]  # all touching
+    labels = paint(90, 90, nuclei)
+    sem, ter = exact_logits(labels, nuclei)
+    found = find_nuclei(sem, ter, mpp=0.25)
+    assert found.n == 3
+    truth = np.bincount(labels.ravel())[1:]
+    assert sorted(found.area_px) == sorted(truth)  # rims go back to their own nucleus
+    assert sorted(found.class_index) == [0, 1, 2]
+
+
+def test_min_area_is_physical():
+    nuclei = [_disc(20, 20, 4.0), _disc(60, 20, 10.0)]  # 50 px and 314 px
+    labels = paint(40, 80, nuclei)
+    _, ter = exact_logits(labels, nuclei)
+    # 50 px is 3.1 µm² at 0.25 µm/px (dropped, < 8 µm²) but 12.5 µm² at 0.5 µm/px (kept)
+    assert instance_labels(ter, mpp=0.25).max() == 1
+    assert instance_labels(ter, mpp=0.5).max() == 2
+    assert instance_labels(ter, mpp=0.25, params=PostprocessParams(min_area_um2=0)).max() == 2
+
+
+def test_nucleus_without_inside_pixels_is_kept_and_specks_do_not_seed():
+    ter = np.zeros((3, 30, 30), dtype=np.float32)
+    ter[0] = 1.0
+    ter[2, 5:20, 5:20] = 2.0  # all boundary: no seed
+    ter[1, 10, 10] = 3.0  # a one-pixel inside speck (< min_seed_um2) inside it
+    labels = instance_labels(ter, mpp=0.25)
+    assert labels.max() == 1 and (labels > 0).sum() == 15 * 15
+
+
+def test_logits_and_probabilities_give_the_same_nuclei():
+    rng = np.random.default_rng(3)
+    nuclei = [_disc(25, 25, 12), _disc(48, 25, 11, sem=4)]
+    labels = paint(60, 80, nuclei)
+    sem, ter = exact_logits(labels, nuclei)
+    sem = sem + rng.normal(0, 2, sem.shape).astype(np.float32)
+    ter = ter + rng.normal(0, 2, ter.shape).astype(np.float32)
+    a = find_nuclei(sem, ter, mpp=0.25)
+    b = find_nuclei(softmax(sem.copy()), softmax(ter.copy()), mpp=0.25, logits=False)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.mean_prob, b.mean_prob, rtol=1e-5)
+
+
+def test_classify_other_when_background_beats_every_cell_type():
+    mean = np.array([
+        [0.50, 0.20, 0.10, 0.10, 0.10],  # background wins: other
+        [0.30, 0.30, 0.20, 0.10, 0.10],  # tie with epithelial: the cell type
+        [0.10, 0.10, 0.60, 0.10, 0.10],  # lymphocyte
+    ])
+    cls, conf = classify(mean)
+    assert cls.tolist() == [4, 0, 1]
+    np.testing.assert_allclose(conf, [0.5, 0.3, 0.6])
+
+
+def test_centroid_and_polygon_in_level0_coordinates():
+    labels = np.zeros((40, 40), dtype=np.int32)
+    labels[10:20, 4:24] = 1  # 20 x 10 rectangle: centre (14, 15) in continuous coordinates
+    sem, ter = np.zeros((5, 40, 40), np.float32), np.zeros((3, 40, 40), np.float32)
+    ter[0] = 1.0
+    ter[1][labels > 0] = 2.0
+    found = find_nuclei(sem, ter, mpp=0.25, params=PostprocessParams(min_area_um2=0))
+    np.testing.assert_allclose(found.centroid_xy[0], [14.0, 15.0])
+    poly = nucleus_polygons(found.labels, np.array([1]), origin=(100, 200), scale=2.0)[0]
+    minx, miny, maxx, maxy = poly.bounds
+    assert (minx, miny) == pytest.approx((208, 420), abs=1.01) and (maxx, maxy) == pytest.approx((248, 440), abs=1.01)
+    assert poly.is_valid and poly.exterior.is_ccw
+
+
+def test_ternary_of_marks_rims():
+    labels = paint(20, 20, [_disc(10, 10, 6)])
+    ter = ternary_of(labels)
+    assert set(np.unique(ter)) == {0, 1, 2}
+    assert (ter[labels == 0] == 0).all()
+
+
+def test_margin_and_params_validation():
+    assert nucleus_margin_px(0.25) == 128 and nucleus_margin_px(0.5) == 64
+    with pytest.raises(OptionsError, match="mpp must be positive, got 0"):
+        nucleus_margin_px(0)
+    with pytest.raises(OptionsError, match=r"min_area_um2 .* got -1"):
+        PostprocessParams(min_area_um2=-1).validate()
+    with pytest.raises(ValueError, match=r"\(3, h, w\), got shape \(2, 4, 4\)"):
+        instance_labels(np.zeros((2, 4, 4)), mpp=0.25)

@@ -1,0 +1,79 @@
+"""The worker's recovery sweep, run at start and then every ``sweep_interval_s``.
+
+A worker that dies mid-job leaves its message unacked in Redis and its lease expiring. Each running
+job without a lease is put back to ``queued`` and its original message is restored to the front of
+its queue (or a fresh one is sent if that message is gone), at most ``max_redeliveries`` times, then
+it fails with ``worker_lost``. Lost retry messages are resent, and the retention policy runs every
+``retention_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Celery
+
+from core.celery_app import send_job
+from core.retention import discard_upload
+from core.retention import sweep as sweep_retention
+from core.settings import Settings, get_settings
+from core.store import JobStore, Orphan
+from worker.resources import process_store
+from worker.results import remove_partials
+
+log = logging.getLogger(__name__)
+
+
+def recover_orphans(app: Celery, store: JobStore, settings: Settings) -> list[Orphan]:
+    """Requeue (or fail) running jobs whose process is gone; resend lost retry messages."""
+    handled: list[Orphan] = []
+    for job_id in store.orphans():
+        orphan = store.recover(job_id, max_redeliveries=settings.max_redeliveries)
+        if orphan is None:
+            continue
+        if orphan.action == "requeued":
+            how = redeliver(app, orphan)
+            log.warning("job %s: its worker is gone; requeued (%s)", job_id, how)
+        else:
+            remove_partials(settings, job_id)
+            if (record := store.get(job_id)) is not None:
+                discard_upload(settings, record)
+            log.warning("job %s: its worker is gone; %s", job_id, orphan.action)
+        handled.append(orphan)
+    grace = 2 * settings.lease_ttl_s + settings.sweep_interval_s
+    for job_id in store.overdue_retries(grace):
+        record = store.get(job_id)
+        if record is not None and record.status == "queued":
+            log.warning("job %s: its retry is overdue; sending it again", job_id)
+            send_job(app, job_id, record.queue)
+        store.touch_retry(job_id, grace)
+    return handled
+
+
+def redeliver(app: Celery, orphan: Orphan) -> str:
+    """Put the orphan's own unacked message back at the front of its queue, else send a new one."""
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        tag = orphan.delivery_tag
+        if tag and channel.client.hexists(channel.unacked_key, tag):
+            channel.qos.restore_by_tag(tag, leftmost=False)  # RPUSH: the next message BRPOP takes
+            return "restored"
+    send_job(app, orphan.job_id, orphan.queue)
+    return "resent"
+
+
+def sweep_forever(app: Celery) -> None:
+    """Recover orphans every ``sweep_interval_s`` and apply retention; runs in a worker's main process."""
+    settings = get_settings()
+    next_retention = 0.0
+    while True:
+        try:
+            recover_orphans(app, process_store(settings), settings)
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + settings.retention_interval_s
+                sweep_retention(process_store(settings), settings)
+        except Exception:  # keep sweeping through Redis outages
+            log.exception("recovery sweep failed")
+        time.sleep(settings.sweep_interval_s)
