@@ -35,3 +35,14 @@ def test_consep_tiles_group_by_source_image() -> None:
     samples = load_instance_folder(DATA / "consep_tiles" / "test", class_map=CONSEP_CLASS_MAP)[:16]
     assert len({s.group for s in samples}) == 1
     assert all(set(np.unique(s.semantic)) <= {0, 1, 2} for s in samples)
+
+
+def test_monusac_class_masks_hold_nine_patients_and_their_neutrophils() -> None:
+    from training.data.sources import load_monusac
+
+    samples = load_monusac(DATA / "monusac")
+    assert len(samples) == 37 and len({s.group for s in samples}) == 9
+    neutrophil_cells = sum(len(np.unique(s.instances[s.semantic == 3])) for s in samples if s.instances is not None)
+    assert 40 <= neutrophil_cells <= 70  # 56 connected components
+    for s in samples:
+        assert ((s.ternary > 0) <= (s.semantic > 0)).all()  # the ternary head's nuclei are labelled cells
