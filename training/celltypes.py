@@ -30,8 +30,10 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from model.metrics import InstanceEvaluator
+from model.options import SEMANTIC_CLASSES
 
-CELL_TYPES = ("epithelial", "lymphocyte", "neutrophil", "macrophage")
+CELL_TYPES = SEMANTIC_CLASSES[1:]
+"""The four cell types: semantic classes 1..4, indexed 0..3 here."""
 DETECTION_RADIUS_PX = 12.0
 
 

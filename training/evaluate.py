@@ -23,7 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from model.checkpoint import LoadedModel, load_model
+from model.metrics import InstanceEvaluator, instance_classes
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES
 from training.celltypes import CELL_TYPES, CellTypeEvaluator
 from training.data.sample import Sample
@@ -68,22 +71,13 @@ def load_dataset(root: Path, kind: str) -> list[Sample]:
     raise ValueError(f"unknown dataset kind {kind!r}; expected monuseg, consep or monusac")
 
 
-def instance_evaluator() -> Any | None:
-    """A class-agnostic ``model.metrics.InstanceEvaluator`` (None if that module is missing)."""
-    try:
-        from model.metrics import InstanceEvaluator
-    except ImportError:
-        return None
-    return InstanceEvaluator()
-
-
 def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell_types: bool = False,
                      stain: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Pixel and instance metrics over ``samples``, accumulated over all pixels / nuclei."""
     from model.postprocess import find_nuclei
 
     pixel = PixelMetrics(SEMANTIC_CLASSES, TERNARY_CLASSES)
-    instances = instance_evaluator()
+    instances = InstanceEvaluator()
     types = CellTypeEvaluator() if cell_types else None
     start = time.perf_counter()
     for s in samples:
@@ -94,11 +88,11 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
         nuclei = find_nuclei(sem, ter, mpp=mpp)
         if types is not None:
             update_cell_types(types, s, sem, ter, nuclei.labels, nuclei.class_index)
-        elif instances is not None:
+        else:
             instances.update(s.instances, nuclei.labels)
     out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
     out.update(pixel.summary())
-    if instances is not None and instances.images:
+    if instances.images:
         result = instances.result()
         out.update({f"inst_{k}": float(result[k]) for k in INSTANCE_KEYS})
     if types is not None:
@@ -109,10 +103,6 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
 
 def update_cell_types(types: CellTypeEvaluator, s: Sample, sem: Any, ter: Any, labels: Any, cls: Any) -> None:
     """Add one class-labelled image: GT cells by class component, predicted nuclei of the four types."""
-    import numpy as np
-
-    from model.metrics import instance_classes
-
     assert s.instances is not None
     gt_class = {i: c - 1 for i, c in instance_classes(s.instances, np.maximum(s.semantic, 0)).items() if c > 0}
     keep = np.concatenate([[False], cls < len(CELL_TYPES)])

@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from model.options import SEMANTIC_CLASSES
 from training.data.augment import AugmentConfig, augment
 from training.data.sample import IGNORE, Sample
 
-CELL_CLASSES = (1, 2, 3, 4)
+CELL_CLASSES = tuple(range(1, len(SEMANTIC_CLASSES)))
 """Semantic classes that class-centred draws aim at: epithelial, lymphocyte, neutrophil, macrophage."""
 
 

@@ -21,6 +21,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
 
+from model.options import SEMANTIC_CLASSES
 from training.data.rasterise import ternary_from_instances
 from training.data.sample import IGNORE, Sample
 from training.data.xml_reader import read_xml
@@ -30,7 +31,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # CoNSeP grouped classes -> our semantic head (README of ../shared/data): epithelial -> 1,
 # inflammatory -> lymphocyte (2), other and spindle -> background (MoNuSAC convention).
 CONSEP_CLASS_MAP: dict[int, int] = {0: 0, 1: 0, 2: 2, 3: 1, 4: 0}
-N_SEMANTIC = 5
+N_SEMANTIC = len(SEMANTIC_CLASSES)
 TCGA_PATIENT = re.compile(r"^(TCGA-[0-9A-Z]{2}-[0-9A-Z]{4})")
 
 
