@@ -8,15 +8,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.records import JobRecord, Status
-from model.options import DEFAULTS, OUTPUT_GROUPS, OutputGroup
+from model.errors import OptionsError
+from model.options import DEFAULTS, OUTPUT_GROUPS, TILE_MULTIPLE, OutputGroup, engine_options
 
 
 class JobOptions(BaseModel):
-    """Engine options of one job; they mirror ``nucseg predict``. Unknown options are an error."""
+    """Engine options of one job; they mirror ``nucseg predict``. Unknown options are an error.
+
+    The bounds here are the service's limits; ``EngineOptions.validate`` adds the engine's own rules."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tile_size: int = Field(DEFAULTS.tile_size, ge=32, le=2048, multiple_of=32, description="tile side in px (x32)")
+    tile_size: int = Field(DEFAULTS.tile_size, ge=TILE_MULTIPLE, le=2048, multiple_of=TILE_MULTIPLE,
+                           description=f"tile side in px (x{TILE_MULTIPLE})")
     overlap: int = Field(DEFAULTS.overlap, ge=0, le=1024,
                          description="overlap of neighbouring tiles in px (< tile_size)")
     block_size: int = Field(DEFAULTS.block_size, ge=64, le=16384, description="output block side in px (progress unit)")
@@ -28,8 +32,10 @@ class JobOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> JobOptions:
-        if self.overlap >= self.tile_size:
-            raise ValueError(f"overlap must be smaller than tile_size={self.tile_size}, got {self.overlap}")
+        try:
+            engine_options(self.model_dump()).validate()
+        except OptionsError as exc:
+            raise ValueError(str(exc)) from None
         self.outputs = [g for g in OUTPUT_GROUPS if g in self.outputs]
         return self
 

@@ -25,6 +25,7 @@ TERNARY_CLASSES = ("background", "inside", "boundary")
 SEMANTIC_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (255, 0, 0), (0, 128, 255), (255, 255, 0), (0, 255, 0))
 TERNARY_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (0, 200, 100), (255, 100, 0))
 DEFAULT_ENCODER = "resnet18"  # the shipped model's encoder
+TILE_MULTIPLE = 32  # tile sides must be multiples of the encoder's total downsampling
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class EngineOptions:
     sigma_scale: float = 0.25
     tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
 
-    def validate(self, multiple: int = 32) -> None:
+    def validate(self, multiple: int = TILE_MULTIPLE) -> None:
         """Raise ``OptionsError`` naming the bad value."""
         if self.tile_size < multiple or self.tile_size % multiple:
             raise OptionsError(f"tile_size must be a positive multiple of {multiple}, got {self.tile_size}")
