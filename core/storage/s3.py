@@ -9,6 +9,7 @@ stream, and faster small range reads (what Deep Zoom tiles are made of). Every c
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -25,6 +26,7 @@ from core.settings import ConfigError, Settings
 from core.storage.base import ObjectInfo, Writer
 from core.storage.errors import ObjectMissing, StorageUnavailable
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 PART_BYTES = 8 << 20  # multipart part size (S3's minimum is 5 MiB)
 READ_BUFFER = 256 << 10  # range size of ``open_reader`` (a TIFF directory read costs one request)
@@ -60,11 +62,9 @@ def _call(what: str, key: str, fn: Callable[[], T]) -> T:
     except (NotFoundError, FileNotFoundError) as exc:
         raise ObjectMissing(f"no object {key!r}") from exc
     except (BaseError, OSError, RuntimeError) as exc:  # OSError: connection refused or reset
-        raise StorageUnavailable(f"the object store failed to {what} {key!r}: {_short(exc)}") from exc
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+        log.warning("object store: %s %r failed: %s", what, key, " ".join(str(exc).split())[:1000])
+        raise StorageUnavailable(f"the object store failed to {what} {key!r} ({type(exc).__name__}; "
+                                 "details in the server log)") from exc
 
 
 class S3Storage:

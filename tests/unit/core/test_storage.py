@@ -80,6 +80,13 @@ def test_a_store_that_is_down_or_refuses_is_unavailable(s3_server: S3Server) -> 
         out.write(b"x")
 
 
+def test_a_store_failure_is_a_transient_job_error() -> None:
+    from worker.tasks import classify_failure
+
+    transient, error = classify_failure(StorageUnavailable("the object store failed to read 'k'"))
+    assert transient and error.code == "storage_unavailable"
+
+
 def test_slide_cache_fetches_once_checks_sha256_and_evicts_by_bytes(storage: Storage, tmp_path: Path) -> None:
     blobs = {name: os.urandom(1000 + i) for i, name in enumerate(("a.svs", "b.svs", "c.svs"))}
     for name, blob in blobs.items():
