@@ -41,9 +41,5 @@ def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server (``weed mini``) on free ports, for the whole session."""
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
-    try:
+    with S3Server.running(tmp_path_factory.mktemp("s3")) as server:
         yield server
-    finally:
-        server.stop()

@@ -7,11 +7,13 @@ the bucket answers; ``stop``/``restart`` let fault tests take the store away for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -51,6 +53,17 @@ class S3Server:
         """The settings that point a nucseg process at this store."""
         return {"NUCSEG_STORAGE_URL": f"s3://{BUCKET}/{prefix}", "NUCSEG_S3_ENDPOINT_URL": self.endpoint,
                 "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, root: Path) -> Iterator[S3Server]:
+        """A started server for a ``with`` block, stopped however the block ends."""
+        server = cls(root)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
     def start(self, wait_s: float = 60.0) -> None:
         from tests.helpers.service_stack import free_port

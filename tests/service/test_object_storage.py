@@ -28,12 +28,8 @@ WORKERS = ("s3-a@hostA", "s3-b@hostB")
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A store of this module's own: the fault test stops and restarts it."""
-    server = S3Server(tmp_path_factory.mktemp("s3-own"))
-    server.start()
-    try:
+    with S3Server.running(tmp_path_factory.mktemp("s3-own")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
