@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from api.deepzoom import MaskPyramid
+from core.records import JobRecord, new_job_id
+from core.retention import ORPHAN_GRACE_S, remove_job_files, sweep
 from core.settings import Settings
 from core.storage import LocalStorage, ObjectMissing, S3Storage, Storage, StorageUnavailable
 from core.storage.cache import SlideCache
 from core.storage.slides import allowed_slide_url
+from core.store import JobStore
 from model.errors import UnreadableSlideError
 from tests.helpers.s3_server import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server
 from tests.helpers.service_stack import free_port
@@ -131,3 +136,23 @@ def test_mask_tiles_read_by_range_from_the_store(storage: Storage, tmp_path: Pat
 ])
 def test_slide_urls_must_be_under_an_allowed_prefix(url: str, ok: bool) -> None:
     assert allowed_slide_url(url, ["s3://lab/slides"]) is ok
+
+
+def test_retention_deletes_a_job_and_orphans_from_the_object_store(s3_server: S3Server,
+                                                                   redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    prefix = f"s3://{BUCKET}/retention-{uuid.uuid4().hex[:8]}"
+    settings = s3_settings(s3_server.endpoint, storage_url=prefix, result_ttl=60)
+    storage = S3Storage(prefix, settings)
+    kept, gone, orphan = (new_job_id() for _ in range(3))
+    for job_id in (kept, gone, orphan):
+        with storage.writer(f"results/{job_id}/attempt/stats.json") as out:
+            out.write(b"{}")
+    with storage.writer(f"uploads/{gone}/slide.svs") as out:
+        out.write(b"slide")
+    store = JobStore(redis_client)
+    store.create(JobRecord(id=kept, created_at=time.time(), slide_file="uploads/x/slide.svs"))
+    remove_job_files(settings, JobRecord(id=gone, created_at=0, upload_dir=f"uploads/{gone}"))
+    assert set(storage.folders("results")) == {kept, orphan} and storage.folders("uploads") == {}
+    sweep(store, settings, now=time.time() + 2 * ORPHAN_GRACE_S)  # the orphan is old enough now
+    assert set(storage.folders("results")) == {kept}
