@@ -40,6 +40,8 @@ def hosts(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     worker_env = {"NUCSEG_DATA_DIR": str(root / "host-a")}
     with Stack.running(root, env, worker_env) as stack:
         stack.start_extra_worker(WORKERS[1], {"NUCSEG_DATA_DIR": str(root / "host-b")})
+        wait_until(lambda: WORKERS[1] in stack.client.get("/readyz").json().get("workers", []), 180,
+                   f"{WORKERS[1]} answers the readiness ping")
         yield stack
 
 
