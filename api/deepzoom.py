@@ -2,7 +2,7 @@
 
 Slide tiles are JPEG (254 px + 1 px overlap, ``limit_bounds=False``, so Deep Zoom pixel 0 is level-0
 pixel 0). Overlay tiles are RGBA PNG (256 px, no overlap) cut from ``semantic.tiff`` /
-``ternary.tiff``, one TIFF tile at a time with ``os.pread`` (never the whole mask): class 0 is
+``ternary.tiff``, one TIFF tile at a time by a range read from the store (never the whole mask): class 0 is
 transparent, the others take the model card's colours. An overlay's Deep Zoom image has the
 analysis size; ``viewport_width`` tells the viewer how wide to draw it so that it covers the same
 level-0 extent as the slide (``analysis px * l0_per_px / level-0 width``).
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +25,8 @@ import openslide
 import tifffile
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
+
+from core.storage import Storage
 
 SLIDE_TILE, SLIDE_OVERLAP = 254, 1
 MASK_TILE = 256
@@ -95,14 +97,14 @@ def dz_level_size(width: int, height: int, level: int) -> tuple[int, int]:
 
 
 class MaskPyramid:
-    """A pyramidal class-index TIFF read tile by tile (page ``k`` = ``2**k`` downsample)."""
+    """A pyramidal class-index TIFF in a store, read tile by tile (page ``k`` = ``2**k`` downsample)."""
 
-    def __init__(self, path: Path) -> None:
-        with tifffile.TiffFile(path) as tif:
+    def __init__(self, storage: Storage, key: str) -> None:
+        with storage.open_reader(key) as fh, tifffile.TiffFile(fh) as tif:
             self.pages: list[Any] = [tif.pages[i] for i in range(len(tif.pages))]
             for page in self.pages:
                 page.dataoffsets  # noqa: B018  (load the tag values before the file closes)
-        self.path = path
+        self.storage, self.key = storage, key
         first = self.pages[0]
         self.width, self.height = int(first.imagewidth), int(first.imagelength)
 
@@ -135,38 +137,42 @@ class MaskPyramid:
         tw, tl = int(page.tilewidth), int(page.tilelength)
         across = -(-int(page.imagewidth) // tw)
         out = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for ty in range(y0 // tl, (y1 - 1) // tl + 1):
-                for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                    block = self._decode(fd, page, ty * across + tx, tl, tw)
-                    bx, by = tx * tw, ty * tl
-                    sx0, sy0 = max(x0, bx), max(y0, by)
-                    sx1, sy1 = min(x1, bx + tw), min(y1, by + tl)
-                    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = block[sy0 - by : sy1 - by, sx0 - bx : sx1 - bx]
-        finally:
-            os.close(fd)
+        for ty in range(y0 // tl, (y1 - 1) // tl + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                block = self._decode(page, ty * across + tx, tl, tw)
+                bx, by = tx * tw, ty * tl
+                sx0, sy0 = max(x0, bx), max(y0, by)
+                sx1, sy1 = min(x1, bx + tw), min(y1, by + tl)
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = block[sy0 - by : sy1 - by, sx0 - bx : sx1 - bx]
         return out
 
-    @staticmethod
-    def _decode(fd: int, page: Any, index: int, tl: int, tw: int) -> np.ndarray:
+    def _decode(self, page: Any, index: int, tl: int, tw: int) -> np.ndarray:
         count = int(page.databytecounts[index])
         if count == 0:
             return np.zeros((tl, tw), np.uint8)
-        data = os.pread(fd, count, int(page.dataoffsets[index]))
+        data = self.storage.read_range(self.key, int(page.dataoffsets[index]), count)
         segment, _, _ = page.decode(data, index)
         return np.asarray(segment, np.uint8).reshape(tl, tw)
 
 
-def mask_pyramid(path: Path) -> MaskPyramid:
-    """Cached per file (path, size, mtime): the TIFF's directory is parsed once."""
-    st = path.stat()
-    return _mask_pyramid(str(path), st.st_size, st.st_mtime_ns)
+_pyramids: OrderedDict[tuple[str, str, str], MaskPyramid] = OrderedDict()
+_pyramids_lock = threading.Lock()
+PYRAMIDS_CACHED = 16
 
 
-@lru_cache(maxsize=16)
-def _mask_pyramid(path: str, size: int, mtime_ns: int) -> MaskPyramid:
-    return MaskPyramid(Path(path))
+def mask_pyramid(storage: Storage, key: str, etag: str) -> MaskPyramid:
+    """Cached per object version (store, key, ETag): the TIFF's directory is parsed once."""
+    ident = (storage.url, key, etag)
+    with _pyramids_lock:
+        if ident in _pyramids:
+            _pyramids.move_to_end(ident)
+            return _pyramids[ident]
+    pyramid = MaskPyramid(storage, key)
+    with _pyramids_lock:
+        _pyramids[ident] = pyramid
+        while len(_pyramids) > PYRAMIDS_CACHED:
+            _pyramids.popitem(last=False)
+    return pyramid
 
 
 def rgba_png(classes: np.ndarray, colours: Sequence[Sequence[int]]) -> bytes:

@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.storage.errors import StorageUnavailable
 from model.errors import (
     CheckpointError,
     NucsegError,
@@ -78,6 +79,8 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, redis.RedisError):
         return ApiError(503, "store_unavailable", f"the job store (Redis) is unavailable: {exc}",
                         headers={"Retry-After": "5"})
+    if isinstance(exc, StorageUnavailable):
+        return ApiError(503, exc.code, f"the object store is unavailable: {exc}", headers={"Retry-After": "5"})
     if isinstance(exc, OperationalError):
         return ApiError(503, "broker_unavailable", f"the task broker is unavailable: {exc}",
                         headers={"Retry-After": "5"})
@@ -115,5 +118,5 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception type through ``to_api_error``."""
     for cls in (ApiError, RequestValidationError, ValidationError, StarletteHTTPException, NucsegError,
-                redis.RedisError, OperationalError, Exception):
+                redis.RedisError, StorageUnavailable, OperationalError, Exception):
         app.add_exception_handler(cls, _handle)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,10 +25,12 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError
+from core.storage.base import Writer
 
 FORM_FIELDS = ("file", "options", "metadata", "callback_url")
 SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".vms",
                             ".png", ".jpg", ".jpeg", ".bmp"})
+Mirror = Callable[[str], AbstractContextManager[Writer]]  # stored file name -> a store upload
 BATCH_BYTES = 1 << 20  # parse (and write) in batches of this size, off the event loop
 FIELD_OVERHEAD_BYTES = 1 << 20  # body bytes allowed beyond the file cap (headers, fields)
 
@@ -52,8 +55,11 @@ class _Part:
 class _Receiver:
     """``python_multipart`` callbacks: the file part streams to disk, other fields to memory."""
 
-    def __init__(self, partial: Path, max_file_bytes: int, max_field_bytes: int) -> None:
+    def __init__(self, partial: Path, max_file_bytes: int, max_field_bytes: int, mirror: Mirror | None) -> None:
         self.partial, self.max_file_bytes, self.max_field_bytes = partial, max_file_bytes, max_field_bytes
+        self.mirror = mirror
+        self._upload: AbstractContextManager[Writer] | None = None
+        self._sink: Writer | None = None
         self.fields: dict[str, str] = {}
         self.file: IO[bytes] | None = None
         self.filename: str | None = None
@@ -99,6 +105,9 @@ class _Receiver:
             self.filename = display_name(raw)
             self.partial.parent.mkdir(parents=True, exist_ok=True)
             self.file = self.partial.open("wb")
+            if self.mirror is not None:
+                self._upload = self.mirror(stored_name(self.filename))
+                self._sink = self._upload.__enter__()
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -110,6 +119,8 @@ class _Receiver:
             assert self.file is not None
             self.file.write(chunk)
             self.digest.update(chunk)
+            if self._sink is not None:
+                self._sink.write(chunk)
             return
         self._part.data += chunk
         if len(self._part.data) > self.max_field_bytes:
@@ -122,20 +133,29 @@ class _Receiver:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
+            if self._upload is not None:
+                upload, self._upload, self._sink = self._upload, None, None
+                upload.__exit__(None, None, None)  # completes the store upload
         else:
             self.fields[self._part.name] = self._part.data.decode("utf-8", "replace")
 
-    def close(self) -> None:
+    def close(self, exc: BaseException | None = None) -> None:
+        """Close the local file; abort a store upload still open."""
         if self.file is not None and not self.file.closed:
             self.file.close()
+        if self._upload is not None:
+            upload, self._upload, self._sink = self._upload, None, None
+            error = exc or RuntimeError("upload abandoned")
+            upload.__exit__(type(error), error, None)
 
 
 async def receive_multipart(request: Request, *, partial: Path, final_dir: Path, max_file_bytes: int,
-                            max_field_bytes: int) -> tuple[StoredUpload | None, dict[str, str]]:
+                            max_field_bytes: int, mirror: Mirror | None = None,
+                            ) -> tuple[StoredUpload | None, dict[str, str]]:
     """Parse a ``multipart/form-data`` body; returns the stored file (if any) and the other fields."""
     boundary = _boundary(request)
     _check_length(request, max_file_bytes + FIELD_OVERHEAD_BYTES)
-    receiver = _Receiver(partial, max_file_bytes, max_field_bytes)
+    receiver = _Receiver(partial, max_file_bytes, max_field_bytes, mirror)
     parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
     try:
         async for batch in _batches(request.stream(), max_file_bytes + FIELD_OVERHEAD_BYTES):
@@ -143,7 +163,8 @@ async def receive_multipart(request: Request, *, partial: Path, final_dir: Path,
         await anyio.to_thread.run_sync(parser.finalize)
         _check_complete(parser)
     except BaseException as exc:
-        receiver.close()
+        with suppress(Exception):
+            receiver.close(exc)
         partial.unlink(missing_ok=True)
         if isinstance(exc, MultipartParseError):
             raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
@@ -156,10 +177,15 @@ async def receive_multipart(request: Request, *, partial: Path, final_dir: Path,
 def _commit(receiver: _Receiver, partial: Path, final_dir: Path) -> StoredUpload:
     final_dir.mkdir(parents=True, exist_ok=True)
     name = receiver.filename or "slide"
-    suffix = Path(name).suffix.lower()
-    target = final_dir / ("slide" + (suffix if suffix in SLIDE_SUFFIXES else ".bin"))
+    target = final_dir / stored_name(name)
     partial.replace(target)
     return StoredUpload(target, name, receiver.size, receiver.digest.hexdigest())
+
+
+def stored_name(filename: str | None) -> str:
+    """Our name for an uploaded slide: ``slide`` and the client's extension if we know it, else ``.bin``."""
+    suffix = Path(filename or "slide").suffix.lower()
+    return "slide" + (suffix if suffix in SLIDE_SUFFIXES else ".bin")
 
 
 async def _batches(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:

@@ -40,7 +40,8 @@ class JobError(BaseModel):
 
 
 class JobRecord(BaseModel):
-    """One job as stored. ``slide_file`` and ``upload_dir`` are server paths, never shown to clients."""
+    """One job as stored. ``slide_file``, ``upload_dir`` and ``result_key`` are server paths or store keys,
+    never shown to clients."""
 
     id: str
     status: Status = "queued"
@@ -64,12 +65,18 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     slide_file: str = ""
     upload_dir: str | None = None
+    result_key: str | None = None  # where the results are in the store (unset: results/<id>)
     delivery_tag: str | None = None
     callback_url: str | None = None
     webhook_status: str | None = None  # pending | retrying | delivered | failed
     webhook_attempt_count: int = 0
     webhook_attempts: list[dict[str, Any]] | None = None  # the latest few, oldest first
     webhook_next_at: float | None = None
+
+    @property
+    def results_prefix(self) -> str:
+        """The store key under which this job's result files are."""
+        return self.result_key or f"results/{self.id}"
 
     @property
     def index_member(self) -> str:

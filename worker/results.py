@@ -1,5 +1,8 @@
-"""A job's results on disk: written into ``results/.partial/<id>.<token>``, with ``job.json`` (the
-durable record), then renamed to ``results/<id>`` in one step."""
+"""A job's results: written into the local ``results/.partial/<id>.<token>``, with ``job.json`` (the
+durable record), then published to the store. In the local data folder that is one rename to
+``results/<id>``; in an object store every file is uploaded under ``results/<id>/<attempt>/``, and
+the results appear when the job record names that prefix (so a half-uploaded attempt is never
+served, and retention removes it with the job)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 
 from core.records import JobRecord
 from core.settings import Settings
+from core.storage import Storage
 from model.options import JOB_FILE, Stats, content_type
 
 
@@ -39,18 +43,28 @@ def write_job_json(out_dir: Path, record: JobRecord, stats: Stats, worker: str,
     (out_dir / JOB_FILE).write_text(json.dumps(doc, indent=2))
 
 
-def publish_results(partial: Path, final: Path) -> list[dict[str, Any]]:
-    """Rename the complete result folder into place; returns its file list."""
+def publish_results(storage: Storage, partial: Path, job_id: str, attempt: str) -> tuple[str, list[dict[str, Any]]]:
+    """Put the complete result folder into the store; returns its key prefix and its file list."""
+    files = [{"name": p.name, "size_bytes": p.stat().st_size, "content_type": content_type(p.name)}
+             for p in sorted(partial.iterdir()) if p.is_file()]
+    prefix = f"results/{job_id}"
+    final = storage.local_path(prefix)
+    if final is not None:
+        _rename_into_place(partial, final)
+        return prefix, files
+    prefix = f"{prefix}/{attempt}"
+    for item in files:
+        storage.put_file(f"{prefix}/{item['name']}", partial / str(item["name"]))
+    return prefix, files
+
+
+def _rename_into_place(partial: Path, final: Path) -> None:
     if final.exists():  # an earlier attempt published, then died before recording it
         trash = partial.with_name(partial.name + ".old")
         final.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(final)
-    return [
-        {"name": p.name, "size_bytes": p.stat().st_size,
-         "content_type": content_type(p.name)}
-        for p in sorted(final.iterdir()) if p.is_file()
-    ]
 
 
 def remove_partials(settings: Settings, job_id: str) -> None:

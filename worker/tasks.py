@@ -3,12 +3,13 @@
 ``run_job`` is thin: it takes ``{"job_id": ...}``, claims the job in the store (a job already
 finished, cancelled, or owned by a live process is dropped, so duplicate messages are harmless),
 keeps a lease alive while it runs, and hands the slide to ``model.pipeline.run_prediction``. Results
-go into ``results/.partial/<id>.<token>`` and are renamed to ``results/<id>`` only when complete,
-with ``job.json`` (the durable record) inside.
+go into the local ``results/.partial/<id>.<token>`` and are published to the store only when
+complete, with ``job.json`` (the durable record) inside. A slide held by an object store is fetched
+into the worker's slide cache first, so a worker needs no disk shared with the API.
 
 Failures are permanent (a bad slide, bad options, a broken checkpoint, a bug: the job fails at once
 with the error's code) or transient (I/O, memory, Redis: retried with exponential backoff up to
-``max_retries`` times).
+``max_retries`` times; a store that is down or refuses us, ``storage_unavailable``, is transient).
 
 A worker that dies mid-job leaves its message unacked in Redis and its lease expiring; the
 recovery sweep (``worker.recovery``), started here in each worker's main process with webhook
@@ -38,6 +39,8 @@ from core.leases import LeaseKeeper, Throttle, dead_local_owner, new_token
 from core.records import JobError, JobRecord, Progress, Status
 from core.retention import discard_upload
 from core.settings import Settings, get_settings
+from core.storage import StorageUnavailable, open_storage
+from core.storage.slides import local_slide, slide_object
 from model.errors import CancelledError, NucsegError
 from model.options import Stats, engine_options
 from worker.recovery import sweep_forever
@@ -166,7 +169,7 @@ class JobRunner:
 
         self._progress("loading_model")
         model = get_model(self.settings.model, self.settings.model_sha256)
-        slide = self._slide_path(record)
+        slide = self._slide_path(record, lease)
         if not record.slide.get("sha256"):
             self._progress("hashing")
             digest = sha256_file(slide, should_stop=lease.lost.is_set)
@@ -185,8 +188,16 @@ class JobRunner:
         self._progress("writing", stats["blocks"]["total"], stats["blocks"]["total"])
         return stats
 
-    def _slide_path(self, record: JobRecord) -> Path:
-        """The slide file; a path job is re-checked against the slide root (symlinks may have moved)."""
+    def _slide_path(self, record: JobRecord, lease: LeaseKeeper) -> Path:
+        """The slide file; a path job is re-checked against the slide root (symlinks may have moved).
+
+        A slide in a store is fetched into the slide cache (checked against its sha256).
+        """
+        if slide_object(self.settings, record.slide_file) is not None:
+            self._progress("fetching")
+            local, _ = local_slide(self.settings, record.slide_file, record.slide.get("sha256"),
+                                   should_stop=lease.lost.is_set)
+            return local
         path = Path(record.slide_file)
         root = self.settings.slide_root
         if record.slide.get("source") == "path" and root is not None:
@@ -204,10 +215,12 @@ class JobRunner:
         model = {k: stats["model"][k] for k in ("name", "version", "encoder", "sha256", "format")}
         record = record.model_copy(update={"slide": slide, "model": model, "status": "succeeded"})
         write_job_json(self.partial, record, stats, self.worker, started, finished)
-        results = publish_results(self.partial, self.settings.results_dir / self.job_id)
+        prefix, results = publish_results(open_storage(self.settings), self.partial, self.job_id,
+                                          self.partial.name.split(".", 1)[1])
         total = stats["blocks"]["total"]
         done = self.store.finish(self.job_id, self.token, "succeeded", slide=slide, model=model,
-                                 results=results, progress=Progress(stage="done", done=total, total=total))
+                                 results=results, result_key=prefix,
+                                 progress=Progress(stage="done", done=total, total=total))
         if not done:  # the lease was lost meanwhile: another attempt owns the job now
             log.warning("job %s: finished but no longer the owner; leaving the record alone", self.job_id)
             return {"job_id": self.job_id, "status": "lost"}
@@ -277,6 +290,8 @@ def classify_failure(exc: BaseException) -> tuple[bool, JobError]:
         return False, JobError(code="invalid_options", message=str(exc))
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True, JobError(code="out_of_memory", message=f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, StorageUnavailable):
+        return True, JobError(code=exc.code, message=str(exc))
     if isinstance(exc, redis.RedisError):
         return True, JobError(code="store_unavailable", message=f"{type(exc).__name__}: {exc}")
     if isinstance(exc, OSError):

@@ -56,7 +56,7 @@ async def create_job(request: Request, settings: SettingsDep, store: StoreDep, c
                      idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Submit a slide (multipart upload, or JSON ``slide_path``); answers 202 with the queued job."""
     await run_in_threadpool(_admit, limiter, store, tenant, settings, idempotency_key)
-    sub = await receive(request, settings, new_job_id())
+    sub = await receive(request, settings, new_job_id(), tenant)
     try:
         return await run_in_threadpool(_create, sub, settings, store, celery, tenant, idempotency_key)
     except BaseException:
@@ -83,7 +83,7 @@ def _create(sub: Submission, settings: Settings, store: JobStore, celery: Any, t
         return _replay(store, key or "", prior, idem[1], tenant, settings)
     check_callback(sub.callback_url, tenant, settings)
     shown_as = sub.slide["name"] if sub.source == "upload" else None
-    sub.slide.update(inspect_slide(sub.slide_file, settings, shown_as=shown_as))
+    sub.slide.update(inspect_slide(sub.local_file, settings, shown_as=shown_as))
     record = sub.to_record(settings.queue, tenant)
     outcome = store.create(record, idempotency=idem, idempotency_ttl_s=settings.idempotency_ttl_s,
                            max_queued=settings.max_queued_per_tenant)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from api.routes.jobs import require_job
 from api.schemas import error_responses
 from core.records import JobRecord
 from core.settings import Settings
+from core.storage import ObjectInfo, ObjectMissing, Storage, open_storage
+from core.storage.slides import local_slide, slide_object
 from model.options import STATS_FILE
 
 router = APIRouter(prefix="/v1/jobs", tags=["tiles"])
@@ -35,20 +38,23 @@ _TILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 def viewer_info(job_id: JobIdPath, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     """What a viewer needs: the slide DZI, and (once succeeded) each overlay's DZI, width and colours."""
     record = require_job(store, job_id, tenant)
-    slide = _slide(record)
+    slide = _slide(record, settings)
     width, height = slide.dz.level_dimensions[-1]
     base = f"/v1/jobs/{job_id}/dzi"
     info: dict[str, Any] = {"slide": {"dzi": f"{base}/slide.dzi", "width": width, "height": height},
                             "overlays": []}
     if record.status != "succeeded":
         return info
-    stats = _stats(settings, job_id)
+    storage = open_storage(settings)
+    stats = _stats(storage, record)
     scale = l0_per_analysis_px(stats)
     for name in MASKS:
-        path = settings.results_dir / job_id / f"{name}.tiff"
-        if not path.is_file():
+        key = f"{record.results_prefix}/{name}.tiff"
+        try:
+            mask = mask_pyramid(storage, key, storage.head(key).etag)
+        except ObjectMissing:
             continue
-        mask, head = mask_pyramid(path), stats.get(name, {})
+        head = stats.get(name, {})
         info["overlays"].append({
             "name": name, "dzi": f"{base}/{name}.dzi", "width": mask.width, "height": mask.height,
             "viewport_width": mask.width * scale / width,
@@ -65,7 +71,7 @@ def get_dzi(job_id: JobIdPath, image: str, store: StoreDep, settings: SettingsDe
     """The Deep Zoom descriptor of ``slide``, ``semantic`` or ``ternary``."""
     record = require_job(store, job_id, tenant)
     _check_image(image)
-    xml = _slide(record).dzi() if image == "slide" else _mask(record, settings, image).dzi()
+    xml = _slide(record, settings).dzi() if image == "slide" else _mask(record, settings, image).dzi()
     return Response(xml, media_type="application/xml", headers={"Cache-Control": CACHE_CONTROL})
 
 
@@ -76,20 +82,19 @@ def get_tile(job_id: JobIdPath, image: str, level: str, tile: str, request: Requ
     record = require_job(store, job_id, tenant)
     _check_image(image)
     lvl, col, row = _parse_tile(image, level, tile)
-    source = _source_file(record, settings, image)
-    st = source.stat()
-    etag = '"' + hashlib.sha1(f"{job_id}:{image}:{st.st_size}:{st.st_mtime_ns}:{lvl}:{col}:{row}".encode(),
+    version = _slide_version(record, settings) if image == "slide" else _mask_info(record, settings, image).etag
+    etag = '"' + hashlib.sha1(f"{job_id}:{image}:{version}:{lvl}:{col}:{row}".encode(),
                                usedforsecurity=False).hexdigest()[:24] + '"'
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     if image == "slide":
-        tiles = _slide(record)
+        tiles = _slide(record, settings)
         _check_tile(tiles.valid(lvl, col, row), image, lvl, col, row)
         return Response(tiles.jpeg(lvl, col, row), media_type="image/jpeg", headers=headers)
     mask = _mask(record, settings, image)
     _check_tile(mask.valid(lvl, col, row), image, lvl, col, row)
-    colours = _colours(settings.results_dir / job_id / STATS_FILE, image)
+    colours = _colours(open_storage(settings), record, image)
     return Response(rgba_png(mask.tile(lvl, col, row), colours), media_type="image/png", headers=headers)
 
 
@@ -119,51 +124,67 @@ def _matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-def _slide_file(record: JobRecord) -> Path:
-    path = Path(record.slide_file)
-    if not record.slide_file or not path.is_file():
-        raise ApiError(404, "slide_not_available", f"the slide of job {record.id} is no longer on the server")
-    return path
+def _slide_file(record: JobRecord, settings: Settings) -> Path:
+    """A local file with the job's slide (fetched into the slide cache when a store holds it)."""
+    missing = ApiError(404, "slide_not_available", f"the slide of job {record.id} is no longer on the server")
+    if not record.slide_file:
+        raise missing
+    if slide_object(settings, record.slide_file) is None:
+        path = Path(record.slide_file)
+        if not path.is_file():
+            raise missing
+        return path
+    try:
+        return local_slide(settings, record.slide_file, record.slide.get("sha256"))[0]
+    except ObjectMissing as exc:
+        raise missing from exc
 
 
-def _slide(record: JobRecord) -> SlideTiles:
-    return slide_tiles(_slide_file(record))
+def _slide(record: JobRecord, settings: Settings) -> SlideTiles:
+    return slide_tiles(_slide_file(record, settings))
 
 
-def _source_file(record: JobRecord, settings: Settings, image: str) -> Path:
-    return _slide_file(record) if image == "slide" else _mask_file(record, settings, image)
+def _slide_version(record: JobRecord, settings: Settings) -> str:
+    st = _slide_file(record, settings).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _mask_file(record: JobRecord, settings: Settings, image: str) -> Path:
+def _mask_info(record: JobRecord, settings: Settings, image: str) -> ObjectInfo:
     if record.status != "succeeded":
         raise ApiError(409, "results_not_ready",
                        f"job {record.id} is {record.status}; overlays exist only once it has succeeded")
-    path = settings.results_dir / record.id / f"{image}.tiff"
-    if not path.is_file():
-        raise ApiError(404, "result_not_found", f"job {record.id} has no {image}.tiff (run without 'masks'?)")
-    return path
+    try:
+        return open_storage(settings).head(f"{record.results_prefix}/{image}.tiff")
+    except ObjectMissing as exc:
+        raise ApiError(404, "result_not_found",
+                       f"job {record.id} has no {image}.tiff (run without 'masks'?)") from exc
 
 
 def _mask(record: JobRecord, settings: Settings, image: str) -> MaskPyramid:
-    return mask_pyramid(_mask_file(record, settings, image))
+    info = _mask_info(record, settings, image)
+    return mask_pyramid(open_storage(settings), info.key, info.etag)
 
 
-def _stats(settings: Settings, job_id: str) -> dict[str, Any]:
+def _stats(storage: Storage, record: JobRecord) -> dict[str, Any]:
     try:
-        return dict(json.loads((settings.results_dir / job_id / STATS_FILE).read_text()))
+        return dict(json.loads(storage.read(f"{record.results_prefix}/{STATS_FILE}")))
     except (OSError, ValueError):
         return {}
 
 
-def _colours(stats_path: Path, image: str) -> list[list[int]]:
-    """The head's class colours from ``stats.json`` (cached per file version)."""
-    st = stats_path.stat()
-    return _cached_colours(str(stats_path), st.st_mtime_ns, image)
+def _colours(storage: Storage, record: JobRecord, image: str) -> list[list[int]]:
+    """The head's class colours from ``stats.json`` (cached per object version)."""
+    key = f"{record.results_prefix}/{STATS_FILE}"
+    try:
+        etag = storage.head(key).etag
+    except ObjectMissing as exc:
+        raise ApiError(404, "colours_not_found", f"job {record.id} has no {STATS_FILE}") from exc
+    return _cached_colours(storage.read, key, etag, image)
 
 
 @lru_cache(maxsize=64)
-def _cached_colours(path: str, mtime_ns: int, image: str) -> list[list[int]]:
-    stats = json.loads(Path(path).read_text())
+def _cached_colours(read: Callable[[str], bytes], key: str, etag: str, image: str) -> list[list[int]]:
+    stats = json.loads(read(key))
     colours = stats.get(image, {}).get("colours")
     if not colours:
         raise ApiError(404, "colours_not_found", f"stats.json has no colours for {image!r} (an older result)")

@@ -99,6 +99,7 @@ class Stack:
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
     extra_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    worker_env: dict[str, str] = field(default_factory=dict)  # on top of ``env``, for every worker
     workers_started: int = 0
     worker_started_at: float = 0.0
     client: httpx.Client = field(init=False)
@@ -120,9 +121,11 @@ class Stack:
         return f"http://127.0.0.1:{self.api_port}"
 
     @classmethod
-    def start(cls, root: Path, env: dict[str, str] | None = None) -> Stack:
-        """Start the stack; ``env`` adds to (or overrides) the ``NUCSEG_*`` settings below."""
-        stack = cls(root, {}, free_port(), free_port())
+    def start(cls, root: Path, env: dict[str, str] | None = None,
+              worker_env: dict[str, str] | None = None) -> Stack:
+        """Start the stack; ``env`` adds to (or overrides) the ``NUCSEG_*`` settings below, and
+        ``worker_env`` adds to that for the workers only."""
+        stack = cls(root, {}, free_port(), free_port(), worker_env=dict(worker_env or {}))
         stack._prepare(env or {})
         try:
             stack.start_redis()
@@ -137,9 +140,10 @@ class Stack:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, root: Path, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    def running(cls, root: Path, env: dict[str, str] | None = None,
+                worker_env: dict[str, str] | None = None) -> Iterator[Stack]:
         """``start`` the stack for a ``with`` block, and ``stop`` it however the block ends."""
-        stack = cls.start(root, env)
+        stack = cls.start(root, env, worker_env)
         try:
             yield stack
         finally:
@@ -190,10 +194,10 @@ class Stack:
                 self.env.pop(name, None)
         self.env.pop("NUCSEG_MODEL_SHA256", None)
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.root / f"{log_name}.log").open("ab")
         cmd = [sys.executable, "-m", "cli.service", *args]
-        return subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, env={**self.env, **(env or {})}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
     # workers
@@ -206,12 +210,13 @@ class Stack:
         self.workers_started += 1
         self.worker_started_at = time.time()
         self.worker = self._spawn(["worker", "--hostname", self.worker_name, "--pool", "prefork",
-                                   "--concurrency", "1", "--loglevel", "INFO"], f"worker-{self.workers_started}")
+                                   "--concurrency", "1", "--loglevel", "INFO"], f"worker-{self.workers_started}",
+                                  self.worker_env)
 
-    def start_extra_worker(self, name: str) -> subprocess.Popen[bytes]:
-        """Another worker process (prefork, one pool process) beside ``worker``."""
+    def start_extra_worker(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Another worker process (prefork, one pool process) beside ``worker``; ``env`` adds settings."""
         proc = self._spawn(["worker", "--hostname", name, "--pool", "prefork", "--concurrency", "1",
-                            "--loglevel", "INFO"], name.split("@")[0])
+                            "--loglevel", "INFO"], name.split("@")[0], {**self.worker_env, **(env or {})})
         self.extra_workers.append(proc)
         return proc
 

@@ -14,6 +14,7 @@ import tifffile
 from PIL import Image
 
 from api.deepzoom import MASK_TILE, SLIDE_OVERLAP, SLIDE_TILE, MaskPyramid, dz_level_size, dz_levels
+from core.storage import LocalStorage
 from model.writers import ClassMapStore, mask_pyramid_sizes, write_tiff_from_store
 from tests.helpers.service_stack import Stack, tissue_image
 
@@ -42,7 +43,7 @@ def test_mask_tiff_is_a_tiled_pyramid_read_tile_by_tile(tmp_path: Path, width: i
             centre = full[scale // 2 :: scale, scale // 2 :: scale]
             expected = np.pad(centre, ((0, h - centre.shape[0]), (0, w - centre.shape[1])), mode="edge")
             np.testing.assert_array_equal(page.asarray(), expected)
-    mask = MaskPyramid(tmp_path / "m.tiff")
+    mask = MaskPyramid(LocalStorage(tmp_path), "m.tiff")
     top = dz_levels(width, height) - 1
     cols, rows = -(-width // MASK_TILE), -(-height // MASK_TILE)
     for col, row in [(0, 0), (cols - 1, rows - 1), (cols // 2, rows // 2)]:
