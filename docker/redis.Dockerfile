@@ -13,4 +13,7 @@ RUN groupadd --system --gid 10002 redis \
 WORKDIR /data
 USER 10002:10002
 EXPOSE 6379
+# As the official image does: no protected mode (it refuses every client from another container when
+# no password is set); only the compose network reaches this server, and no port is published.
+ENTRYPOINT ["sh", "-c", "if [ \"$1\" = redis-server ]; then exec \"$@\" --protected-mode no; fi; exec \"$@\"", "--"]
 CMD ["redis-server"]

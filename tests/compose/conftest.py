@@ -15,8 +15,8 @@ from tests.helpers.compose_stack import ComposeStack
 from tests.helpers.samples import sample
 from tests.helpers.service_stack import KEYS, REPO
 
-# The CMU sample stated at a quarter of its resolution: the engine reads it 4x downsampled, 48 tiles
-# instead of 713, so a job takes well under a minute on two CPU cores; every stage still runs.
+# The CMU sample stated at 0.0625 µm/px instead of 0.499: the engine reads it 4x downsampled, 12 tiles
+# instead of 713, so a job takes seconds on two CPU cores; every stage still runs.
 OPTIONS = {"mpp": 0.0625}
 SLIDE = "cmu_small_region.svs"
 
@@ -33,8 +33,8 @@ class SlideJob:
 def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
     stack = ComposeStack.prepare(tmp_path_factory.mktemp("compose"))
     stack.run("down", "-v")  # whatever an interrupted run left behind
-    stack.up()
     try:
+        stack.up()
         yield stack
     finally:
         stack.run("down", "-v")
@@ -58,9 +58,9 @@ def cmu_job(client: Client, tmp_path_factory: pytest.TempPathFactory) -> SlideJo
 
 @pytest.fixture(scope="session")
 def local_prediction(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``nucseg predict`` on this machine, same slide, same options."""
+    """``nucseg predict`` on this machine, same slide, same options, on the CPU as the worker."""
     out = tmp_path_factory.mktemp("predict")
     cmd = [sys.executable, "-m", "cli.main", "predict", str(sample(SLIDE)), "--out", str(out), "--quiet",
-           "--mpp", str(OPTIONS["mpp"])]
+           "--mpp", str(OPTIONS["mpp"]), "--device", "cpu"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=1800)
     return out

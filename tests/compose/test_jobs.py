@@ -14,8 +14,8 @@ from tests.helpers.compose_stack import ComposeStack
 from tests.helpers.service_stack import KEYS, wait_until
 from tests.service.test_web_browser import ARGS, CHROMIUM, DRAWN
 
-# stats.json keys that describe the run rather than its result (clock, paths, library versions).
-RUN_KEYS = {"timings_s", "started_at", "versions", "slide"}
+# Files that describe the run as well as its result: compared without the run's part below.
+RUN_DEPENDENT = {"stats.json", "nuclei.geojson"}
 FIND_TORCH = "import importlib.util as u; print(u.find_spec('torch') is not None)"
 
 
@@ -27,19 +27,34 @@ def test_api_container_is_healthy_non_root_and_has_no_torch(compose: ComposeStac
 
 
 def test_results_match_a_local_prediction(cmu_job: SlideJob, local_prediction: Path) -> None:
-    """Every file ``nucseg predict`` writes comes back from the job byte for byte (stats: the results)."""
+    """Every file ``nucseg predict`` writes comes back from the job: masks, TIFFs, overlays and the
+    thumbnail byte for byte; nuclei and stats equal but for what differs by run."""
     local = {p.name for p in local_prediction.iterdir()}
     remote = {p.name for p in cmu_job.results.iterdir()}
-    assert local <= remote and {"semantic.png", "ternary.png", "nuclei.geojson"} <= local, (local, remote)
-    for name in sorted(local - {"stats.json"}):
+    assert local <= remote and {"semantic.png", "ternary.png", "semantic.tiff", "ternary.tiff"} <= local, remote
+    for name in sorted(local - RUN_DEPENDENT):
         same = (local_prediction / name).read_bytes() == (cmu_job.results / name).read_bytes()
         assert same, f"{name} differs between the container's job and the local prediction"
-    ours, theirs = (_results(path / "stats.json") for path in (local_prediction, cmu_job.results))
-    assert ours == theirs
+    for name, content in (("nuclei.geojson", _nuclei), ("stats.json", _stats)):
+        ours, theirs = content(local_prediction / name), content(cmu_job.results / name)
+        assert ours == theirs, f"{name} differs between the container's job and the local prediction"
 
 
-def _results(path: Path) -> dict[str, Any]:
-    return {k: v for k, v in json.loads(path.read_text()).items() if k not in RUN_KEYS}
+def _nuclei(path: Path) -> list[dict[str, Any]]:
+    """The features without their ids (a random prefix per run, so two runs never share ids)."""
+    features = json.loads(path.read_text())["features"]
+    assert len({f["id"] for f in features}) == len(features) > 0
+    return [{k: v for k, v in f.items() if k != "id"} for f in features]
+
+
+def _stats(path: Path) -> dict[str, Any]:
+    """stats.json without timings, start time, library versions and the slide's stored file name."""
+    stats = json.loads(path.read_text())
+    for key in ("timings_s", "started_at", "versions"):
+        stats.pop(key)
+    stats["nuclei"].pop("timings")
+    stats["slide"].pop("name")
+    return dict(stats)
 
 
 def test_auth_no_key_401_other_tenant_404(compose: ComposeStack, cmu_job: SlideJob) -> None:
