@@ -8,7 +8,8 @@ SAMPLES := .cache/samples/cmu_small_region.svs
 PACKAGES := api core worker cli model training
 SRC := $(PACKAGES) client benchmarks scripts tests
 
-.PHONY: venv samples up predict-sample test lint typecheck pytest chromium bench clean web-vendor
+.PHONY: venv samples up predict-sample test lint typecheck pytest chromium bench clean web-vendor \
+        compose-base compose-build compose-up compose-down compose-test
 
 venv: $(STAMP)
 
@@ -70,3 +71,28 @@ web-vendor:
 
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache
+
+# ---------------------------------------------------------------- Docker (opt-in; not part of `make test`)
+# COMPOSE_FILE (read by Compose itself) adds compose.local.yml, which builds on local base images
+# (scripts/docker_base.sh) and takes torch from the package registry's index. Where Docker Hub and
+# PyTorch's CPU index are reachable: `make compose-up COMPOSE_FILE=docker-compose.yml`.
+export COMPOSE_FILE ?= docker-compose.yml:compose.local.yml
+export COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_PROJECT ?= nucseg
+
+compose-base:
+	@case "$(COMPOSE_FILE)" in *compose.local.yml*) scripts/docker_base.sh ;; esac
+
+compose-build: compose-base
+	$(COMPOSE) build api worker
+
+compose-up: compose-build
+	@test -f "$${NUCSEG_TENANTS:-config/tenants.json}" || { echo "no tenants file: put 'nucseg keys new TENANT' entries in config/tenants.json (see config/tenants.example.json)" >&2; exit 2; }
+	mkdir -p "$${NUCSEG_SLIDES:-slides}"
+	$(COMPOSE) -p $(COMPOSE_PROJECT) up -d --no-build
+
+compose-down:
+	$(COMPOSE) -p $(COMPOSE_PROJECT) down
+
+compose-test: venv samples chromium compose-build
+	$(PY) -m pytest --compose -q tests/compose

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -11,6 +12,20 @@ from cli.processes import stop_group
 from cli.redis_server import start_redis
 from tests.helpers.s3_server import S3Server
 from tests.helpers.service_stack import KEYS, Stack, free_port
+
+COMPOSE_TESTS = Path(__file__).parent / "compose"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--compose", action="store_true",
+                     help="run tests/compose against the docker compose stack (needs Docker; make compose-test)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/compose runs only with ``--compose``; ``make test`` needs no Docker."""
+    if collection_path.is_relative_to(COMPOSE_TESTS) and not config.getoption("--compose"):
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tenant_client(base_url: str, tenant: str | None) -> httpx.Client:
+    """An HTTP client for ``base_url`` with ``tenant``'s API key (None: no key at all)."""
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+    return httpx.Client(base_url=base_url, timeout=30, headers=headers)
+
+
 def tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     """An H&E-ish RGB image: pink background with purple blobs (deterministic)."""
     rng = np.random.default_rng(seed)
@@ -151,8 +157,7 @@ class Stack:
 
     def client_for(self, tenant: str | None, base_url: str | None = None) -> httpx.Client:
         """An HTTP client with ``tenant``'s API key (None: no key at all)."""
-        headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
-        return httpx.Client(base_url=base_url or self.base_url, timeout=30, headers=headers)
+        return tenant_client(base_url or self.base_url, tenant)
 
     def start_redis(self) -> None:
         """(Re)start redis-server on the same port and data directory (its AOF is replayed)."""

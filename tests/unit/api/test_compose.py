@@ -1,4 +1,4 @@
-"""docker-compose.yml structure and Dockerfile lint. CI builds no images (it has no Docker engine)."""
+"""docker-compose.yml structure and Dockerfile lint, without Docker (``make compose-test`` runs the stack)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 DOCKERFILES = ("Dockerfile.api", "Dockerfile.worker")
+LINTED = (*DOCKERFILES, "docker/redis.Dockerfile")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_commands_and_queues(compose: dict[str, Any]) -> None:
         env = services[name]["environment"]
         assert env["NUCSEG_REDIS_URL"] == "redis://redis:6379/0" and env["NUCSEG_DATA_DIR"] == "/data"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert services["api"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert services["api"]["ports"] == ["127.0.0.1:${NUCSEG_API_PORT:-8000}:8000"]
     assert "TORCH_INDEX_URL" in services["worker-gpu"]["build"]["args"]
     assert "cu" in services["worker-gpu"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[1]
 
@@ -83,7 +84,7 @@ def test_healthchecks(compose: dict[str, Any]) -> None:
         assert hostname == "nucseg@%h" and "-d nucseg@$$HOSTNAME" in check  # pings exactly this worker
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", LINTED)
 def test_dockerfile_passes_hadolint(name: str) -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     out = subprocess.run([hadolint, "--failure-threshold", "info", name], cwd=REPO, capture_output=True,
@@ -135,3 +136,15 @@ def test_auth_is_on_with_a_read_only_tenants_file(compose: dict[str, Any]) -> No
         Settings(auth="disabled").check_api_bind(api_env["NUCSEG_HOST"])
     with pytest.raises(ConfigError, match="no API key is configured"):
         Settings(tenants_file=None, auth="enabled").check_api_bind("0.0.0.0")
+
+
+def test_local_override_changes_only_bases_and_torch_index(compose: dict[str, Any]) -> None:
+    """compose.local.yml (no registry reachable) swaps base images and the torch index, nothing else."""
+    local = yaml.safe_load((REPO / "compose.local.yml").read_text())["services"]
+    assert set(local) == set(compose["services"])
+    assert set(local["redis"]) == {"image"}
+    for name in ("api", "worker", "worker-gpu"):
+        assert set(local[name]) == {"build"} and set(local[name]["build"]) == {"args"}
+        assert "PYTHON_IMAGE" in local[name]["build"]["args"]
+    assert "TORCH_INDEX_URL" not in local["api"]["build"]["args"]  # the API image has no torch
+    assert all("TORCH_INDEX_URL" in local[name]["build"]["args"] for name in ("worker", "worker-gpu"))
