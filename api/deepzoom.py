@@ -27,6 +27,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from core.storage import Storage
+from model.options import Stats
 
 SLIDE_TILE, SLIDE_OVERLAP = 254, 1
 MASK_TILE = 256
@@ -186,13 +187,11 @@ def rgba_png(classes: np.ndarray, colours: Sequence[Sequence[int]]) -> bytes:
     return buf.getvalue()
 
 
-def l0_per_analysis_px(stats: dict[str, Any]) -> float:
+def l0_per_analysis_px(stats: Stats) -> float:
     """Level-0 slide pixels per analysis pixel, from ``stats.json``."""
-    analysis, slide = stats.get("analysis", {}), stats.get("slide", {})
-    override = stats.get("parameters", {}).get("mpp")
-    slide_mpp = override or slide.get("mpp") or analysis.get("mpp")
-    mpp = analysis.get("mpp")
-    if not mpp or not slide_mpp:
-        width = slide.get("dimensions", [1])[0]
-        return float(width) / float(analysis.get("width") or width or 1)
-    return float(mpp) / float(slide_mpp)
+    analysis, slide = stats["analysis"], stats["slide"]
+    slide_mpp = stats["parameters"].get("mpp") or slide["mpp"] or analysis["mpp"]
+    if not analysis["mpp"] or not slide_mpp:
+        width = slide["dimensions"][0]
+        return float(width) / float(analysis["width"] or width or 1)
+    return float(analysis["mpp"]) / float(slide_mpp)

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import PurePath
-from typing import Any, Literal, NotRequired, TypedDict, get_args
+from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
 from model.errors import OptionsError
 
@@ -167,3 +168,21 @@ class Stats(TypedDict):
     started_at: str
     warnings: list[str]
     versions: dict[str, str]
+
+
+MaskHead = Literal["semantic", "ternary"]
+MASK_HEADS: tuple[MaskHead, ...] = get_args(MaskHead)
+
+
+def parse_stats(raw: str | bytes) -> Stats:
+    """``stats.json`` parsed; ``ValueError`` when it is not a JSON object."""
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"{STATS_FILE} holds {type(value).__name__}, not an object")
+    return cast(Stats, value)
+
+
+def head_stats(stats: Stats, head: str) -> HeadStats | None:
+    """The stats of one head, or ``None`` for another name or a run that wrote neither its masks nor
+    its overlays."""
+    return cast("HeadStats | None", stats.get(head)) if head in MASK_HEADS else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from functools import lru_cache
@@ -21,12 +20,11 @@ from core.records import JobRecord
 from core.settings import Settings
 from core.storage import ObjectInfo, ObjectMissing, Storage, open_storage
 from core.storage.slides import local_slide, slide_object
-from model.options import STATS_FILE
+from model.options import MASK_HEADS, STATS_FILE, Stats, head_stats, parse_stats
 
 router = APIRouter(prefix="/v1/jobs", tags=["tiles"])
 
-IMAGES = ("slide", "semantic", "ternary")
-MASKS = ("semantic", "ternary")
+IMAGES = ("slide", *MASK_HEADS)
 CACHE_CONTROL = "private, max-age=86400"
 _TILE = re.compile(r"^(\d{1,6})_(\d{1,6})\.(jpeg|png)$")
 _TILE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -47,20 +45,19 @@ def viewer_info(job_id: JobIdPath, store: StoreDep, settings: SettingsDep, tenan
         return info
     storage = open_storage(settings)
     stats = _stats(storage, record)
-    scale = l0_per_analysis_px(stats)
-    for name in MASKS:
+    scale = l0_per_analysis_px(stats) if stats else 1.0
+    for name in MASK_HEADS:
         key = f"{record.results_prefix}/{name}.tiff"
         try:
             mask = mask_pyramid(storage, key, storage.head(key).etag)
         except ObjectMissing:
             continue
-        head = stats.get(name, {})
+        head = head_stats(stats, name) if stats else None
+        classes = zip(head["classes"], head["colours"], strict=False) if head else ()
         info["overlays"].append({
             "name": name, "dzi": f"{base}/{name}.dzi", "width": mask.width, "height": mask.height,
             "viewport_width": mask.width * scale / width,
-            "classes": [{"index": i, "name": c, "colour": _hex(col)}
-                        for i, (c, col) in enumerate(zip(head.get("classes", {}), head.get("colours", []),
-                                                         strict=False))],
+            "classes": [{"index": i, "name": c, "colour": _hex(col)} for i, (c, col) in enumerate(classes)],
         })
     return info
 
@@ -165,11 +162,11 @@ def _mask(record: JobRecord, settings: Settings, image: str) -> MaskPyramid:
     return mask_pyramid(open_storage(settings), info.key, info.etag)
 
 
-def _stats(storage: Storage, record: JobRecord) -> dict[str, Any]:
+def _stats(storage: Storage, record: JobRecord) -> Stats | None:
     try:
-        return dict(json.loads(storage.read(f"{record.results_prefix}/{STATS_FILE}")))
+        return parse_stats(storage.read(f"{record.results_prefix}/{STATS_FILE}"))
     except (OSError, ValueError):
-        return {}
+        return None
 
 
 def _colours(storage: Storage, record: JobRecord, image: str) -> list[list[int]]:
@@ -184,8 +181,8 @@ def _colours(storage: Storage, record: JobRecord, image: str) -> list[list[int]]
 
 @lru_cache(maxsize=64)
 def _cached_colours(read: Callable[[str], bytes], key: str, etag: str, image: str) -> list[list[int]]:
-    stats = json.loads(read(key))
-    colours = stats.get(image, {}).get("colours")
+    head = head_stats(parse_stats(read(key)), image)
+    colours = head.get("colours") if head else None
     if not colours:
         raise ApiError(404, "colours_not_found", f"stats.json has no colours for {image!r} (an older result)")
     return [list(c) for c in colours]
