@@ -83,6 +83,9 @@ class BlockSink(Protocol):
 
     def finish(self) -> dict[str, Any]: ...
 
+    def abort(self) -> None:
+        """The run stopped early (cancel, error): release what ``start`` took, keep no partial files."""
+
 
 @dataclass
 class RunReport:
@@ -147,9 +150,21 @@ class Engine:
         )
         report.clock("setup", time.perf_counter() - started)
         ctx = RunContext(view, tissue, blocks, self.card, opts)
+        try:
+            self._run_blocks(ctx, grid, report, sinks, on_progress, should_cancel)
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
+        report.clock("total", time.perf_counter() - started)
+        return report
+
+    def _run_blocks(self, ctx: RunContext, grid: TileGrid, report: RunReport, sinks: Sequence[BlockSink],
+                    on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
+        view, blocks = ctx.view, ctx.blocks
         for sink in sinks:
             sink.start(ctx)
-        for done, result in enumerate(self._blocks(view, grid, tissue, blocks, report), start=1):
+        for done, result in enumerate(self._blocks(view, grid, ctx.tissue, blocks, report), start=1):
             t0 = time.perf_counter()
             for sink in sinks:
                 sink.add(result)
@@ -162,8 +177,6 @@ class Engine:
         for sink in sinks:
             report.sinks.update(sink.finish())
         report.clock("finish", time.perf_counter() - t0)
-        report.clock("total", time.perf_counter() - started)
-        return report
 
     def predict_array(self, image: np.ndarray, *, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Blended ``(5, H, W)`` and ``(3, H, W)`` logits of an in-memory RGB image.
@@ -326,6 +339,9 @@ class CollectSink:
 
     def finish(self) -> dict[str, Any]:
         return {}
+
+    def abort(self) -> None:
+        self.logits = self.covered = None
 
 
 def set_threads(n: int | None) -> None:

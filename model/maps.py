@@ -151,12 +151,17 @@ class ClassMapSink:
         return {"classes": classes, "total_pixels": int(head.counts.sum()),
                 "colours": [list(c) for c in head.colours]}
 
+    def abort(self) -> None:
+        self._close()
+
     def _close(self) -> None:
         for head in self._heads:
             if head.store is not None:
                 head.store.close()
+                head.store = None
         if self._tmp is not None:
             self._tmp.cleanup()
+            self._tmp = None
 
 
 def _sample_positions(lo: int, hi: int, k: float, n: int) -> np.ndarray:
