@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.engine import N_SEMANTIC, BlockResult, RunContext
+from model.engine import BlockResult, RunContext
+from model.maskwriter import MaskWriter
 from model.readers import thumbnail
-from model.writers import ClassMapStore, overlay, save_rgb_png, write_png_from_store, write_tiff_from_store
+from model.writers import ClassMapStore, overlay, save_rgb_png
 
 OVERLAY_MAX_SIDE = 4096
 
@@ -25,11 +27,14 @@ class _Head:
     colours: tuple[tuple[int, int, int], ...]
     counts: np.ndarray
     store: ClassMapStore | None = None
+    writer: MaskWriter | None = None
     small: np.ndarray | None = None
 
 
 class ClassMapSink:
-    """Argmax of both heads per block; counts classes, stores masks, samples overlay maps."""
+    """The class maps of both heads per block: counts classes, stores masks, samples overlay maps."""
+
+    needs_logits = False
 
     def __init__(self, out_dir: Path, *, masks: bool = True, overlays: bool = True,
                  overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
@@ -40,6 +45,7 @@ class ClassMapSink:
         self._heads: list[_Head] = []
         self._ctx: RunContext | None = None
         self._k = 1.0
+        self._row_left: Counter[int] = Counter()
 
     def start(self, ctx: RunContext) -> None:
         self._ctx = ctx
@@ -54,6 +60,9 @@ class ClassMapSink:
             self._tmp = tempfile.TemporaryDirectory(prefix=".maps-", dir=self.out_dir)
             for head in self._heads:
                 head.store = ClassMapStore(Path(self._tmp.name) / f"{head.name}.raw", view.width, view.height)
+                head.writer = MaskWriter(head.store, self.out_dir / f"{head.name}.png",
+                                         self.out_dir / f"{head.name}.tiff", head.colours)
+        self._row_left = Counter(b.y1 for b in ctx.blocks)  # blocks still to come per block row
         self._k = max(1.0, max(view.width, view.height) / self.overlay_max_side)
         if self.overlays:
             size = self._overlay_size()
@@ -67,22 +76,22 @@ class ClassMapSink:
 
     def add(self, block: BlockResult) -> None:
         box = block.inner
-        if block.logits is None or block.covered is None:
+        if block.classes is None:
             maps = [np.zeros((box.height, box.width), np.uint8)] * 2
         else:
             rows, cols = block.inner_slices()
-            logits = block.logits[:, rows, cols]
-            covered = block.covered[rows, cols]
-            maps = [
-                np.where(covered, np.argmax(logits[:N_SEMANTIC], axis=0), 0).astype(np.uint8),
-                np.where(covered, np.argmax(logits[N_SEMANTIC:], axis=0), 0).astype(np.uint8),
-            ]
+            maps = [block.classes[0, rows, cols], block.classes[1, rows, cols]]
         for head, classes in zip(self._heads, maps, strict=True):
             head.counts += np.bincount(classes.ravel(), minlength=len(head.classes))[: len(head.classes)]
-            if head.store is not None and block.logits is not None:
+            if head.store is not None and block.classes is not None:
                 head.store.write_block(box.x0, box.y0, classes)
             if head.small is not None:
                 self._sample(head.small, box.x0, box.y0, classes)
+        self._row_left[box.y1] -= 1
+        if self._row_left[box.y1] == 0:
+            for head in self._heads:
+                if head.writer is not None:
+                    head.writer.rows_done(box.y1)
 
     def _sample(self, small: np.ndarray, x0: int, y0: int, classes: np.ndarray) -> None:
         """Nearest-neighbour: overlay pixel u samples analysis pixel floor((u + 0.5) * k)."""
@@ -117,9 +126,9 @@ class ClassMapSink:
 
     def _write_files(self) -> None:
         for head in self._heads:
-            if head.store is not None:
-                write_png_from_store(head.store, self.out_dir / f"{head.name}.png", head.colours)
-                write_tiff_from_store(head.store, self.out_dir / f"{head.name}.tiff", head.colours)
+            if head.writer is not None:
+                head.writer.close()
+                head.writer = None
         if self.overlays:
             thumb = self._thumbnail()
             save_rgb_png(self.out_dir / "thumbnail.png", thumb)
@@ -152,6 +161,10 @@ class ClassMapSink:
                 "colours": [list(c) for c in head.colours]}
 
     def abort(self) -> None:
+        for head in self._heads:
+            if head.writer is not None:
+                head.writer.abort()
+                head.writer = None
         self._close()
 
     def _close(self) -> None:

@@ -72,6 +72,8 @@ class NucleusSink:
     label ``k`` being the ``k``-th GeoJSON feature; refused over ``INSTANCES_MAX_PIXELS``.
     """
 
+    needs_logits = True
+
     def __init__(
         self,
         geojson_path: str | Path | None = None,
