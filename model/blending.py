@@ -53,9 +53,19 @@ class Accumulator:
 
 
 def class_maps(values: torch.Tensor, covered: torch.Tensor, n_semantic: int) -> torch.Tensor:
-    """``(2, h, w)`` uint8: argmax of the semantic and of the ternary logits, 0 where not covered.
+    """``(2, h, w)`` uint8: argmax of the semantic and of the ternary logits, 0 where not covered."""
+    return torch.stack([first_argmax(values[:n_semantic]), first_argmax(values[n_semantic:])]).masked_fill_(
+        ~covered, 0)
 
-    Ties go to the lower class, as in ``numpy.argmax``.
+
+def first_argmax(planes: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the largest of ``(C, h, w)`` planes per pixel; ties go to the lower class, as in
+    ``numpy.argmax``. A running maximum over the planes: ``torch.argmax`` over the first dimension is
+    7x slower than this (and than numpy) on the CPU.
     """
-    heads = (values[:n_semantic], values[n_semantic:])
-    return torch.stack([torch.where(covered, head.argmax(dim=0), 0) for head in heads]).to(torch.uint8)
+    best = planes[0].clone()
+    index = torch.zeros(planes.shape[1:], dtype=torch.uint8, device=planes.device)
+    for k in range(1, planes.shape[0]):
+        index.masked_fill_(planes[k] > best, k)
+        torch.maximum(best, planes[k], out=best)
+    return index

@@ -2,7 +2,7 @@
 
 A block's blended maps go to a worker through shared memory (one copy, no pickling of the
 arrays); the worker runs ``block_nuclei`` and sends back only the owned nuclei (rings, classes,
-areas). At most ``2 x workers`` blocks are in flight, so memory stays bounded and a slow pool holds
+areas). At most ``workers + 1`` blocks are in flight, so memory stays bounded and a slow pool holds
 the engine back. A worker that dies or raises fails the run with ``PostprocessError``; nothing of
 the blocks still in flight is recorded.
 
@@ -79,7 +79,7 @@ class NucleiPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.limit = 2 * workers
+        self.limit = workers + 1  # each block in flight holds its region's float32 logits in shared memory
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init_worker)
         self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
