@@ -12,12 +12,15 @@ OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
@@ -27,6 +30,7 @@ import numpy as np
 from model.errors import PostprocessError
 from model.postprocess import BlockNuclei, BlockPlace, block_nuclei
 
+_PR_SET_PDEATHSIG = 1
 _DIED = "a nuclei post-processing worker process died (killed, or out of memory?) {when}; the run is stopped"
 
 
@@ -60,6 +64,8 @@ def _views(shm: SharedMemory, shape: tuple[int, ...]) -> tuple[np.ndarray, np.nd
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one block per process: the pool is the parallelism
+    with suppress(OSError, AttributeError):  # Linux: die with the engine's process, never outlive it
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _run(place: BlockPlace, maps: _Maps) -> BlockNuclei:
