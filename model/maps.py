@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import tempfile
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -18,6 +20,7 @@ from model.readers import thumbnail
 from model.writers import ClassMapStore, overlay, save_rgb_png
 
 OVERLAY_MAX_SIDE = 4096
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ClassMapSink:
         self._ctx: RunContext | None = None
         self._k = 1.0
         self._row_left: Counter[int] = Counter()
+        self._thumb: Future[np.ndarray] | None = None
 
     def start(self, ctx: RunContext) -> None:
         self._ctx = ctx
@@ -68,6 +72,7 @@ class ClassMapSink:
             size = self._overlay_size()
             for head in self._heads:
                 head.small = np.zeros((size[1], size[0]), dtype=np.uint8)
+            self._thumb = _in_thread(self._thumbnail, "nucseg-thumbnail")  # read while the engine runs
 
     def _overlay_size(self) -> tuple[int, int]:
         assert self._ctx is not None
@@ -129,8 +134,8 @@ class ClassMapSink:
             if head.writer is not None:
                 head.writer.close()
                 head.writer = None
-        if self.overlays:
-            thumb = self._thumbnail()
+        if self._thumb is not None:
+            thumb = self._thumb.result()
             save_rgb_png(self.out_dir / "thumbnail.png", thumb)
             for head in self._heads:
                 assert head.small is not None
@@ -161,6 +166,8 @@ class ClassMapSink:
                 "colours": [list(c) for c in head.colours]}
 
     def abort(self) -> None:
+        if self._thumb is not None:  # the reader may be closed once we return
+            wait([self._thumb])
         for head in self._heads:
             if head.writer is not None:
                 head.writer.abort()
@@ -175,6 +182,14 @@ class ClassMapSink:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """``fn()`` on a thread of its own; its result or error through the future."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)  # the thread ends once fn returns
+    return future
 
 
 def _sample_positions(lo: int, hi: int, k: float, n: int) -> np.ndarray:
