@@ -2,7 +2,8 @@
 
 ``Engine.run(reader, sinks)`` walks the analysis level block by block. For each block it runs
 exactly the grid tiles that touch the block (plus an optional margin for post-processing), blends
-them into a block-sized accumulator and hands the blended logits to every sink. Because every pixel
+them into a block-sized accumulator on the network's device (``model.blending``) and hands every sink
+the block's uint8 class maps (and the blended logits, to sinks that need them). Because every pixel
 is the weighted mean over the same global tiles, the output does not depend on the block size.
 Memory is one block of accumulators plus the model, whatever the slide's size.
 

@@ -7,6 +7,7 @@ are recorded in block order either way, so the GeoJSON and the stats do not depe
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,14 @@ INSTANCES_MAX_PIXELS = 64_000_000  # instances.png only for images up to this si
 
 def nuclei_workers(workers: int | None) -> int:
     """Worker processes for ``EngineOptions.workers``: None = the cores this process may use (none
-    when that is one core), 0 = none (post-processing in the engine's process)."""
+    when that is one core, or when this process is daemonic, as a Celery prefork pool process is:
+    those may not start processes), 0 = none (post-processing in the engine's process)."""
     if workers is None:
         cores = available_cores()
-        return cores if cores > 1 else 0
+        return cores if cores > 1 and not multiprocessing.current_process().daemon else 0
+    if workers and multiprocessing.current_process().daemon:
+        raise OptionsError(f"workers={workers}: a daemonic process (a Celery prefork pool process) may not start "
+                           "nuclei processes; use workers=0, or a Celery worker with --pool threads or solo")
     return workers
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from model.engine import EngineOptions
-from model.errors import PostprocessError
+from model.errors import OptionsError, PostprocessError
 from model.pipeline import predict_reader
 from model.readers import ArrayReader, open_slide
 from tests.helpers.samples import sample
@@ -87,3 +89,26 @@ def test_a_dead_worker_fails_the_run_without_partial_results(region: ArrayReader
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no GeoJSON, partial or not"
     assert not [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())], "workers left"
     assert _segments() <= before, "shared-memory blocks left behind"
+
+
+def _workers_in_daemon(out: Any) -> None:
+    from model.nuclei import nuclei_workers
+
+    try:
+        nuclei_workers(2)
+        refused = ""
+    except OptionsError as exc:
+        refused = str(exc)
+    out.put((nuclei_workers(None), refused))
+
+
+def test_a_daemonic_process_post_processes_in_process() -> None:
+    """A Celery prefork pool process is daemonic: it may not start the pool, so the default is none."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_workers_in_daemon, args=(out,), daemon=True)
+    child.start()
+    workers, refused = out.get(timeout=60)
+    child.join(timeout=60)
+    assert workers == 0
+    assert "daemonic" in refused and "workers=0" in refused
