@@ -51,6 +51,7 @@ CELL = 40  # synthetic slide: one nucleus site per 40 px (10 µm) cell
 OCCUPANCY = 0.7
 NUCLEUS_RGB = np.array([[110, 70, 150], [60, 40, 110], [100, 60, 170], [120, 90, 150], [130, 85, 135]], np.float32)
 STROMA_RGB = np.array([235, 170, 200], np.float32)
+RIM_PX = 2.0
 
 
 class ColourNet(nn.Module):
@@ -78,6 +79,29 @@ class ColourNet(nn.Module):
         return sem, ter
 
 
+class FreeNet(nn.Module):
+    """Per-pixel maps of a rimmed ``SyntheticSlide`` (dark = nucleus, green near 0 = its rim):
+    a few elementwise operations, about the cheapest network that still yields real nuclei."""
+
+    output_stride = 32
+    encoder_name = "free"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+        dark = 1.0 - (r + g + b) / 3.0
+        fg = (dark - 0.45) * 20.0
+        rim = (0.1 - g) * 100.0
+        ter = torch.cat((-fg, fg, fg + rim), dim=1)
+        sem = torch.cat((-fg, fg + (b - r - 0.15) * 20.0, fg + (dark - 0.7) * 20.0, fg + (b - 0.6) * 20.0,
+                         fg + (r - 0.45) * 20.0), dim=1)
+        return sem, ter
+
+
+def free_model() -> LoadedModel:
+    card = ModelCard(name="free-stub", encoder="none", normalisation=RAW)
+    return LoadedModel(cast(TwoHeadUnet, FreeNet()), card, Path("stub"), "0" * 64, "benchmark")
+
+
 def stub_model(encoder: str | None) -> LoadedModel:
     torch.manual_seed(0)
     compute = build_network(encoder).eval() if encoder else None
@@ -95,10 +119,15 @@ def _hash(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
 
 
 class SyntheticSlide:
-    """A generated H&E-like single-level slide at 0.25 µm/px, rendered on demand."""
+    """A generated H&E-like single-level slide at 0.25 µm/px, rendered on demand.
 
-    def __init__(self, size: int) -> None:
+    With ``rims`` each nucleus's outer ``RIM_PX`` pixels have green near 0, so that a per-pixel
+    network (``FreeNet``) can tell inside from boundary without looking at neighbours.
+    """
+
+    def __init__(self, size: int, *, rims: bool = False) -> None:
         self.name, self.format, self.mpp = f"synthetic-{size}", "synthetic", 0.25
+        self.rims = rims
         self.level_dimensions: tuple[tuple[int, int], ...] = ((size, size),)
         self.level_downsamples: tuple[float, ...] = (1.0,)
         self.size = size
@@ -113,12 +142,14 @@ class SyntheticSlide:
         ry, rx = 10 + 12 * _hash(cyy, cxx, 4), 10 + 12 * _hash(cyy, cxx, 5)
         kind = (_hash(cyy, cxx, 6) * 5).astype(np.int64)
         iy, ix = (cy - cy[0])[:, None], (cx - cx[0])[None, :]
-        inside = occupied[iy, ix] & (
-            ((ys[:, None] + 0.5 - centre_y[iy, ix]) / ry[iy, ix]) ** 2
-            + ((xs[None, :] + 0.5 - centre_x[iy, ix]) / rx[iy, ix]) ** 2 <= 1.0
-        )
+        radius = np.sqrt(((ys[:, None] + 0.5 - centre_y[iy, ix]) / ry[iy, ix]) ** 2
+                         + ((xs[None, :] + 0.5 - centre_x[iy, ix]) / rx[iy, ix]) ** 2)
+        inside = occupied[iy, ix] & (radius <= 1.0)
         texture = ((ys[:, None] * 7 + xs[None, :] * 13) % 17).astype(np.float32)[..., None] - 8.0
         rgb = np.where(inside[..., None], NUCLEUS_RGB[kind[iy, ix]], STROMA_RGB) + texture
+        if self.rims:
+            rim = inside & (radius > 1.0 - RIM_PX / np.minimum(rx, ry)[iy, ix])
+            rgb[..., 1][rim] = texture[..., 0][rim] + 8.0
         outside = (ys[:, None] >= self.size) | (xs[None, :] >= self.size) | (ys[:, None] < 0) | (xs[None, :] < 0)
         rgb[outside] = 255
         return np.clip(rgb, 0, 255).astype(np.uint8)
@@ -127,11 +158,12 @@ class SyntheticSlide:
         return None
 
 
-def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str], cache_mb: int) -> dict[str, Any]:
-    """One pipeline run; returns its timings, counts and peak RSS."""
-    reader: SlideReader = SyntheticSlide(size) if case == "synthetic" else open_slide(_cmu())
-    model = stub_model(encoder)
-    opts = EngineOptions(device="cpu", tile_cache_mb=cache_mb)
+def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str], cache_mb: int, *,
+             free: bool = False, **options: Any) -> dict[str, Any]:
+    """One pipeline run; its timings, counts and peak RSS. ``free``: a rimmed slide and ``FreeNet``."""
+    reader: SlideReader = SyntheticSlide(size, rims=free) if case == "synthetic" else open_slide(_cmu())
+    model = free_model() if free else stub_model(encoder)
+    opts = EngineOptions(device="cpu", tile_cache_mb=cache_mb, **options)
     with tempfile.TemporaryDirectory() as out, measured() as m:
         stats = predict_reader(reader, Path(out), model, opts, outputs=outputs)
     nuc = stats["nuclei"]

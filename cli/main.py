@@ -41,6 +41,8 @@ def _add_predict(subparsers: Any) -> None:
     groups = ",".join(OUTPUT_GROUPS)
     p.add_argument("--outputs", default=groups, help=f"comma list of {groups}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=DEFAULTS.workers,
+                   help="nuclei post-processing processes (default: the cores given; 0: in this process)")
     p.add_argument("--json", action="store_true", help="print stats as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
@@ -59,7 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
     outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
     options = EngineOptions(tile_size=args.tile, overlap=args.overlap, block_size=args.block,
                             batch_size=args.batch, precision=args.precision, device=args.device,
-                            tissue=args.tissue, mpp=args.mpp)
+                            tissue=args.tissue, mpp=args.mpp, workers=args.workers)
     set_threads(args.threads)
     bar = tqdm(total=0, unit="block", disable=args.quiet, file=sys.stderr, desc=args.slide.name)
 

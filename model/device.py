@@ -100,12 +100,11 @@ class TileRunner:
         self._shift = -mean / std
 
     @torch.inference_mode()
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """``(N, T, T, 3)`` uint8 -> ``(N, 8, T, T)`` float32 logits (5 semantic, then 3 ternary)."""
+    def __call__(self, tiles: np.ndarray) -> torch.Tensor:
+        """``(N, T, T, 3)`` uint8 -> ``(N, 8, T, T)`` float32 logits (5 semantic, then 3 ternary), on the device."""
         batch = torch.from_numpy(tiles).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
         batch = batch * self._scale + self._shift
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             sem, ter = self.network(batch)
-        logits = torch.cat((sem, ter), dim=1).float()
-        return np.ascontiguousarray(logits.cpu().numpy())
+        return torch.cat((sem, ter), dim=1).float()

@@ -2,7 +2,8 @@
 
 ``Engine.run(reader, sinks)`` walks the analysis level block by block. For each block it runs
 exactly the grid tiles that touch the block (plus an optional margin for post-processing), blends
-them into a block-sized accumulator and hands the blended logits to every sink. Because every pixel
+them into a block-sized accumulator on the network's device (``model.blending``) and hands every sink
+the block's uint8 class maps (and the blended logits, to sinks that need them). Because every pixel
 is the weighted mean over the same global tiles, the output does not depend on the block size.
 Memory is one block of accumulators plus the model, whatever the slide's size.
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from model.analysis import AnalysisView, make_view
-from model.blending import Accumulator, gaussian_weights
+from model.blending import Accumulator, class_maps, gaussian_weights
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision
@@ -41,13 +42,18 @@ N_CHANNELS = 8  # 5 semantic + 3 ternary logits
 
 @dataclass
 class BlockResult:
-    """Blended logits over ``region`` (``inner`` plus margin); ``logits`` is None for a no-tissue block."""
+    """One blended block over ``region`` (``inner`` plus margin); all None for a no-tissue block.
+
+    ``classes`` (uint8, semantic then ternary argmax, 0 where not covered) always comes back from
+    the device; the float32 ``logits`` only when a sink needs them (``BlockSink.needs_logits``).
+    """
 
     index: int
     inner: Box
     region: Box
     logits: np.ndarray | None
     covered: np.ndarray | None
+    classes: np.ndarray | None = None
 
     @property
     def sem_logits(self) -> np.ndarray | None:
@@ -77,11 +83,16 @@ class RunContext:
 class BlockSink(Protocol):
     """Consumes blended blocks; ``finish`` returns its contribution to the stats."""
 
+    needs_logits: bool  # the blended float32 logits, not only the class maps
+
     def start(self, ctx: RunContext) -> None: ...
 
     def add(self, block: BlockResult) -> None: ...
 
     def finish(self) -> dict[str, Any]: ...
+
+    def abort(self) -> None:
+        """The run stopped early (cancel, error): release what ``start`` took, keep no partial files."""
 
 
 @dataclass
@@ -122,7 +133,7 @@ class Engine:
         self.device = resolve_device(self.options.device)
         self.precision = resolve_precision(self.options.precision, self.device)
         self.runner = TileRunner(model.network, model.card, self.device, self.precision)
-        self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale)
+        self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale, str(self.device))
 
     def run(
         self,
@@ -147,9 +158,22 @@ class Engine:
         )
         report.clock("setup", time.perf_counter() - started)
         ctx = RunContext(view, tissue, blocks, self.card, opts)
+        try:
+            self._run_blocks(ctx, grid, report, sinks, on_progress, should_cancel)
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
+        report.clock("total", time.perf_counter() - started)
+        return report
+
+    def _run_blocks(self, ctx: RunContext, grid: TileGrid, report: RunReport, sinks: Sequence[BlockSink],
+                    on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
+        view, blocks = ctx.view, ctx.blocks
         for sink in sinks:
             sink.start(ctx)
-        for done, result in enumerate(self._blocks(view, grid, tissue, blocks, report), start=1):
+        logits = any(sink.needs_logits for sink in sinks)
+        for done, result in enumerate(self._blocks(view, grid, ctx.tissue, blocks, report, logits), start=1):
             t0 = time.perf_counter()
             for sink in sinks:
                 sink.add(result)
@@ -162,8 +186,6 @@ class Engine:
         for sink in sinks:
             report.sinks.update(sink.finish())
         report.clock("finish", time.perf_counter() - t0)
-        report.clock("total", time.perf_counter() - started)
-        return report
 
     def predict_array(self, image: np.ndarray, *, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Blended ``(5, H, W)`` and ``(3, H, W)`` logits of an in-memory RGB image.
@@ -177,14 +199,15 @@ class Engine:
         return sink.logits[:N_SEMANTIC], sink.logits[N_SEMANTIC:]
 
     def _blocks(
-        self, view: AnalysisView, grid: TileGrid, tissue: TissueMask, blocks: list[Box], report: RunReport
+        self, view: AnalysisView, grid: TileGrid, tissue: TissueMask, blocks: list[Box], report: RunReport,
+        logits: bool,
     ) -> Iterator[BlockResult]:
         """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
         jobs = [self._block_job(i, b, view, grid, tissue, report) for i, b in enumerate(blocks)]
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin)
         cache = TileCache(self.options.tile_cache_mb << 20)
         for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report)):
-            yield self._blend(job, pixels, grid, report, index, cache)
+            yield self._blend(job, pixels, grid, report, index, cache, logits)
             cache.retire(job.index)
         report.tiles_reused = cache.hits
 
@@ -205,12 +228,13 @@ class Engine:
         report.clock("read", time.perf_counter() - t0)
         return pixels
 
+    @torch.inference_mode()
     def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport,
-               index: BlockIndex, cache: TileCache) -> BlockResult:
+               index: BlockIndex, cache: TileCache, logits: bool) -> BlockResult:
         if pixels is None or job.source is None:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
-        acc = Accumulator(job.region, N_CHANNELS)
+        acc = Accumulator(job.region, N_CHANNELS, self.device)
         todo = []
         for tile in job.tiles:
             cached = cache.get(tile)
@@ -226,16 +250,21 @@ class Engine:
                 for b in boxes
             ])
             t0 = time.perf_counter()
-            logits = self.runner(tiles)
+            out = self.runner(tiles)
             t1 = time.perf_counter()
-            for tile, box, tile_logits in zip(batch, boxes, logits, strict=True):
+            for tile, box, tile_logits in zip(batch, boxes, out, strict=True):
                 acc.add(box, tile_logits, self.weights)
                 cache.offer(tile, tile_logits, index.blocks_touching(box), job.index)
             report.clock("forward", t1 - t0)
             report.clock("blend", time.perf_counter() - t1)
             report.tiles_run += len(batch)
+        t0 = time.perf_counter()
         values, covered = acc.result()
-        return BlockResult(job.index, job.inner, job.region, values, covered)
+        classes = class_maps(values, covered, N_SEMANTIC).cpu().numpy()
+        host = values.cpu().numpy() if logits else None
+        result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes)
+        report.clock("blend", time.perf_counter() - t0)
+        return result
 
 
 @dataclass
@@ -307,6 +336,8 @@ def _prefetch(jobs: list[_BlockJob], read: Callable[[_BlockJob], np.ndarray | No
 class CollectSink:
     """Keeps the whole-image blended logits in memory: for small images and tests only."""
 
+    needs_logits = True
+
     def __init__(self) -> None:
         self.logits: np.ndarray | None = None
         self.covered: np.ndarray | None = None
@@ -326,6 +357,9 @@ class CollectSink:
 
     def finish(self) -> dict[str, Any]:
         return {}
+
+    def abort(self) -> None:
+        self.logits = self.covered = None
 
 
 def set_threads(n: int | None) -> None:

@@ -10,6 +10,7 @@ One small tree, so callers can tell permanent input problems from bugs:
   - ``CheckpointError``: a model file is missing, corrupt, or does not fit the network.
   - ``OptionsError``: engine options that cannot work together (tile <= overlap, ...).
   - ``CancelledError``: a caller asked the engine to stop between blocks.
+  - ``PostprocessError``: a nuclei post-processing worker died or failed (the run stops).
 
 Every message names the value received and what was allowed. Third-party errors are wrapped
 where they enter, with ``raise ... from exc``.
@@ -64,3 +65,9 @@ class CancelledError(NucsegError):
     """The run was cancelled between blocks."""
 
     code = "cancelled"
+
+
+class PostprocessError(NucsegError):
+    """Nuclei post-processing failed in a worker process; the run is stopped."""
+
+    code = "postprocess_failed"

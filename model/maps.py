@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from model.engine import N_SEMANTIC, BlockResult, RunContext
+from model.engine import BlockResult, RunContext
+from model.maskwriter import MaskWriter
 from model.readers import thumbnail
-from model.writers import ClassMapStore, overlay, save_rgb_png, write_png_from_store, write_tiff_from_store
+from model.writers import ClassMapStore, overlay, save_rgb_png
 
 OVERLAY_MAX_SIDE = 4096
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,11 +30,14 @@ class _Head:
     colours: tuple[tuple[int, int, int], ...]
     counts: np.ndarray
     store: ClassMapStore | None = None
+    writer: MaskWriter | None = None
     small: np.ndarray | None = None
 
 
 class ClassMapSink:
-    """Argmax of both heads per block; counts classes, stores masks, samples overlay maps."""
+    """The class maps of both heads per block: counts classes, stores masks, samples overlay maps."""
+
+    needs_logits = False
 
     def __init__(self, out_dir: Path, *, masks: bool = True, overlays: bool = True,
                  overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
@@ -40,6 +48,8 @@ class ClassMapSink:
         self._heads: list[_Head] = []
         self._ctx: RunContext | None = None
         self._k = 1.0
+        self._row_left: Counter[int] = Counter()
+        self._thumb: Future[np.ndarray] | None = None
 
     def start(self, ctx: RunContext) -> None:
         self._ctx = ctx
@@ -54,11 +64,15 @@ class ClassMapSink:
             self._tmp = tempfile.TemporaryDirectory(prefix=".maps-", dir=self.out_dir)
             for head in self._heads:
                 head.store = ClassMapStore(Path(self._tmp.name) / f"{head.name}.raw", view.width, view.height)
+                head.writer = MaskWriter(head.store, self.out_dir / f"{head.name}.png",
+                                         self.out_dir / f"{head.name}.tiff", head.colours)
+        self._row_left = Counter(b.y1 for b in ctx.blocks)  # blocks still to come per block row
         self._k = max(1.0, max(view.width, view.height) / self.overlay_max_side)
         if self.overlays:
             size = self._overlay_size()
             for head in self._heads:
                 head.small = np.zeros((size[1], size[0]), dtype=np.uint8)
+            self._thumb = _in_thread(self._thumbnail, "nucseg-thumbnail")  # read while the engine runs
 
     def _overlay_size(self) -> tuple[int, int]:
         assert self._ctx is not None
@@ -67,22 +81,22 @@ class ClassMapSink:
 
     def add(self, block: BlockResult) -> None:
         box = block.inner
-        if block.logits is None or block.covered is None:
+        if block.classes is None:
             maps = [np.zeros((box.height, box.width), np.uint8)] * 2
         else:
             rows, cols = block.inner_slices()
-            logits = block.logits[:, rows, cols]
-            covered = block.covered[rows, cols]
-            maps = [
-                np.where(covered, np.argmax(logits[:N_SEMANTIC], axis=0), 0).astype(np.uint8),
-                np.where(covered, np.argmax(logits[N_SEMANTIC:], axis=0), 0).astype(np.uint8),
-            ]
+            maps = [block.classes[0, rows, cols], block.classes[1, rows, cols]]
         for head, classes in zip(self._heads, maps, strict=True):
             head.counts += np.bincount(classes.ravel(), minlength=len(head.classes))[: len(head.classes)]
-            if head.store is not None and block.logits is not None:
+            if head.store is not None and block.classes is not None:
                 head.store.write_block(box.x0, box.y0, classes)
             if head.small is not None:
                 self._sample(head.small, box.x0, box.y0, classes)
+        self._row_left[box.y1] -= 1
+        if self._row_left[box.y1] == 0:
+            for head in self._heads:
+                if head.writer is not None:
+                    head.writer.rows_done(box.y1)
 
     def _sample(self, small: np.ndarray, x0: int, y0: int, classes: np.ndarray) -> None:
         """Nearest-neighbour: overlay pixel u samples analysis pixel floor((u + 0.5) * k)."""
@@ -117,11 +131,11 @@ class ClassMapSink:
 
     def _write_files(self) -> None:
         for head in self._heads:
-            if head.store is not None:
-                write_png_from_store(head.store, self.out_dir / f"{head.name}.png", head.colours)
-                write_tiff_from_store(head.store, self.out_dir / f"{head.name}.tiff", head.colours)
-        if self.overlays:
-            thumb = self._thumbnail()
+            if head.writer is not None:
+                head.writer.close()
+                head.writer = None
+        if self._thumb is not None:
+            thumb = self._thumb.result()
             save_rgb_png(self.out_dir / "thumbnail.png", thumb)
             for head in self._heads:
                 assert head.small is not None
@@ -151,12 +165,31 @@ class ClassMapSink:
         return {"classes": classes, "total_pixels": int(head.counts.sum()),
                 "colours": [list(c) for c in head.colours]}
 
+    def abort(self) -> None:
+        if self._thumb is not None:  # the reader may be closed once we return
+            wait([self._thumb])
+        for head in self._heads:
+            if head.writer is not None:
+                head.writer.abort()
+                head.writer = None
+        self._close()
+
     def _close(self) -> None:
         for head in self._heads:
             if head.store is not None:
                 head.store.close()
+                head.store = None
         if self._tmp is not None:
             self._tmp.cleanup()
+            self._tmp = None
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """``fn()`` on a thread of its own; its result or error through the future."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)  # the thread ends once fn returns
+    return future
 
 
 def _sample_positions(lo: int, hi: int, k: float, n: int) -> np.ndarray:

@@ -44,6 +44,7 @@ class EngineOptions:
     margin: int = 0  # extra blended pixels around each block, for post-processing
     sigma_scale: float = 0.25
     tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
+    workers: int | None = None  # nuclei post-processing processes; None: the cores given, 0: in-process
 
     def validate(self, multiple: int = TILE_MULTIPLE) -> None:
         """Raise ``OptionsError`` naming the bad value."""
@@ -54,8 +55,8 @@ class EngineOptions:
         for name in ("block_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("margin", "tile_cache_mb"):
-            if getattr(self, name) < 0:
+        for name in ("margin", "tile_cache_mb", "workers"):
+            if (getattr(self, name) or 0) < 0:
                 raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 

@@ -14,8 +14,9 @@ from typing import Any, cast
 from model.checkpoint import LoadedModel
 from model.engine import BlockSink, Engine, RunReport
 from model.maps import ClassMapSink
+from model.nuclei import NucleusSink
 from model.options import GROUP_FILES, OUTPUT_GROUPS, STATS_FILE, EngineOptions, Stats, result_files
-from model.postprocess import NucleusSink, engine_margin
+from model.postprocess import engine_margin
 from model.readers import SlideReader, open_slide
 
 NUCSEG_VERSION = "0.1.0"

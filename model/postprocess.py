@@ -15,11 +15,15 @@ Class (``classify``): the cell type (semantic classes 1..4) with the highest mea
 the nucleus, or ``other`` when the mean background probability beats all four (MoNuSAC labels only
 four types; fibroblasts and the like are found by the ternary head). Confidence is that mean.
 
-Blocks (``NucleusSink``): each block is post-processed on its region (inner + margin) and keeps the
-nuclei whose centroid lies in its inner box. With ``EngineOptions.margin >= nucleus_margin_px(mpp)``
-any nucleus up to ``NUCLEUS_MARGIN_UM`` across that is owned by a block lies whole in its region, so
-the result equals post-processing the whole image at once. Larger objects are counted as
+Blocks (``block_nuclei``, run by ``model.nuclei.NucleusSink``): each block is post-processed on its
+region (inner + margin) and keeps the nuclei whose centroid lies in its inner box. With
+``EngineOptions.margin >= nucleus_margin_px(mpp)`` any nucleus up to ``NUCLEUS_MARGIN_UM`` across that
+is owned by a block lies whole in its region, so the result equals post-processing the whole image
+at once. Larger objects are counted as
 ``oversized`` in the stats (they may be cut or kept twice).
+
+Polygons: OpenCV's border following gives the outer boundary pixel centres, grown by half a pixel
+(mitred) onto the pixel edges and simplified (Douglas-Peucker, ``SIMPLIFY_PX``).
 
 Coordinates: pixel ``(r, c)`` of the analysis level covers ``[c, c+1) x [r, r+1)``; centroids and
 polygons use these continuous coordinates, times ``view.l0_per_px`` for level-0 slide pixels.
@@ -31,29 +35,22 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import cv2
 import numpy as np
 import shapely
 from PIL import Image
 from scipy import ndimage
-from skimage.measure import find_contours
 from skimage.segmentation import watershed
 
 from model.analysis import MPP_TOLERANCE
-from model.engine import BlockResult, RunContext
 from model.errors import OptionsError
-from model.geojson import GeoJSONWriter
 from model.tiling import Box
 
 NUCLEUS_MARGIN_UM = 32.0  # largest nucleus (µm across) whose block ownership is exact
 MIN_AREA_UM2 = 8.0  # smaller objects are dropped (a 3.2 µm disc)
 MIN_SEED_UM2 = 1.0  # smaller inside-specks do not seed a nucleus of their own
 SIMPLIFY_PX = 0.5  # polygon simplification tolerance, analysis pixels
-OTHER = "other"
-OTHER_COLOUR = (160, 160, 160)
-LYMPHOCYTE = "lymphocyte"
-INSTANCES_MAX_PIXELS = 64_000_000  # instances.png only for images up to this size (uint32: 256 MB)
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
@@ -268,10 +265,12 @@ def nucleus_polygons(
     if len(ids) == 0:
         return np.empty(0, dtype=object)
     boxes = ndimage.find_objects(labels, max_label=int(ids.max()))
-    rings = [_outer_contour(labels, int(i), boxes[int(i) - 1]) for i in ids]
-    counts = np.array([len(r) for r in rings])
-    coords = (np.concatenate(rings) + np.asarray(origin)) * scale
-    raw = shapely.polygons(shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), counts)))
+    centres = _ring_geometries([_outer_contour(labels, int(i), boxes[int(i) - 1]) for i in ids])
+    grown = shapely.buffer(centres, 0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
+    odd = shapely.get_type_id(grown) != shapely.GeometryType.POLYGON
+    grown[odd] = [_largest_polygon(g) for g in grown[odd]]
+    raw = shapely.polygons(shapely.get_exterior_ring(grown))  # pixel centres -> pixel edges, no holes
+    raw = shapely.transform(raw, lambda xy: (xy + np.asarray(origin)) * scale)
     polys = shapely.simplify(raw, tolerance_px * scale, preserve_topology=False)  # fast Douglas-Peucker
     bad = ~shapely.is_valid(polys) | shapely.is_empty(polys)
     if bad.any():  # rare self-touching results: redo those with the topology-preserving simplifier
@@ -282,13 +281,31 @@ def nucleus_polygons(
 
 
 def _outer_contour(labels: np.ndarray, label: int, box: tuple[slice, slice] | None) -> np.ndarray:
-    """Closed ``(k, 2)`` x, y ring around ``label`` in continuous region coordinates."""
+    """Outer boundary pixel centres of ``label`` as ``(k, 2)`` x, y in continuous region coordinates.
+
+    OpenCV's border following (``findContours``), the longest outer contour when the label has
+    several parts; ``nucleus_polygons`` grows the ring by half a pixel onto the pixel edges.
+    """
     if box is None:
         raise ValueError(f"label {label} is not in the label image")
-    mask = np.pad(labels[box] == label, 1).astype(np.float32)
-    contour = max(find_contours(mask, 0.5), key=len)  # (row, col) in the padded crop
-    offset = np.array([box[1].start - 1 + 0.5, box[0].start - 1 + 0.5])
-    return contour[:, ::-1] + offset
+    mask = (labels[box] == label).view(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                   offset=(box[1].start, box[0].start))
+    return max(contours, key=len)[:, 0, :].astype(np.float64) + 0.5
+
+
+def _ring_geometries(rings: list[np.ndarray]) -> np.ndarray:
+    """Polygons of the rings of 3 or more points; lines and points for the thinner ones."""
+    geoms = np.empty(len(rings), dtype=object)
+    counts = np.array([len(r) for r in rings])
+    wide = np.flatnonzero(counts >= 3)
+    if len(wide):
+        coords = np.concatenate([rings[i] for i in wide])
+        geoms[wide] = shapely.polygons(shapely.linearrings(coords, indices=np.repeat(np.arange(len(wide)),
+                                                                                     counts[wide])))
+    for i in np.flatnonzero(counts < 3):
+        geoms[i] = shapely.LineString(rings[i]) if counts[i] == 2 else shapely.Point(rings[i][0])
+    return geoms
 
 
 def _largest_polygon(geom: shapely.Geometry) -> shapely.Geometry:
@@ -297,187 +314,73 @@ def _largest_polygon(geom: shapely.Geometry) -> shapely.Geometry:
     return shapely.Polygon(best.exterior) if isinstance(best, shapely.Polygon) else best
 
 
-class _Growable:
-    """A float32 array that grows by appending chunks (amortised doubling)."""
+@dataclass(frozen=True)
+class BlockPlace:
+    """Where a block lies and how its nuclei are measured: all a block's post-processing needs
+    besides its maps."""
 
-    def __init__(self) -> None:
-        self._data = np.empty(1024, dtype=np.float32)
-        self.size = 0
-
-    def extend(self, values: np.ndarray) -> None:
-        need = self.size + len(values)
-        if need > len(self._data):
-            grown = np.empty(max(need, 2 * len(self._data)), dtype=np.float32)
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
-        self._data[self.size : need] = values
-        self.size = need
-
-    @property
-    def values(self) -> np.ndarray:
-        return self._data[: self.size]
+    region: Box
+    inner: Box
+    bounds: Box  # the analysis level
+    mpp: float
+    scale: float  # level-0 pixels per analysis pixel
+    params: PostprocessParams
+    keep_labels: bool = False  # return the region's labels (for instances.png)
 
 
-class NucleusSink:
-    """BlockSink: nuclei of each block into a streamed GeoJSON, stats into ``finish()["nuclei"]``.
+@dataclass
+class BlockNuclei:
+    """The nuclei a block owns, ready to record; per-nucleus arrays in feature order."""
 
-    ``geojson_path`` None keeps stats only. ``instances_path`` writes a uint32 label image (PNG,
-    RGBA bytes of the little-endian label: decode with ``np.asarray(img).view('<u4')[..., 0]``),
-    label ``k`` being the ``k``-th GeoJSON feature; refused over ``INSTANCES_MAX_PIXELS``.
-    """
+    region: Box
+    rings: list[np.ndarray]  # closed exterior rings, (k, 2) x, y in level-0 pixels
+    class_index: np.ndarray
+    area_um2: np.ndarray
+    confidence: np.ndarray
+    oversized: int
+    timings: dict[str, float]
+    labels: np.ndarray | None = None  # region labels, with ``BlockPlace.keep_labels``
+    ids: np.ndarray | None = None  # the owned labels, with ``BlockPlace.keep_labels``
 
-    def __init__(
-        self,
-        geojson_path: str | Path | None = None,
-        *,
-        params: PostprocessParams = PostprocessParams(),
-        instances_path: str | Path | None = None,
-    ) -> None:
-        params.validate()
-        self.params = params
-        self.geojson_path = Path(geojson_path) if geojson_path is not None else None
-        self.instances_path = Path(instances_path) if instances_path is not None else None
-        self._writer: GeoJSONWriter | None = None
-        self._instances: np.ndarray | None = None
-        self.timings = {"postprocess_s": 0.0, "polygons_s": 0.0, "write_s": 0.0}
 
-    def start(self, ctx: RunContext) -> None:
-        classes = ctx.card.semantic_classes
-        if len(classes) < 2 or len(ctx.card.semantic_colours) != len(classes):
-            raise OptionsError(f"model card needs background + cell types with colours, got {classes}")
-        self.mpp = ctx.view.mpp
-        self.scale = ctx.view.l0_per_px
-        self.bounds = ctx.view.bounds
-        self.margin = ctx.options.margin
-        required = nucleus_margin_px(self.mpp)
-        if self.margin < required and len(ctx.blocks) > 1:
-            raise OptionsError(
-                f"NucleusSink needs EngineOptions.margin >= {required} px ({NUCLEUS_MARGIN_UM} µm at "
-                f"{self.mpp:.4g} µm/px), got {self.margin}"
-            )
-        self.names = (*classes[1:], OTHER)
-        self.colours = (*ctx.card.semantic_colours[1:], OTHER_COLOUR)
-        self.tissue_mm2 = ctx.tissue.area_px() * self.mpp**2 / 1e6
-        self.areas = [_Growable() for _ in self.names]
-        self.oversized = 0
-        self._writer = GeoJSONWriter(self.geojson_path) if self.geojson_path is not None else None
-        if self.instances_path is not None:
-            self._instances = self._allocate_instances(ctx.view.width, ctx.view.height)
+def block_nuclei(place: BlockPlace, sem: np.ndarray, ter: np.ndarray, valid: np.ndarray) -> BlockNuclei:
+    """Instances, classes and polygons of the nuclei whose centroid lies in ``place.inner``."""
+    t0 = time.perf_counter()
+    region = place.region
+    nuclei = find_nuclei(sem, ter, mpp=place.mpp, params=place.params, valid=valid)
+    ids = np.flatnonzero(_owned(nuclei.centroid_xy + np.array([region.x0, region.y0]), place.inner)) + 1
+    oversized = _count_oversized(nuclei.labels, ids, region, place.bounds)
+    t1 = time.perf_counter()
+    polys = nucleus_polygons(nuclei.labels, ids, origin=(region.x0, region.y0), scale=place.scale,
+                             tolerance_px=place.params.simplify_px)
+    rings = [shapely.get_coordinates(p.exterior) for p in polys]
+    t2 = time.perf_counter()
+    idx = ids - 1
+    return BlockNuclei(region, rings, nuclei.class_index[idx], nuclei.area_px[idx] * place.mpp**2,
+                       nuclei.confidence[idx], oversized, {"postprocess_s": t1 - t0, "polygons_s": t2 - t1},
+                       nuclei.labels if place.keep_labels else None, ids if place.keep_labels else None)
 
-    def _allocate_instances(self, width: int, height: int) -> np.ndarray:
-        if width * height > INSTANCES_MAX_PIXELS:
-            raise OptionsError(
-                f"instances.png is for small images: {width}x{height} = {width * height} analysis "
-                f"pixels, over the cap of {INSTANCES_MAX_PIXELS}"
-            )
-        return np.zeros((height, width), dtype=np.uint32)
 
-    def add(self, block: BlockResult) -> None:
-        sem, ter = block.sem_logits, block.ter_logits
-        if sem is None or ter is None:
-            return
-        t0 = time.perf_counter()
-        nuclei = find_nuclei(sem, ter, mpp=self.mpp, params=self.params, valid=block.covered)
-        region, inner = block.region, block.inner
-        owned = _owned(nuclei.centroid_xy + np.array([region.x0, region.y0]), inner)
-        ids = np.flatnonzero(owned) + 1
-        self.oversized += self._count_oversized(nuclei.labels, ids, region)
-        t1 = time.perf_counter()
-        polys = nucleus_polygons(nuclei.labels, ids, origin=(region.x0, region.y0), scale=self.scale,
-                                 tolerance_px=self.params.simplify_px)
-        t2 = time.perf_counter()
-        self._record(nuclei, ids, polys, region)
-        t3 = time.perf_counter()
-        self.timings["postprocess_s"] += t1 - t0
-        self.timings["polygons_s"] += t2 - t1
-        self.timings["write_s"] += t3 - t2
-
-    def _count_oversized(self, labels: np.ndarray, ids: np.ndarray, region: Box) -> int:
-        """Owned nuclei touching a cut edge of the region: wider than the margin."""
-        edges = []
-        if region.x0 > self.bounds.x0:
-            edges.append(labels[:, 0])
-        if region.x1 < self.bounds.x1:
-            edges.append(labels[:, -1])
-        if region.y0 > self.bounds.y0:
-            edges.append(labels[0])
-        if region.y1 < self.bounds.y1:
-            edges.append(labels[-1])
-        if not edges or not len(ids):
-            return 0
-        return int(np.isin(ids, np.concatenate(edges)).sum())
-
-    def _record(self, nuclei: Nuclei, ids: np.ndarray, polys: np.ndarray, region: Box) -> None:
-        idx = ids - 1
-        area_um2 = nuclei.area_px[idx] * self.mpp**2
-        cls = nuclei.class_index[idx]
-        for k in range(len(self.names)):
-            self.areas[k].extend(area_um2[cls == k])
-        first_label = sum(a.size for a in self.areas) - len(ids) + 1
-        if self._writer is not None:
-            self._write_features(polys, cls, area_um2, nuclei.confidence[idx])
-        if self._instances is not None and len(ids):
-            lut = np.zeros(nuclei.n + 1, dtype=np.uint32)
-            lut[ids] = np.arange(first_label, first_label + len(ids), dtype=np.uint32)
-            out = self._instances[region.y0 : region.y1, region.x0 : region.x1]
-            painted = lut[nuclei.labels]
-            np.copyto(out, painted, where=painted > 0)
-
-    def _write_features(self, polys: np.ndarray, cls: np.ndarray, area_um2: np.ndarray, conf: np.ndarray) -> None:
-        assert self._writer is not None
-        for poly, k, area, c in zip(polys, cls, area_um2, conf, strict=True):
-            ring = shapely.get_coordinates(poly.exterior)
-            self._writer.write_detection(
-                ring, self.names[k], self.colours[k], {"area_um2": float(area), "confidence": float(c)}
-            )
-
-    def finish(self) -> dict[str, Any]:
-        if self._writer is not None:
-            self._writer.close()
-        if self._instances is not None and self.instances_path is not None:
-            write_instances_png(self.instances_path, self._instances)
-            self._instances = None
-        return {"nuclei": self.stats()}
-
-    def stats(self) -> dict[str, Any]:
-        """Counts, densities and areas per class, and the lymphocyte fraction."""
-        total = sum(a.size for a in self.areas)
-        per_class = {
-            name: _class_stats(a.values, self.tissue_mm2) for name, a in zip(self.names, self.areas, strict=True)
-        }
-        lymph = per_class[LYMPHOCYTE]["count"] if LYMPHOCYTE in per_class else None
-        return {
-            "count": total,
-            "classes": per_class,
-            # lymphocytes / all nuclei: a simple tumour-infiltrating-lymphocyte (TIL) indicator,
-            # not a validated TIL score (no stroma/tumour compartments).
-            "lymphocyte_fraction": (lymph / total) if lymph is not None and total else None,
-            "lymphocyte_fraction_definition": "lymphocyte nuclei / all nuclei; a simple TIL indicator",
-            "density_unit": "nuclei per mm² of tissue",
-            "tissue_area_mm2": self.tissue_mm2,
-            "min_area_um2": self.params.min_area_um2,
-            "mpp": self.mpp,
-            "margin_px": self.margin,
-            "oversized": self.oversized,
-            "geojson": self.geojson_path.name if self.geojson_path is not None else None,
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
-        }
+def _count_oversized(labels: np.ndarray, ids: np.ndarray, region: Box, bounds: Box) -> int:
+    """Owned nuclei touching a cut edge of the region: wider than the margin."""
+    edges = []
+    if region.x0 > bounds.x0:
+        edges.append(labels[:, 0])
+    if region.x1 < bounds.x1:
+        edges.append(labels[:, -1])
+    if region.y0 > bounds.y0:
+        edges.append(labels[0])
+    if region.y1 < bounds.y1:
+        edges.append(labels[-1])
+    if not edges or not len(ids):
+        return 0
+    return int(np.isin(ids, np.concatenate(edges)).sum())
 
 
 def _owned(centroid_xy: np.ndarray, inner: Box) -> np.ndarray:
     """Centroids (continuous analysis coordinates) inside the half-open ``inner`` box."""
     x, y = centroid_xy[:, 0], centroid_xy[:, 1]
     return (x >= inner.x0) & (x < inner.x1) & (y >= inner.y0) & (y < inner.y1)
-
-
-def _class_stats(areas: np.ndarray, tissue_mm2: float) -> dict[str, Any]:
-    n = len(areas)
-    return {
-        "count": n,
-        "density_per_mm2": n / tissue_mm2 if tissue_mm2 > 0 else None,
-        "mean_area_um2": float(areas.mean(dtype=np.float64)) if n else None,
-        "median_area_um2": float(np.median(areas)) if n else None,
-    }
 
 
 def write_instances_png(path: str | Path, labels: np.ndarray) -> None:

@@ -4,11 +4,12 @@ Blocks are processed in row-major order and each block's region is known in adva
 tile we know which later blocks need it. The cache keeps a tile only while some later block needs
 it, and when full it drops the entry whose next use is farthest away (Belady's rule), so with a
 small budget it still keeps the left-right neighbours and with a larger one also the row below.
+The logits stay on the device the network runs on.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
 from model.tiling import Box
 
@@ -35,17 +36,17 @@ class TileCache:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.used = 0
-        self._items: dict[TileKey, tuple[np.ndarray, list[int]]] = {}  # key -> (logits, later blocks needing it)
+        self._items: dict[TileKey, tuple[torch.Tensor, list[int]]] = {}  # key -> (logits, later blocks needing it)
         self.hits = 0
 
-    def get(self, key: TileKey) -> np.ndarray | None:
+    def get(self, key: TileKey) -> torch.Tensor | None:
         item = self._items.get(key)
         if item is None:
             return None
         self.hits += 1
         return item[0]
 
-    def offer(self, key: TileKey, logits: np.ndarray, uses: list[int], current: int) -> None:
+    def offer(self, key: TileKey, logits: torch.Tensor, uses: list[int], current: int) -> None:
         """Keep ``logits`` if a block after ``current`` needs it and it fits (evicting farther uses)."""
         later = sorted(u for u in uses if u > current)
         self._drop(key)
@@ -56,7 +57,7 @@ class TileCache:
             if far_uses[0] <= later[0]:
                 return
             self._drop(far_key)
-        self._items[key] = (np.array(logits, copy=True), later)
+        self._items[key] = (logits.clone(), later)
         self.used += logits.nbytes
 
     def retire(self, current: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +22,9 @@ from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IDAT_CHUNK = 1 << 18
+# zlib level of the mask PNGs and TIFFs, chosen by measurement (benchmarks/RESULTS.md, "Mask
+# compression"): level 3 compresses class maps 3-4x faster than 6, for files 30-40 % larger.
+MASK_ZLIB_LEVEL = 3
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -38,7 +41,7 @@ class PalettePngWriter:
         self.path, self.width, self.height = path, width, height
         self._rows = 0
         self._fh = path.open("wb")
-        self._deflate = zlib.compressobj(6)
+        self._deflate = zlib.compressobj(MASK_ZLIB_LEVEL)
         self._pending = bytearray()
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
         plte = b"".join(bytes(c) for c in palette)
@@ -120,14 +123,6 @@ def band_rows(width: int, budget_bytes: int = 32 << 20) -> int:
     return max(1, min(4096, budget_bytes // max(width, 1)))
 
 
-def write_png_from_store(store: ClassMapStore, path: Path, palette: Sequence[tuple[int, int, int]]) -> None:
-    """Copy a class map into a palette PNG, one row band at a time."""
-    rows = band_rows(store.width)
-    with PalettePngWriter(path, store.width, store.height, palette) as png:
-        for y0, y1 in store.bands(rows):
-            png.write_rows(store.read_rows(y0, y1))
-
-
 def overlay(base: np.ndarray, classes: np.ndarray, colours: Sequence[tuple[int, int, int]],
             alpha: float = 0.45) -> np.ndarray:
     """Blend class colours (all but class 0) over an RGB image of the same size, in row bands."""
@@ -157,9 +152,15 @@ def mask_pyramid_sizes(width: int, height: int, tile: int = MASK_TIFF_TILE) -> l
     return levels
 
 
-def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile: int) -> Iterator[np.ndarray]:
-    """Tiles of one level, row by row; pixel ``u`` samples level-0 pixel ``u * scale + scale // 2``."""
+def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile: int,
+                wait_rows: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """Tiles of one level, row by row; pixel ``u`` samples level-0 pixel ``u * scale + scale // 2``.
+
+    ``wait_rows(y)`` (full resolution only) returns once the store's rows ``[0, y)`` are final.
+    """
     for ty in range(0, height, tile):
+        if wait_rows is not None:
+            wait_rows(min(ty + tile, height))
         ys = np.minimum(np.arange(ty, min(ty + tile, height)) * scale + scale // 2, store.height - 1)
         xs = np.minimum(np.arange(width) * scale + scale // 2, store.width - 1)
         band = np.zeros((tile, width + (-width % tile)), np.uint8)
@@ -172,15 +173,17 @@ def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile:
 
 
 def write_tiff_from_store(store: ClassMapStore, path: Path, palette: Sequence[tuple[int, int, int]],
-                          tile: int = MASK_TIFF_TILE) -> None:
+                          tile: int = MASK_TIFF_TILE, *, wait_rows: Callable[[int], None] | None = None) -> None:
     """A tiled, pyramidal uint8 class-index TIFF (palette colours), written tile by tile.
 
     Page ``k`` is the map downsampled by ``2**k`` (nearest). Memory: one band of ``tile`` rows.
+    With ``wait_rows`` the full-resolution page is written while the store is still being filled.
     """
     colormap = np.zeros((3, 256), np.uint16)
     colormap[:, : len(palette)] = (np.asarray(palette, np.uint16).T * 257)
     with tifffile.TiffWriter(path, bigtiff=store.width * store.height > 2**31) as tif:
         for k, (scale, width, height) in enumerate(mask_pyramid_sizes(store.width, store.height, tile)):
-            tif.write(_mask_tiles(store, scale, width, height, tile), shape=(height, width), dtype=np.uint8,
+            tiles = _mask_tiles(store, scale, width, height, tile, wait_rows if k == 0 else None)
+            tif.write(tiles, shape=(height, width), dtype=np.uint8,
                       tile=(tile, tile), photometric="palette", colormap=colormap, compression="zlib",
-                      compressionargs={"level": 6}, subfiletype=0 if k == 0 else 1, maxworkers=1)
+                      compressionargs={"level": MASK_ZLIB_LEVEL}, subfiletype=0 if k == 0 else 1, maxworkers=1)

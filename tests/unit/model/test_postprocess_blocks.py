@@ -12,8 +12,9 @@ import shapely
 from model.engine import Engine, EngineOptions
 from model.errors import OptionsError
 from model.metrics import overlaps
+from model.nuclei import NucleusSink
 from model.pipeline import predict_reader
-from model.postprocess import NucleusSink, engine_margin, find_nuclei, nucleus_margin_px, read_instances_png
+from model.postprocess import engine_margin, find_nuclei, nucleus_margin_px, read_instances_png
 from model.readers import ArrayReader
 from tests.helpers.nuclei_stubs import CodeNet, Nucleus, encode, exact_logits, paint, scatter
 from tests.helpers.stubs import loaded

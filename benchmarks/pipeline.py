@@ -1,0 +1,54 @@
+"""Host ceiling: the whole pipeline with a network that costs (almost) nothing.
+
+Run: ``python -m benchmarks.pipeline --network free --side 8192``
+
+A generated slide of ``side x side`` analysis pixels (``benchmarks.postprocess.SyntheticSlide``:
+H&E-like colours, about 400 nuclei per Mpx, some touching, rendered on each read) goes through the
+real pipeline (``predict_reader``) with all outputs (masks, overlays, nuclei, stats). With
+``--network free`` the network is ``FreeNet`` (per-pixel maps from the colour: the slide draws each
+nucleus's rim in its own colour; a few elementwise torch ops per tile), so the run measures what the
+host does around the network: reading, blending, argmax, mask files, overlays, nuclei. No device is
+fast enough to make the engine beat this number. ``--network colour`` is the older ``ColourNet``
+stub (a 5x5 erosion per tile: about 10-30 ms per 256² tile on this CPU, not free).
+
+The last line reads ``host ceiling: X Mpx/s`` (analysis pixels over the job's wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from benchmarks.common import machine, mb
+from benchmarks.postprocess import run_case
+from model.engine import set_threads
+from model.options import OUTPUT_GROUPS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--network", choices=["free", "colour"], default="free")
+    parser.add_argument("--side", type=int, default=8192, help="generated slide side, analysis pixels")
+    parser.add_argument("--outputs", default=",".join(OUTPUT_GROUPS))
+    parser.add_argument("--cache-mb", type=int, default=512, help="EngineOptions.tile_cache_mb")
+    parser.add_argument("--workers", type=int, default=None, help="EngineOptions.workers (default: the cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    extra = {} if args.workers is None else {"workers": args.workers}
+    row = run_case("synthetic", args.side, None, frozenset(args.outputs.split(",")), args.cache_mb,
+                   free=args.network == "free", **extra)
+    print(json.dumps(row), flush=True)
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in row["engine_timings_s"].items())
+    mpx = args.side * args.side / 1e6
+    print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    print(f"host ceiling: {mpx / row['total_s']:.2f} Mpx/s ({mpx:.1f} Mpx in {row['total_s']:.1f} s; "
+          f"{row['nuclei']:,} nuclei, {row['us_per_nucleus']:.0f} µs/nucleus post-processing; stages s: "
+          f"{stages}; peak RSS {mb(row['peak_rss'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Blocks' nuclei post-processing in worker processes, results in block order.
+
+A block's blended maps go to a worker through shared memory (one copy, no pickling of the
+arrays); the worker runs ``block_nuclei`` and sends back only the owned nuclei (rings, classes,
+areas). At most ``workers + 1`` blocks are in flight, so memory stays bounded and a slow pool holds
+the engine back. A worker that dies or raises fails the run with ``PostprocessError``; nothing of
+the blocks still in flight is recorded.
+
+Workers are started with ``spawn`` and import this module only (numpy, scipy, scikit-image,
+OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay for torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import suppress
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+
+import cv2
+import numpy as np
+
+from model.errors import PostprocessError
+from model.postprocess import BlockNuclei, BlockPlace, block_nuclei
+
+_PR_SET_PDEATHSIG = 1
+_DIED = "a nuclei post-processing worker process died (killed, or out of memory?) {when}; the run is stopped"
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class _Maps:
+    """Where a block's maps lie in a shared-memory segment."""
+
+    name: str
+    logits_shape: tuple[int, int, int]
+    n_semantic: int
+
+
+def _put(logits: np.ndarray, covered: np.ndarray, n_semantic: int) -> tuple[SharedMemory, _Maps]:
+    shm = SharedMemory(create=True, size=logits.nbytes + covered.size)
+    values, valid = _views(shm, logits.shape)
+    np.copyto(values, logits, casting="same_kind")
+    np.copyto(valid, covered)
+    return shm, _Maps(shm.name, logits.shape, n_semantic)
+
+
+def _views(shm: SharedMemory, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    values = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
+    valid = np.ndarray(shape[1:], dtype=np.bool_, buffer=shm.buf, offset=values.nbytes)
+    return values, valid
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one block per process: the pool is the parallelism
+    with suppress(OSError, AttributeError):  # Linux: die with the engine's process, never outlive it
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _run(place: BlockPlace, maps: _Maps) -> BlockNuclei:
+    """Worker side: attach, post-process, detach (the parent unlinks the segment)."""
+    shm = SharedMemory(name=maps.name)
+    try:
+        values, valid = _views(shm, maps.logits_shape)
+        result = block_nuclei(place, values[: maps.n_semantic], values[maps.n_semantic :], valid)
+        del values, valid
+        return result
+    finally:
+        shm.close()
+
+
+class NucleiPool:
+    """``submit`` blocks; their ``BlockNuclei`` come back in submission order."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.limit = workers + 1  # each block in flight holds its region's float32 logits in shared memory
+        self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker)
+        self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
+
+    def submit(self, index: int, place: BlockPlace, logits: np.ndarray, covered: np.ndarray,
+               n_semantic: int) -> list[BlockNuclei]:
+        """Queue block ``index``; return the leading results done by now (waiting for those over the bound)."""
+        done = [self._pop() for _ in range(len(self._pending) - self.limit + 1)]
+        shm, maps = _put(logits, covered, n_semantic)
+        try:
+            future = self._executor.submit(_run, place, maps)
+        except BrokenProcessPool as exc:
+            _release(shm)
+            raise PostprocessError(_DIED.format(when=f"before block {index} was queued")) from exc
+        self._pending.append((index, future, shm))
+        while self._pending and self._pending[0][1].done():
+            done.append(self._pop())
+        return done
+
+    def drain(self) -> Iterator[BlockNuclei]:
+        """Every remaining result, waiting for each."""
+        while self._pending:
+            yield self._pop()
+
+    def _pop(self) -> BlockNuclei:
+        index, future, shm = self._pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            raise PostprocessError(_DIED.format(when=f"while block {index} was in flight")) from exc
+        except Exception as exc:
+            raise PostprocessError(f"nuclei post-processing failed on block {index}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _release(shm)
+
+    def close(self) -> None:
+        """Stop the workers, without waiting for blocks still in flight (they are forgotten)."""
+        self._executor.shutdown(wait=not self._pending, cancel_futures=True)
+        while self._pending:
+            _release(self._pending.popleft()[2])
+
+
+def _release(shm: SharedMemory) -> None:
+    shm.close()
+    shm.unlink()

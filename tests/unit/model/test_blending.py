@@ -1,0 +1,49 @@
+"""The torch blending (the engine's, on any device) equals the former numpy blending."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.blending import Accumulator, class_maps, gaussian_weights
+from model.tiling import TileGrid, plan_blocks
+from tests.helpers import numpy_blending
+from tests.unit.model.test_engine_stitching import SIZES, TILE_OVERLAPS
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("tile", "overlap"), TILE_OVERLAPS)
+@pytest.mark.parametrize("size", SIZES)
+def test_torch_blending_equals_numpy_blending(device: str, tile: int, overlap: int, size: tuple[int, int]) -> None:
+    height, width = size
+    grid = TileGrid(tile, overlap, width, height)
+    rng = np.random.default_rng(tile * 1000 + width)
+    keys = grid.tiles_touching(grid.bounds)
+    tiles = [(grid.tile_box(*k), rng.normal(0, 3, (8, tile, tile)).astype(np.float32)) for k in keys]
+    np_weights = numpy_blending.gaussian_weights(tile)
+    weights = gaussian_weights(tile, 0.25, device)
+    np.testing.assert_allclose(weights.cpu().numpy(), np_weights, atol=1e-7, rtol=0)
+    for region in plan_blocks(width, height, 45):
+        expected, expected_covered = numpy_blending.blend(region, tiles, np_weights)
+        acc = Accumulator(region, 8, device)
+        for box, logits in tiles:
+            acc.add(box, torch.from_numpy(logits).to(device), weights)
+        values, covered = acc.result()
+        np.testing.assert_allclose(values.cpu().numpy(), expected, atol=1e-5, rtol=0)
+        assert (covered.cpu().numpy() == expected_covered).all()
+        maps = class_maps(values, covered, 5).cpu().numpy()
+        assert (maps[0] == np.where(expected_covered, expected[:5].argmax(0), 0)).all()
+        assert (maps[1] == np.where(expected_covered, expected[5:].argmax(0), 0)).all()
+
+
+def test_class_maps_break_ties_towards_the_lower_class_and_zero_the_uncovered() -> None:
+    values = torch.zeros((8, 1, 3))
+    values[2, 0, 1] = values[4, 0, 1] = 1.0  # semantic tie 2 / 4 -> 2
+    values[7, 0, 2] = 1.0
+    covered = torch.tensor([[True, True, False]])
+    maps = class_maps(values, covered, 5).numpy()
+    assert maps.dtype == np.uint8
+    assert maps.tolist() == [[[0, 2, 0]], [[0, 0, 0]]]

@@ -1,0 +1,72 @@
+"""Mask files (written on a thread while blocks arrive) hold exactly the argmax of the blended logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from model.engine import BlockResult, CollectSink, Engine, EngineOptions, RunContext
+from model.maps import ClassMapSink
+from model.readers import ArrayReader
+from tests.helpers.stubs import TrivialNet, loaded
+
+
+def _wavy(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat((x[:, :1], x[:, 1:2] * 0.9 + 0.05, x[:, 2:] * 1.1 - 0.05), dim=1)
+
+
+def _engine(block: int) -> Engine:
+    return Engine(loaded(TrivialNet(_wavy)), EngineOptions(tile_size=64, overlap=16, block_size=block, batch_size=16,
+                                                          precision="fp32", device="cpu", tissue=False))
+
+
+class _Fails:
+    """A sink that raises on its ``n``-th block."""
+
+    needs_logits = False
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def start(self, ctx: RunContext) -> None: ...
+
+    def add(self, block: BlockResult) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError("sink failed")
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+    def abort(self) -> None: ...
+
+
+@pytest.mark.parametrize("block", [150, 4096])
+def test_mask_files_equal_the_argmax(tmp_path: Path, block: int) -> None:
+    image = np.random.default_rng(2).integers(0, 256, (1100, 700, 3), dtype=np.uint8)
+    collect = CollectSink()
+    _engine(block).run(ArrayReader(image, mpp=0.25), [ClassMapSink(tmp_path, overlays=False), collect])
+    assert collect.logits is not None
+    expected = {"semantic": collect.logits[:5].argmax(0), "ternary": collect.logits[5:].argmax(0)}
+    for name, classes in expected.items():
+        with Image.open(tmp_path / f"{name}.png") as png:
+            assert png.mode == "P"
+            np.testing.assert_array_equal(np.asarray(png), classes)
+        with tifffile.TiffFile(tmp_path / f"{name}.tiff") as tif:
+            np.testing.assert_array_equal(tif.pages[0].asarray(), classes)
+            np.testing.assert_array_equal(tif.pages[1].asarray(), classes[1::2, 1::2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["semantic.png", "semantic.tiff", "ternary.png",
+                                                           "ternary.tiff"]
+
+
+def test_a_failed_run_leaves_no_mask_files(tmp_path: Path) -> None:
+    image = np.random.default_rng(3).integers(0, 256, (700, 500, 3), dtype=np.uint8)
+    with pytest.raises(RuntimeError, match="sink failed"):
+        _engine(150).run(ArrayReader(image, mpp=0.25), [ClassMapSink(tmp_path, overlays=False), _Fails(5)])
+    assert list(tmp_path.iterdir()) == []

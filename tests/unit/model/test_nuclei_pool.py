@@ -1,0 +1,114 @@
+"""Nuclei post-processing in worker processes: the same features as in-process, and a dead worker fails the run."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.engine import EngineOptions
+from model.errors import OptionsError, PostprocessError
+from model.pipeline import predict_reader
+from model.readers import ArrayReader, open_slide
+from tests.helpers.samples import sample
+from tests.helpers.stubs import TrivialNet, loaded
+
+CROP = 640  # level-0 px of the 20x sample: 1280 analysis px at 0.25 µm/px
+
+
+def _nuclear(x: torch.Tensor) -> torch.Tensor:
+    """Dark = nucleus; its 2 px erosion = inside, the rest of it = boundary (background logit 0.5)."""
+    dark = 1.0 - x.mean(dim=1, keepdim=True)
+    core = -F.max_pool2d(-dark, 5, stride=1, padding=2)
+    return torch.cat((torch.full_like(dark, 0.5), core, dark - 0.02), dim=1)
+
+
+@pytest.fixture(scope="module")
+def region() -> ArrayReader:
+    reader = open_slide(sample("cmu_small_region.svs"))
+    try:
+        w, h = reader.level_dimensions[0]
+        pixels = reader.read_region(0, (w - CROP) // 2, (h - CROP) // 2, CROP, CROP)
+        return ArrayReader(pixels, mpp=reader.mpp)
+    finally:
+        reader.close()
+
+
+def _run(reader: ArrayReader, out: Path, workers: int, **kwargs: object) -> dict:
+    options = EngineOptions(block_size=384, precision="fp32", device="cpu", workers=workers)
+    stats = predict_reader(reader, out, loaded(TrivialNet(_nuclear)), options, outputs=frozenset({"nuclei"}),
+                           **kwargs)  # type: ignore[arg-type]
+    return dict(stats["nuclei"])
+
+
+def _features(path: Path) -> list[dict]:
+    features = json.loads(path.read_text())["features"]
+    for f in features:
+        f["id"] = f["id"][-12:]  # the per-file random prefix differs, the counter must not
+    return features
+
+
+def test_worker_counts_give_the_serial_features(region: ArrayReader, tmp_path: Path) -> None:
+    serial = _run(region, tmp_path / "serial", workers=0)
+    assert serial["count"] > 200 and serial["workers"] == 0
+    expected = _features(tmp_path / "serial" / "nuclei.geojson")
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        stats = _run(region, out, workers=workers)
+        assert stats["workers"] == workers
+        assert _features(out / "nuclei.geojson") == expected, f"{workers} workers"
+        assert {k: v for k, v in stats.items() if k not in ("timings", "workers")} == \
+            {k: v for k, v in serial.items() if k not in ("timings", "workers")}
+
+
+def _kill_a_worker(done: int, total: int) -> None:
+    """Progress callback: after the second block, SIGKILL one pool process (as the OOM killer would)."""
+    if done != 2:
+        return
+    workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+    assert workers, "no pool process to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+
+
+def _segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+def test_a_dead_worker_fails_the_run_without_partial_results(region: ArrayReader, tmp_path: Path) -> None:
+    before = _segments()
+    with pytest.raises(PostprocessError, match="worker process died"):
+        _run(region, tmp_path, workers=2, on_progress=_kill_a_worker)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no GeoJSON, partial or not"
+    assert not [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())], "workers left"
+    assert _segments() <= before, "shared-memory blocks left behind"
+
+
+def _workers_in_daemon(out: Any) -> None:
+    from model.nuclei import nuclei_workers
+
+    try:
+        nuclei_workers(2)
+        refused = ""
+    except OptionsError as exc:
+        refused = str(exc)
+    out.put((nuclei_workers(None), refused))
+
+
+def test_a_daemonic_process_post_processes_in_process() -> None:
+    """A Celery prefork pool process is daemonic: it may not start the pool, so the default is none."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_workers_in_daemon, args=(out,), daemon=True)
+    child.start()
+    workers, refused = out.get(timeout=60)
+    child.join(timeout=60)
+    assert workers == 0
+    assert "daemonic" in refused and "workers=0" in refused
