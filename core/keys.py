@@ -14,7 +14,11 @@ All keys live under ``nucseg:``:
 - ``expiry``: finished jobs scored by when they finished (the retention sweep reads it).
 - ``webhooks``: jobs with a ``callback_url`` whose terminal-state webhook is due, scored by when.
 - ``lease:{id}``: the token of the process running the job. That process refreshes its TTL from
-  a thread; when it dies the lease expires and the job counts as orphaned.
+  a thread; when it dies the lease expires and the job counts as orphaned. While a sharded job's
+  shards run, it holds ``SHARDS_HOLDER`` with no TTL: the shards' own leases stand for it.
+- ``shards:{id}``: hash, shard index -> JSON of one shard (blocks, status, worker, progress).
+- ``lease:{id}:{index}``: the token of the process running one shard, kept alive as a job's lease.
+- ``sharded``: set of the jobs whose shards are running (the recovery sweep reads it).
 - ``retrying``: jobs waiting for a retry, scored by when the retry is due.
 - ``idem:{tenant}:{sha256(key)}``: idempotency keys, JSON ``{job_id, fingerprint}``, 24 h.
 - ``models``: hash, sha256 -> JSON of the model cards that workers have loaded.
@@ -39,6 +43,7 @@ class Keys:
     MODELS = f"{PREFIX}models"
     METRICS = f"{PREFIX}metrics"
     RETENTION_LOCK = f"{PREFIX}lock:retention"
+    SHARDED = f"{PREFIX}sharded"
 
     @staticmethod
     def job(job_id: str) -> str:
@@ -47,6 +52,14 @@ class Keys:
     @staticmethod
     def lease(job_id: str) -> str:
         return f"{PREFIX}lease:{job_id}"
+
+    @staticmethod
+    def shards(job_id: str) -> str:
+        return f"{PREFIX}shards:{job_id}"
+
+    @staticmethod
+    def shard_lease(job_id: str, index: int) -> str:
+        return f"{PREFIX}lease:{job_id}:{index}"
 
     @staticmethod
     def index(status: str | None = None) -> str:
@@ -67,6 +80,9 @@ class Keys:
     def submit_rate(tenant: str) -> str:
         return f"{PREFIX}rate:submit:{tenant}"
 
+
+# The job lease's value while a sharded job's shards run (a value, not a key).
+SHARDS_HOLDER = "shards"
 
 # ``string.format`` templates of the per-tenant indexes, for the scripts (tenant, then status).
 TENANT_INDEX = Keys.tenant_index("%s")

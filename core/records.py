@@ -39,6 +39,29 @@ class JobError(BaseModel):
     message: str
 
 
+ShardStatus = Literal["pending", "queued", "running", "done", "failed", "cancelled"]
+
+
+class ShardState(BaseModel):
+    """One shard of a sharded job: block indexes ``[start, stop)`` (whole block rows of the analysis
+    level), where it is, which worker ran it, and where its parts are in the store (``key``)."""
+
+    index: int
+    blocks: tuple[int, int]
+    status: ShardStatus = "pending"
+    worker: str | None = None
+    done: int = 0
+    attempts: int = 0
+    retries: int = 0
+    redeliveries: int = 0
+    completions: int = 0
+    key: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.blocks[1] - self.blocks[0]
+
+
 class JobRecord(BaseModel):
     """One job as stored. ``slide_file``, ``upload_dir`` and ``result_key`` are server paths or store keys,
     never shown to clients."""
@@ -66,6 +89,7 @@ class JobRecord(BaseModel):
     slide_file: str = ""
     upload_dir: str | None = None
     result_key: str | None = None  # where the results are in the store (unset: results/<id>)
+    shards: list[ShardState] | None = None  # a sharded job's shards, in order (from their own hash)
     delivery_tag: str | None = None
     callback_url: str | None = None
     webhook_status: str | None = None  # pending | retrying | delivered | failed
@@ -85,7 +109,8 @@ class JobRecord(BaseModel):
 
 _JSON_FIELDS = frozenset({"progress", "slide", "options", "metadata", "error", "results", "model",
                           "webhook_attempts"})
-_INTERNAL = frozenset({"owner", "ix", "retry_at"})
+_INTERNAL = frozenset({"owner", "ix", "retry_at", "shards_total", "shards_done", "shards_done_at",
+                       "blocks_total"})
 
 
 def encode_fields(values: Mapping[str, Any]) -> dict[str, str]:

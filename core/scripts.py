@@ -3,10 +3,15 @@ move and the lease check happen atomically. Key names come in through ``KEYS`` (
 ``core.keys``); no script spells one.
 """
 
+from core.keys import SHARDS_HOLDER
+
 # KEYS of every job script (``JobStore._keys``): 1 job, 2 lease, 3-7 the five status indexes (in
 # STATUSES order), 8 all-jobs index, 9 a script's extra key (or ''), 10 expiry, 11 webhooks, and two
-# ``string.format`` templates, not keys: 12 a tenant's index, 13 a tenant's status index.
-PRELUDE = """
+# ``string.format`` templates, not keys: 12 a tenant's index, 13 a tenant's status index; 14 the
+# job's shards hash, 15 the set of sharded jobs.
+PRELUDE = f"""
+local SHARDS_HOLDER = '{SHARDS_HOLDER}'
+""" + """
 local IDX = {queued=3, running=4, succeeded=5, failed=6, cancelled=7}
 local function status() return redis.call('HGET', KEYS[1], 'status') end
 local function hset_pairs(first)
@@ -27,6 +32,7 @@ local function on_terminal()
   local id = redis.call('HGET', KEYS[1], 'id')
   local at = clock()
   redis.call('ZADD', KEYS[10], at, id)
+  redis.call('SREM', KEYS[15], id)
   local url = redis.call('HGET', KEYS[1], 'callback_url')
   if url and url ~= '' and not redis.call('HGET', KEYS[1], 'webhook_status') then
     redis.call('HSET', KEYS[1], 'webhook_status', 'pending', 'webhook_next_at', tostring(at))
@@ -70,11 +76,15 @@ return {'created', ''}
 """
 
 # ARGV: token, lease_ms, now, delivery_tag, worker, stale_owner. KEYS[9]: the retrying index.
+# A sharded job whose shards are all done may be claimed (to merge them) from SHARDS_HOLDER.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 local st = status()
 if st == 'running' and redis.call('EXISTS', KEYS[2]) == 1 then
-  if ARGV[6] == '' or redis.call('GET', KEYS[2]) ~= ARGV[6] then return 'busy' end
+  local holder = redis.call('GET', KEYS[2])
+  local merge = holder == SHARDS_HOLDER and
+    redis.call('HGET', KEYS[1], 'shards_done') == redis.call('HGET', KEYS[1], 'shards_total')
+  if not merge and (ARGV[6] == '' or holder ~= ARGV[6]) then return 'busy' end
 end
 if st ~= 'queued' and st ~= 'running' then return st end
 redis.call('ZREM', KEYS[9], redis.call('HGET', KEYS[1], 'id'))
@@ -182,7 +192,7 @@ redis.call('ZREM', tkey(t, st), ix)
 redis.call('ZREM', tkey(t), ix)
 redis.call('ZREM', KEYS[10], id)
 redis.call('ZREM', KEYS[11], id)
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[14])
 return 'deleted'
 """
 

@@ -15,7 +15,18 @@ import redis
 
 from core.keys import TENANT_INDEX, TENANT_STATUS_INDEX, Keys
 from core.metrics import ServiceMetrics
-from core.records import STATUSES, JobError, JobRecord, Progress, Status, decode, decode_record, encode_fields, now
+from core.records import (
+    STATUSES,
+    JobError,
+    JobRecord,
+    Progress,
+    ShardState,
+    Status,
+    decode,
+    decode_record,
+    encode_fields,
+    now,
+)
 from core.scripts import JOB_SCRIPTS, PRELUDE, TAKE_WEBHOOKS, WEBHOOK_ATTEMPT
 
 MAX_WEBHOOK_ATTEMPTS_SHOWN = 10
@@ -53,13 +64,13 @@ class JobStore:
         self._webhook_attempt = client.register_script(WEBHOOK_ATTEMPT)
 
     @staticmethod
-    def _keys(job_id: str, extra: str = "") -> list[str]:
+    def script_keys(job_id: str, extra: str = "") -> list[str]:
         """The KEYS of every job script, in the order ``core.scripts`` documents."""
         return [Keys.job(job_id), Keys.lease(job_id), *(Keys.index(s) for s in STATUSES), Keys.index(), extra,
-                Keys.EXPIRY, Keys.WEBHOOKS, TENANT_INDEX, TENANT_STATUS_INDEX]
+                Keys.EXPIRY, Keys.WEBHOOKS, TENANT_INDEX, TENANT_STATUS_INDEX, Keys.shards(job_id), Keys.SHARDED]
 
     def _run(self, name: str, job_id: str, args: Iterable[Any], extra: str = "") -> Any:
-        result = self._scripts[name](keys=self._keys(job_id, extra), args=list(args))
+        result = self._scripts[name](keys=self.script_keys(job_id, extra), args=list(args))
         return decode(result)
 
     # creation and reads
@@ -100,8 +111,11 @@ class JobStore:
         return bool(self.r.exists(Keys.job(job_id)))
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.r.hgetall(Keys.job(job_id))
-        return decode_record(decode(raw)) if raw else None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(Keys.job(job_id))
+        pipe.hgetall(Keys.shards(job_id))
+        raw, shards = pipe.execute()
+        return with_shards(decode(raw), decode(shards)) if raw else None
 
     def page(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None,
              tenant: str | None = None) -> tuple[list[JobRecord], str | None]:
@@ -114,8 +128,11 @@ class JobStore:
         members = members[:limit]
         pipe = self.r.pipeline(transaction=False)
         for member in members:
-            pipe.hgetall(Keys.job(member.split(":", 1)[1]))
-        records = [decode_record(decode(raw)) for raw in pipe.execute() if raw]
+            job_id = member.split(":", 1)[1]
+            pipe.hgetall(Keys.job(job_id))
+            pipe.hgetall(Keys.shards(job_id))
+        replies = decode(pipe.execute())
+        records = [with_shards(raw, shards) for raw, shards in zip(replies[::2], replies[1::2], strict=True) if raw]
         return records, (members[-1] if more and members else None)
 
     def count_by_status(self) -> dict[str, int]:
@@ -148,7 +165,7 @@ class JobStore:
         ``missing`` or the terminal status; only ``claimed`` means run it. A lease held by
         ``stale_owner`` (known dead) does not count as live.
         """
-        args = [token, _ms(lease_ttl_s), now(), delivery_tag, worker, stale_owner]
+        args = [token, milliseconds(lease_ttl_s), now(), delivery_tag, worker, stale_owner]
         return str(self._run("claim", job_id, args, Keys.RETRYING))
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -165,7 +182,7 @@ class JobStore:
         return bool(owned), bool(cancel)
 
     def renew(self, job_id: str, token: str, lease_ttl_s: float) -> bool:
-        return bool(self._run("renew", job_id, [token, _ms(lease_ttl_s)]))
+        return bool(self._run("renew", job_id, [token, milliseconds(lease_ttl_s)]))
 
     def finish(self, job_id: str, token: str, status: Status, **fields: Any) -> bool:
         """Move an owned running job to a terminal ``status``; False when the lease was lost."""
@@ -244,7 +261,20 @@ class JobStore:
         self.r.zrem(Keys.EXPIRY, job_id)
 
 
-def _ms(seconds: float) -> int:
+def with_shards(raw: Mapping[str, str], shards: Mapping[str, str]) -> JobRecord:
+    """A record from its hash and its shards hash; while shards run, progress counts their blocks."""
+    record = decode_record(raw)
+    if not shards:
+        return record
+    states = sorted((ShardState.model_validate_json(v) for v in shards.values()), key=lambda s: s.index)
+    record.shards = states
+    if record.status == "running" and raw.get("shards_done") != raw.get("shards_total"):
+        total = int(raw.get("blocks_total") or sum(s.size for s in states))
+        record.progress = Progress(stage="inference", done=sum(s.done for s in states), total=total)
+    return record
+
+
+def milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
