@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.records import JobRecord, Status
+from core.records import JobRecord, ShardState, ShardStatus, Status
 from model.errors import OptionsError
 from model.options import DEFAULTS, OUTPUT_GROUPS, TILE_MULTIPLE, OutputGroup, engine_options
 
@@ -139,6 +139,23 @@ class WebhookOut(BaseModel):
     next_attempt_at: datetime | None = None
 
 
+class ShardOut(BaseModel):
+    """One shard of a sharded job: a range of whole block rows that one worker runs."""
+
+    index: int
+    blocks: int = Field(description="blocks in this shard")
+    first_block: int = Field(description="row-major index of its first block")
+    status: ShardStatus
+    worker: str | None = Field(None, description="the worker that runs or ran it (the latest attempt)")
+    done: int = Field(description="blocks done")
+    attempts: int
+
+    @classmethod
+    def from_state(cls, state: ShardState) -> ShardOut:
+        return cls(index=state.index, blocks=state.size, first_block=state.blocks[0], status=state.status,
+                   worker=state.worker, done=state.done, attempts=state.attempts)
+
+
 class JobOut(BaseModel):
     """A job resource."""
 
@@ -163,6 +180,7 @@ class JobOut(BaseModel):
     href: str
     webhook: WebhookOut | None = None
     expires_at: datetime | None = Field(None, description="when a finished job and its files are deleted")
+    shards: list[ShardOut] | None = Field(None, description="a large slide's shards, each run by any worker")
 
     @classmethod
     def from_record(cls, rec: JobRecord, result_ttl_s: float = 0.0) -> JobOut:
@@ -179,6 +197,7 @@ class JobOut(BaseModel):
             attempts=rec.attempts, retries=rec.retries, redeliveries=rec.redeliveries,
             cancel_requested=rec.cancel_requested, href=href, webhook=_webhook(rec),
             expires_at=_dt(rec.finished_at + result_ttl_s) if rec.finished_at and result_ttl_s > 0 else None,
+            shards=[ShardOut.from_state(s) for s in rec.shards] if rec.shards else None,
         )
 
 

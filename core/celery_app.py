@@ -25,6 +25,7 @@ from core.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 TASK_RUN_JOB = "nucseg.run_job"
+TASK_RUN_SHARD = "nucseg.run_shard"
 QUEUES = ("cpu", "gpu")
 
 
@@ -58,6 +59,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
 def send_job(app: Celery, job_id: str, queue: str) -> None:
     """Enqueue ``run_job`` for ``job_id`` by name; the task id is the job id."""
     app.send_task(TASK_RUN_JOB, kwargs={"job": {"job_id": job_id}}, queue=queue, task_id=job_id)
+
+
+def send_shard(app: Celery, job_id: str, index: int, queue: str) -> None:
+    """Enqueue ``run_shard`` for shard ``index`` of ``job_id``."""
+    app.send_task(TASK_RUN_SHARD, kwargs={"shard": {"job_id": job_id, "index": index}}, queue=queue,
+                  task_id=f"{job_id}.{index}")
 
 
 def ping_workers(app: Celery, timeout_s: float = 1.0) -> list[str]:

@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    """Keeps a job's lease alive from a daemon thread while the job runs in this process."""
+    """Keeps a job's lease (or, given ``renew``, a shard's) alive from a daemon thread while it runs here."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str, ttl_s: float) -> None:
+    def __init__(self, store: JobStore, job_id: str, token: str, ttl_s: float,
+                 renew: Callable[[], bool] | None = None) -> None:
         self.store, self.job_id, self.token, self.ttl_s = store, job_id, token, ttl_s
+        self._renew = renew or (lambda: store.renew(job_id, token, ttl_s))
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}", daemon=True)
@@ -37,7 +39,7 @@ class LeaseKeeper:
     def _loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if not self.store.renew(self.job_id, self.token, self.ttl_s):
+                if not self._renew():
                     log.warning("job %s: lease lost; stopping at the next block", self.job_id)
                     self.lost.set()
                     return

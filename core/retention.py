@@ -21,9 +21,15 @@ from core.storage import open_storage
 from core.store import JobStore
 
 log = logging.getLogger(__name__)
+SHARDS_FOLDER = "shards"
 
 ORPHAN_GRACE_S = 3600.0
 _JOB_DIR = re.compile(r"^[0-9a-f]{32}$")
+
+
+def shard_prefix(job_id: str) -> str:
+    """Where a sharded job's shards leave their parts in the store, until the merge."""
+    return f"{SHARDS_FOLDER}/{job_id}"
 
 
 def discard_upload(settings: Settings, record: JobRecord) -> None:
@@ -35,6 +41,7 @@ def discard_upload(settings: Settings, record: JobRecord) -> None:
 def remove_job_files(settings: Settings, record: JobRecord) -> None:
     storage = open_storage(settings)
     storage.delete_prefix(f"results/{record.id}")
+    storage.delete_prefix(shard_prefix(record.id))
     if record.upload_dir:
         storage.delete_prefix(record.upload_dir)
 
@@ -71,7 +78,7 @@ def _expire_jobs(store: JobStore, settings: Settings, before: float) -> int:
 
 def _remove_orphans(store: JobStore, settings: Settings, older_than: float) -> None:
     storage = open_storage(settings)
-    for folder in ("results", "uploads"):
+    for folder in ("results", "uploads", SHARDS_FOLDER):
         for name, changed in storage.folders(folder).items():
             if _JOB_DIR.match(name) and changed < older_than and not store.exists(name):
                 log.warning("retention: removing %s/%s in %s (no job record)", folder, name, storage.url)

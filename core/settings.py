@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     max_redeliveries: int = Field(3, ge=0, description="requeues after lost workers, then worker_lost")
     progress_interval_s: float = Field(0.5, ge=0, description="at most one progress write per this interval")
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
+    shard_min_blocks: int = Field(64, ge=0, description="a job with at least this many blocks is sharded; 0: never")
+    shard_blocks: int = Field(32, ge=1, description="blocks per shard (whole block rows, at least one)")
+    shard_parallel: int = Field(4, ge=1, description="shards of one job queued or running at once")
     # model and engine
     model: str = Field(str(DEFAULT_MODEL), description="checkpoint path (.pt/.pth/.safetensors)")
     model_sha256: str | None = None

@@ -3,8 +3,9 @@
 A worker that dies mid-job leaves its message unacked in Redis and its lease expiring. Each running
 job without a lease is put back to ``queued`` and its original message is restored to the front of
 its queue (or a fresh one is sent if that message is gone), at most ``max_redeliveries`` times, then
-it fails with ``worker_lost``. Lost retry messages are resent, and the retention policy runs every
-``retention_interval_s``.
+it fails with ``worker_lost``. A shard whose worker is gone is requeued the same way, on its own:
+its job's other shards go on, and finished ones are not redone. Lost retry and merge messages are
+resent, and the retention policy runs every ``retention_interval_s``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 from celery import Celery
 
-from core.celery_app import send_job
-from core.retention import discard_upload
+from core.celery_app import send_job, send_shard
+from core.retention import discard_upload, shard_prefix
 from core.retention import sweep as sweep_retention
 from core.settings import Settings, get_settings
+from core.shards import ShardStore
+from core.storage import open_storage
 from core.store import JobStore, Orphan
 from worker.resources import process_store
 from worker.results import remove_partials
@@ -42,6 +45,7 @@ def recover_orphans(app: Celery, store: JobStore, settings: Settings) -> list[Or
                 discard_upload(settings, record)
             log.warning("job %s: its worker is gone; %s", job_id, orphan.action)
         handled.append(orphan)
+    recover_shards(app, store, settings)
     grace = 2 * settings.lease_ttl_s + settings.sweep_interval_s
     for job_id in store.overdue_retries(grace):
         record = store.get(job_id)
@@ -50,6 +54,26 @@ def recover_orphans(app: Celery, store: JobStore, settings: Settings) -> list[Or
             send_job(app, job_id, record.queue)
         store.touch_retry(job_id, grace)
     return handled
+
+
+def recover_shards(app: Celery, store: JobStore, settings: Settings) -> None:
+    """Requeue the shards whose worker is gone; resend a merge whose message was lost."""
+    shards = ShardStore(store)
+    grace = 2 * settings.lease_ttl_s + settings.sweep_interval_s
+    for job_id in shards.sharded_jobs():
+        queue = (record.queue if (record := store.get(job_id)) is not None else settings.queue)
+        for index in shards.orphans(job_id):
+            action = shards.recover(job_id, index, max_redeliveries=settings.max_redeliveries)
+            if action == "requeued":
+                send_shard(app, job_id, index, queue)
+            if action != "skip":
+                log.warning("job %s: the worker of shard %d is gone; %s", job_id, index, action)
+            if action in ("failed", "cancelled") and record is not None:
+                discard_upload(settings, record)
+                open_storage(settings).delete_prefix(shard_prefix(job_id))
+        if shards.merge_overdue(job_id, grace):
+            log.warning("job %s: its shards are done but no merge started; sending it again", job_id)
+            send_job(app, job_id, queue)
 
 
 def redeliver(app: Celery, orphan: Orphan) -> str:

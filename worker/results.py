@@ -27,7 +27,7 @@ def slide_facts(stats: Stats) -> dict[str, Any]:
 def write_job_json(out_dir: Path, record: JobRecord, stats: Stats, worker: str,
                    started: float, finished: float) -> None:
     """The durable record of a finished job, next to its results."""
-    doc = {
+    doc: dict[str, Any] = {
         "id": record.id, "status": record.status,
         "created_at": _iso(record.created_at), "started_at": _iso(started), "finished_at": _iso(finished),
         "options": record.options, "metadata": record.metadata,
@@ -39,6 +39,9 @@ def write_job_json(out_dir: Path, record: JobRecord, stats: Stats, worker: str,
         "worker": worker, "attempts": record.attempts, "retries": record.retries,
         "redeliveries": record.redeliveries,
     }
+    if record.shards:
+        doc["shards"] = [s.model_dump(include={"index", "blocks", "worker", "attempts", "redeliveries"})
+                         for s in record.shards]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / JOB_FILE).write_text(json.dumps(doc, indent=2))
 

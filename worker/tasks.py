@@ -23,34 +23,40 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery, Task, shared_task, signals
-from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ConfigDict
 
-from core.celery_app import TASK_RUN_JOB
+from core.celery_app import TASK_RUN_JOB, send_shard
 from core.leases import LeaseKeeper, Throttle, dead_local_owner, new_token
 from core.records import JobError, JobRecord, Progress, Status
-from core.retention import discard_upload
+from core.retention import discard_upload, shard_prefix
 from core.settings import Settings, get_settings
-from core.storage import StorageUnavailable, open_storage
-from core.storage.slides import local_slide, slide_object
+from core.shards import ShardStore
+from core.storage import open_storage
 from model.errors import CancelledError, NucsegError
 from model.options import Stats, engine_options
+from worker.failures import RetryableError, classify_failure, redact, retry_delay
 from worker.recovery import sweep_forever
 from worker.resources import get_model, process_store
 from worker.results import publish_results, remove_partials, slide_facts, write_job_json
+from worker.shards import fetch_parts, shard_ranges
+from worker.slides import job_slide, stored_slide
+
+if TYPE_CHECKING:
+    from model.checkpoint import LoadedModel
+    from model.options import EngineOptions
+    from model.readers import SlideReader
 from worker.webhooks import dispatch_forever
 
 log = logging.getLogger(__name__)
-
-RETRY_MAX_BACKOFF_S = 600.0
 
 
 class JobMessage(BaseModel):
@@ -59,14 +65,6 @@ class JobMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str
-
-
-class RetryableError(Exception):
-    """A transient failure; the job goes back to the queue after a delay."""
-
-    def __init__(self, error: JobError, delay_s: float) -> None:
-        super().__init__(error.message)
-        self.error, self.delay_s = error, delay_s
 
 
 @signals.worker_process_init.connect
@@ -93,7 +91,7 @@ def _start_sweeper(sender: Any, **_: Any) -> None:
 def run_job(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     """Run one job by id; returns a small summary (the job store has the full record)."""
     message = JobMessage.model_validate(job)
-    runner = JobRunner(message.job_id, get_settings(), worker=str(self.request.hostname or "worker"),
+    runner = JobRunner(message.job_id, get_settings(), self.app, worker=str(self.request.hostname or "worker"),
                        delivery_tag=_delivery_tag(self))
     try:
         return runner.run()
@@ -109,8 +107,8 @@ def _delivery_tag(task: Task) -> str:
 class JobRunner:
     """One attempt at one job: claim, run under a lease, publish or fail."""
 
-    def __init__(self, job_id: str, settings: Settings, *, worker: str, delivery_tag: str) -> None:
-        self.job_id, self.settings, self.worker = job_id, settings, worker
+    def __init__(self, job_id: str, settings: Settings, app: Celery, *, worker: str, delivery_tag: str) -> None:
+        self.job_id, self.settings, self.app, self.worker = job_id, settings, app, worker
         self.delivery_tag = delivery_tag
         self.store = process_store(settings)
         self.token = new_token(worker)
@@ -144,13 +142,15 @@ class JobRunner:
         started = time.time()
         try:
             stats = self._execute(record, lease)
+            if stats is None:
+                return {"job_id": self.job_id, "status": "sharded"}
             return self._succeed(record, stats, started)
         except CancelledError as exc:
             return self._end(record, "cancelled", started, stage="cancelled", lost=lease.lost.is_set(),
                              note=str(exc))
         except Exception as exc:
             transient, error = classify_failure(exc)
-            error = error.model_copy(update={"message": self._redact(error.message, record)})
+            error = error.model_copy(update={"message": redact(error.message, record, self.settings)})
             log.warning("job %s: %s error %s: %s", self.job_id, "transient" if transient else "permanent",
                         error.code, error.message, exc_info=not isinstance(exc, NucsegError))
             if transient and record.retries < self.settings.max_retries:
@@ -163,51 +163,65 @@ class JobRunner:
             shutil.rmtree(self.partial, ignore_errors=True)  # already renamed away after a success
 
     # the work itself
-    def _execute(self, record: JobRecord, lease: LeaseKeeper) -> Stats:
+    def _execute(self, record: JobRecord, lease: LeaseKeeper) -> Stats | None:
+        """The job's stats; None when it was cut into shards that now run on their own."""
         from model.checkpoint import sha256_file
-        from model.pipeline import run_prediction
+        from model.pipeline import predict_reader
+        from model.readers import open_slide
 
         self._progress("loading_model")
         model = get_model(self.settings.model, self.settings.model_sha256)
-        slide = self._slide_path(record, lease)
+        if stored_slide(self.settings, record):
+            self._progress("fetching")
+        slide = job_slide(self.settings, record, lease.lost.is_set)
         if not record.slide.get("sha256"):
             self._progress("hashing")
             digest = sha256_file(slide, should_stop=lease.lost.is_set)
             record.slide.update(sha256=digest, size_bytes=slide.stat().st_size)
             self._update(slide=record.slide)
-        opts = record.options
-        options = engine_options(opts, device=self.settings.device, precision=self.settings.precision)
-        self._progress("inference")
-        stats = run_prediction(
-            slide, self.partial, model, options, outputs=frozenset(opts["outputs"]),
-            on_progress=self._on_blocks, should_cancel=lambda: self._should_cancel(lease),
-            max_image_pixels=self.settings.max_image_pixels, max_slide_pixels=self.settings.max_slide_pixels,
-        )
+        options = engine_options(record.options, device=self.settings.device, precision=self.settings.precision)
+        outputs = frozenset(record.options["outputs"])
+        reader = open_slide(slide, max_image_pixels=self.settings.max_image_pixels,
+                            max_slide_pixels=self.settings.max_slide_pixels)
+        try:
+            if record.shards:
+                stats = self._merge(record, reader, model, options, outputs, lease)
+            elif (ranges := shard_ranges(self.settings, reader, model, options, outputs)) is not None:
+                self._dispatch(record, ranges)
+                return None
+            else:
+                self._progress("inference")
+                stats = predict_reader(reader, self.partial, model, options, outputs=outputs,
+                                       on_progress=self._on_blocks, should_cancel=lambda: self._should_cancel(lease))
+        finally:
+            reader.close()
         if self._should_cancel(lease):
             raise CancelledError("cancelled after the last block, before the results were published")
         self._progress("writing", stats["blocks"]["total"], stats["blocks"]["total"])
         return stats
 
-    def _slide_path(self, record: JobRecord, lease: LeaseKeeper) -> Path:
-        """The slide file; a path job is re-checked against the slide root (symlinks may have moved).
+    def _dispatch(self, record: JobRecord, ranges: list[range]) -> None:
+        """Hand the job to its shards and send the first of them."""
+        blocks = [(r.start, r.stop) for r in ranges]
+        sent = ShardStore(self.store).start(self.job_id, self.token, blocks, parallel=self.settings.shard_parallel)
+        if sent is None:
+            raise CancelledError(f"job {self.job_id}: this worker no longer owns the job")
+        for index in sent:
+            send_shard(self.app, self.job_id, index, record.queue)
+        log.info("job %s: cut into %d shards", self.job_id, len(blocks))
 
-        A slide in a store is fetched into the slide cache (checked against its sha256).
-        """
-        if slide_object(self.settings, record.slide_file) is not None:
-            self._progress("fetching")
-            local, _ = local_slide(self.settings, record.slide_file, record.slide.get("sha256"),
-                                   should_stop=lease.lost.is_set)
-            return local
-        path = Path(record.slide_file)
-        root = self.settings.slide_root
-        if record.slide.get("source") == "path" and root is not None:
-            resolved = path.resolve()
-            if not resolved.is_relative_to(root.resolve()):
-                from model.errors import UnsupportedSlideError
+    def _merge(self, record: JobRecord, reader: SlideReader, model: LoadedModel, options: EngineOptions,
+               outputs: frozenset[str], lease: LeaseKeeper) -> Stats:
+        """The finished shards' parts, replayed into the job's results."""
+        from model.shards import merge_shards
 
-                raise UnsupportedSlideError(
-                    f"slide_path {record.slide.get('path')!r} now resolves outside the slide root")
-        return path
+        assert record.shards is not None
+        self._progress("merging")
+        scratch = self.settings.cache_dir / "shards"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            parts = fetch_parts(open_storage(self.settings), record.shards, Path(tmp), lease.lost.is_set)
+            return merge_shards(reader, parts, self.partial, model, options, outputs=outputs)
 
     def _succeed(self, record: JobRecord, stats: Stats, started: float) -> dict[str, Any]:
         finished = time.time()
@@ -225,6 +239,8 @@ class JobRunner:
             log.warning("job %s: finished but no longer the owner; leaving the record alone", self.job_id)
             return {"job_id": self.job_id, "status": "lost"}
         self._observe("succeeded", started, finished, stats["tiles"]["run"])
+        if record.shards:
+            open_storage(self.settings).delete_prefix(shard_prefix(self.job_id))
         return {"job_id": self.job_id, "status": "succeeded", "results": [r["name"] for r in results]}
 
     def _end(self, record: JobRecord, status: Status, started: float, *, stage: str,
@@ -239,20 +255,16 @@ class JobRunner:
         if self.store.finish(self.job_id, self.token, status, error=error, progress=progress):
             self._observe(status, started, time.time(), 0)
             discard_upload(self.settings, record)
+            if record.shards:
+                open_storage(self.settings).delete_prefix(shard_prefix(self.job_id))
         log.info("job %s: %s %s", self.job_id, status, note or (error.code if error else ""))
         return {"job_id": self.job_id, "status": status}
 
     def _retry(self, record: JobRecord, error: JobError) -> dict[str, Any]:
-        delay = min(self.settings.retry_backoff_s * 2 ** record.retries, RETRY_MAX_BACKOFF_S)
+        delay = retry_delay(self.settings, record.retries)
         if not self.store.schedule_retry(self.job_id, self.token, delay, error):
             return {"job_id": self.job_id, "status": "lost"}
         raise RetryableError(error, delay)
-
-    def _redact(self, message: str, record: JobRecord) -> str:
-        """Error messages name the slide as the client knows it, never by its server path."""
-        shown = str(record.slide.get("path") or record.slide.get("name") or "slide")
-        message = message.replace(record.slide_file, shown).replace(repr(Path(record.slide_file).name), repr(shown))
-        return message.replace(str(self.settings.data_dir), "<data>")
 
     # progress and cancellation
     def _on_blocks(self, done: int, total: int) -> None:
@@ -278,22 +290,3 @@ class JobRunner:
             self.store.metrics.observe(status, finished - started, tiles)
         except redis.RedisError as exc:
             log.warning("metrics not recorded: %s", exc)
-
-
-def classify_failure(exc: BaseException) -> tuple[bool, JobError]:
-    """``(transient, error)``: the code and message a failed job shows."""
-    if isinstance(exc, NucsegError):
-        return False, JobError(code=exc.code, message=str(exc))
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return False, JobError(code="time_limit_exceeded", message="the job ran past NUCSEG_JOB_TIME_LIMIT_S")
-    if isinstance(exc, ValueError):
-        return False, JobError(code="invalid_options", message=str(exc))
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True, JobError(code="out_of_memory", message=f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, StorageUnavailable):
-        return True, JobError(code=exc.code, message=str(exc))
-    if isinstance(exc, redis.RedisError):
-        return True, JobError(code="store_unavailable", message=f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, OSError):
-        return True, JobError(code="io_error", message=f"{type(exc).__name__}: {exc}")
-    return False, JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
