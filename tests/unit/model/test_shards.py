@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from model.analysis import make_view
 from model.checkpoint import LoadedModel, load_model
+from model.device import TileRunner
 from model.engine import CollectSink, Engine
 from model.errors import CancelledError, OptionsError, ShardError
 from model.options import OUTPUT_GROUPS, EngineOptions, Stats, result_files
@@ -218,3 +220,16 @@ def test_engine_over_block_ranges_equals_the_whole_run() -> None:
         assert shared > 0
     with pytest.raises(OptionsError, match="blocks"):
         engine.run(ArrayReader(image, mpp=0.25), [], blocks=range(15, 25))
+
+
+def test_a_tiles_logits_do_not_depend_on_its_batch(reader: SlideReader, model: LoadedModel) -> None:
+    """Every forward pass has ``batch`` tiles, so a tile alone, in a pair or in a full batch gives the same bits
+    (unpadded, fp32 on a CPU gave a tile alone other logits here)."""
+    view = make_view(reader, model.card.mpp)
+    image = view.read(Box(0, 0, 4 * 128, 128))
+    tiles = np.stack([image[:, x : x + 128] for x in range(0, 4 * 128, 128)])
+    runner = TileRunner(model.network, model.card, torch.device("cpu"), "fp32", batch=4)
+    full = runner(tiles).numpy()
+    for i in range(4):
+        np.testing.assert_array_equal(runner(tiles[i : i + 1]).numpy()[0], full[i])
+    np.testing.assert_array_equal(runner(tiles[2:0:-1]).numpy(), full[2:0:-1])
