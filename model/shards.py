@@ -9,8 +9,8 @@ sinks in block order: the masks, overlays, GeoJSON and stats equal those of ``pr
 except the tile counters (the shared tiles run once per shard) and the timings.
 
 A part folder is flat: ``classes.rec`` and ``nuclei.rec`` (records, below) and ``shard.json``,
-written last, which marks the part complete. Files are written under a temporary name and renamed
-when complete; a cancelled shard leaves no part file behind.
+written last, which marks the part complete and holds the other files' sizes and sha256. Files are
+written under a temporary name and renamed when complete; a cancelled shard leaves no part file behind.
 
 Bit-identical results need the shards to run on one kind of device, precision and software (the
 merge checks device and precision); within that, the engine makes each tile's logits independent of
@@ -23,6 +23,7 @@ zlib-compressed. No pickle anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -111,7 +112,7 @@ def run_shard(reader: SlideReader, part_dir: Path, model: LoadedModel, options: 
         "precision": report.precision,
         "counters": {name: getattr(report, name) for name in _COUNTERS},
         "timings": report.timings,
-        "files": {name: (part_dir / name).stat().st_size for name in _part_files(outputs)},
+        "files": {name: _digest(part_dir / name) for name in _part_files(outputs)},
     }
     _write_atomic(part_dir / MARKER, json.dumps(marker, indent=1).encode())
 
@@ -254,6 +255,11 @@ def _part_files(outputs: frozenset[str]) -> list[str]:
     return [CLASSES, NUCLEI] if "nuclei" in outputs else [CLASSES]
 
 
+def _digest(path: Path) -> dict[str, Any]:
+    with path.open("rb") as fh:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + PARTIAL)
     tmp.write_bytes(data)
@@ -389,9 +395,13 @@ def _check_part(part: Path, ctx: RunContext, reader: SlideReader, model: LoadedM
         if marker.get(key) != value:
             raise ShardError(f"shard part {part} was made for another run: {key} is {marker.get(key)!r}, "
                              f"this merge needs {value!r}")
-    for name, size in marker["files"].items():
-        if not (part / name).is_file() or (part / name).stat().st_size != size:
-            raise ShardError(f"shard part {part}: {name} is missing or not {size} bytes")
+    for name in _part_files(outputs):
+        recorded = marker["files"].get(name)
+        if not (part / name).is_file() or recorded is None:
+            raise ShardError(f"shard part {part}: {name} is missing")
+        if _digest(part / name) != recorded:
+            raise ShardError(f"shard part {part}: {name} is not the file the shard wrote ({recorded['bytes']} bytes, "
+                             f"sha256 {recorded['sha256'][:12]}...)")
     return dict(marker)
 
 

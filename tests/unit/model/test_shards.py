@@ -179,9 +179,15 @@ def test_merge_refuses_missing_misordered_foreign_or_damaged_parts(
     for f in p1.iterdir():
         (damaged / f.name).write_bytes(f.read_bytes())
     data = (damaged / CLASSES).read_bytes()
-    (damaged / CLASSES).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ShardError, match="not .* bytes"):
+    for changed in (data[: len(data) // 2], data[:-1] + bytes([data[-1] ^ 1])):
+        (damaged / CLASSES).write_bytes(changed)
+        with pytest.raises(ShardError, match="not the file the shard wrote"):
+            merge_shards(reader, [p0, damaged, p2], tmp_path / "out", model, OPTIONS, outputs=OUTPUTS)
+    (damaged / CLASSES).write_bytes(data)
+    (damaged / NUCLEI).unlink()
+    with pytest.raises(ShardError, match="nuclei.rec is missing"):
         merge_shards(reader, [p0, damaged, p2], tmp_path / "out", model, OPTIONS, outputs=OUTPUTS)
+    assert not (tmp_path / "out" / "stats.json").exists()
 
 
 def test_pool_postprocessing_records_the_same_nuclei(reader: SlideReader, model: LoadedModel,
