@@ -88,11 +88,21 @@ def inference_network(network: nn.Module, device: torch.device) -> nn.Module:
 
 
 class TileRunner:
-    """Runs uint8 tile batches through the network: normalise, channels_last, autocast."""
+    """Runs uint8 tile batches through the network: normalise, channels_last, autocast.
 
-    def __init__(self, network: TwoHeadUnet, card: ModelCard, device: torch.device, precision: str) -> None:
+    With ``batch``, every forward pass has exactly ``batch`` tiles (a short batch is padded with
+    zero tiles): convolution kernels are chosen by shape, and on CPU a tile's logits were measured
+    to change with the batch's size (fp32 alone in a batch, bf16 at 512 px in batches of 3 or 5),
+    never with its place or companions in a batch of a given size. A fixed shape makes each tile's
+    logits independent of which other tiles share its batch, so a slide cut into shards (which
+    batch their boundary tiles differently) gives the same pixels as one run.
+    """
+
+    def __init__(self, network: TwoHeadUnet, card: ModelCard, device: torch.device, precision: str,
+                 *, batch: int | None = None) -> None:
         self.device = device
         self.precision = precision
+        self.batch = batch
         self.network = inference_network(network, device)
         mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
@@ -102,9 +112,12 @@ class TileRunner:
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
         """``(N, T, T, 3)`` uint8 -> ``(N, 8, T, T)`` float32 logits (5 semantic, then 3 ternary), on the device."""
+        n = len(tiles)
+        if self.batch is not None and n < self.batch:
+            tiles = np.concatenate([tiles, np.zeros((self.batch - n, *tiles.shape[1:]), dtype=tiles.dtype)])
         batch = torch.from_numpy(tiles).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
         batch = batch * self._scale + self._shift
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             sem, ter = self.network(batch)
-        return torch.cat((sem, ter), dim=1).float()
+        return torch.cat((sem[:n], ter[:n]), dim=1).float()

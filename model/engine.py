@@ -4,7 +4,9 @@
 exactly the grid tiles that touch the block (plus an optional margin for post-processing), blends
 them into a block-sized accumulator on the network's device (``model.blending``) and hands every sink
 the block's uint8 class maps (and the blended logits, to sinks that need them). Because every pixel
-is the weighted mean over the same global tiles, the output does not depend on the block size.
+is the weighted mean over the same global tiles, the output does not depend on the block size; and
+since every forward pass has ``batch_size`` tiles (``TileRunner``) and each block adds its tiles in
+one fixed order, it does not depend on which tiles the cache held either, to the last bit.
 Memory is one block of accumulators plus the model, whatever the slide's size.
 
 Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei.
@@ -28,7 +30,7 @@ from model.blending import Accumulator, class_maps, gaussian_weights
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision
-from model.errors import CancelledError
+from model.errors import CancelledError, OptionsError
 from model.options import EngineOptions
 from model.readers import ArrayReader, SlideReader
 from model.tilecache import BlockIndex, TileCache
@@ -78,6 +80,24 @@ class RunContext:
     blocks: list[Box]
     card: ModelCard
     options: EngineOptions
+    tissue_detection: bool = False  # ``tissue`` was detected (else every pixel counts as tissue)
+
+
+def run_context(reader: SlideReader, card: ModelCard, options: EngineOptions) -> RunContext:
+    """The analysis view, tissue mask and block plan of a slide: deterministic, no inference."""
+    view = make_view(reader, card.mpp, mpp_override=options.mpp)
+    use_tissue = options.tissue if options.tissue is not None else len(reader.level_dimensions) > 1
+    tissue = detect_tissue(view) if use_tissue else full_tissue(view)
+    blocks = plan_blocks(view.width, view.height, options.block_size)
+    return RunContext(view, tissue, blocks, card, options, use_tissue)
+
+
+def _selected(blocks: range | None, total: int) -> range:
+    if blocks is None:
+        return range(total)
+    if blocks.step != 1 or not 0 <= blocks.start <= blocks.stop <= total:
+        raise OptionsError(f"blocks must be a contiguous range within range(0, {total}), got {blocks}")
+    return blocks
 
 
 class BlockSink(Protocol):
@@ -102,6 +122,7 @@ class RunReport:
     tiles_run: int = 0
     tiles_reused: int = 0
     tiles_skipped: int = 0
+    tiles_shared: int = 0  # tiles run here that blocks before the run's first block also need (shards)
     grid_tiles: int = 0
     blocks: int = 0
     blocks_skipped: int = 0
@@ -119,6 +140,17 @@ class RunReport:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
 
 
+def new_report(ctx: RunContext, device: str, precision: str) -> RunReport:
+    """An empty report of a run over ``ctx``."""
+    view, opts = ctx.view, ctx.options
+    grid = TileGrid(opts.tile_size, opts.overlap, view.width, view.height)
+    return RunReport(
+        grid_tiles=grid.n_x * grid.n_y, blocks=len(ctx.blocks), device=device, precision=precision,
+        analysis_mpp=view.mpp, analysis_size=(view.width, view.height), level=view.level,
+        tissue_detection=ctx.tissue_detection, warnings=list(view.warnings),
+    )
+
+
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 
@@ -132,7 +164,8 @@ class Engine:
         self.card = model.card
         self.device = resolve_device(self.options.device)
         self.precision = resolve_precision(self.options.precision, self.device)
-        self.runner = TileRunner(model.network, model.card, self.device, self.precision)
+        self.runner = TileRunner(model.network, model.card, self.device, self.precision,
+                                 batch=self.options.batch_size)
         self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale, str(self.device))
 
     def run(
@@ -140,26 +173,23 @@ class Engine:
         reader: SlideReader,
         sinks: Sequence[BlockSink] = (),
         *,
+        blocks: range | None = None,
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> RunReport:
-        """Process the whole slide; sinks receive every block in row-major order."""
+        """Process the slide; sinks receive every block in row-major order.
+
+        ``blocks`` limits the run to those block indices (a shard of the slide): sinks still learn
+        the whole block list, progress counts only these, and the tiles they touch all run here.
+        """
         started = time.perf_counter()
-        opts = self.options
-        view = make_view(reader, self.card.mpp, mpp_override=opts.mpp)
-        use_tissue = opts.tissue if opts.tissue is not None else len(reader.level_dimensions) > 1
-        tissue = detect_tissue(view) if use_tissue else full_tissue(view)
-        grid = TileGrid(opts.tile_size, opts.overlap, view.width, view.height)
-        blocks = plan_blocks(view.width, view.height, opts.block_size)
-        report = RunReport(
-            grid_tiles=grid.n_x * grid.n_y, blocks=len(blocks), device=str(self.device),
-            precision=self.precision, analysis_mpp=view.mpp, analysis_size=(view.width, view.height),
-            level=view.level, tissue_detection=use_tissue, warnings=list(view.warnings),
-        )
+        ctx = run_context(reader, self.card, self.options)
+        todo = _selected(blocks, len(ctx.blocks))
+        grid = TileGrid(self.options.tile_size, self.options.overlap, ctx.view.width, ctx.view.height)
+        report = new_report(ctx, str(self.device), self.precision)
         report.clock("setup", time.perf_counter() - started)
-        ctx = RunContext(view, tissue, blocks, self.card, opts)
         try:
-            self._run_blocks(ctx, grid, report, sinks, on_progress, should_cancel)
+            self._run_blocks(ctx, grid, todo, report, sinks, on_progress, should_cancel)
         except BaseException:
             for sink in sinks:
                 sink.abort()
@@ -167,13 +197,12 @@ class Engine:
         report.clock("total", time.perf_counter() - started)
         return report
 
-    def _run_blocks(self, ctx: RunContext, grid: TileGrid, report: RunReport, sinks: Sequence[BlockSink],
-                    on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
-        view, blocks = ctx.view, ctx.blocks
+    def _run_blocks(self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport,
+                    sinks: Sequence[BlockSink], on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
         for sink in sinks:
             sink.start(ctx)
         logits = any(sink.needs_logits for sink in sinks)
-        for done, result in enumerate(self._blocks(view, grid, ctx.tissue, blocks, report, logits), start=1):
+        for done, result in enumerate(self._blocks(ctx, grid, blocks, report, logits), start=1):
             t0 = time.perf_counter()
             for sink in sinks:
                 sink.add(result)
@@ -199,12 +228,13 @@ class Engine:
         return sink.logits[:N_SEMANTIC], sink.logits[N_SEMANTIC:]
 
     def _blocks(
-        self, view: AnalysisView, grid: TileGrid, tissue: TissueMask, blocks: list[Box], report: RunReport,
-        logits: bool,
+        self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport, logits: bool
     ) -> Iterator[BlockResult]:
         """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
-        jobs = [self._block_job(i, b, view, grid, tissue, report) for i, b in enumerate(blocks)]
-        index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin)
+        view = ctx.view
+        jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report) for i in blocks]
+        index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
+                           start=blocks.start, stop=blocks.stop)
         cache = TileCache(self.options.tile_cache_mb << 20)
         for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report)):
             yield self._blend(job, pixels, grid, report, index, cache, logits)
@@ -235,29 +265,18 @@ class Engine:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
         acc = Accumulator(job.region, N_CHANNELS, self.device)
-        todo = []
-        for tile in job.tiles:
-            cached = cache.get(tile)
-            if cached is None:
-                todo.append(tile)
-            else:
-                acc.add(grid.tile_box(*tile), cached, self.weights)
-        origin, t_size = job.source, self.options.tile_size
-        for batch in iter_batches(todo, self.options.batch_size):
-            boxes = [grid.tile_box(*t) for t in batch]
-            tiles = np.stack([
-                pixels[b.y0 - origin.y0 : b.y0 - origin.y0 + t_size, b.x0 - origin.x0 : b.x0 - origin.x0 + t_size]
-                for b in boxes
-            ])
-            t0 = time.perf_counter()
-            out = self.runner(tiles)
-            t1 = time.perf_counter()
-            for tile, box, tile_logits in zip(batch, boxes, out, strict=True):
-                acc.add(box, tile_logits, self.weights)
-                cache.offer(tile, tile_logits, index.blocks_touching(box), job.index)
-            report.clock("forward", t1 - t0)
-            report.clock("blend", time.perf_counter() - t1)
-            report.tiles_run += len(batch)
+        cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
+        batches = iter_batches([t for t in job.tiles if t not in cached], self.options.batch_size)
+        ready: dict[tuple[int, int], torch.Tensor] = {}
+        t0, forward = time.perf_counter(), report.timings.get("forward", 0.0)
+        for tile in job.tiles:  # one fixed order, whatever was cached: float sums depend on their order
+            tile_logits = cached.get(tile)
+            if tile_logits is None:
+                if tile not in ready:
+                    ready = self._forward(next(batches), job, pixels, grid, report, index, cache)
+                tile_logits = ready.pop(tile)
+            acc.add(grid.tile_box(*tile), tile_logits, self.weights)
+        report.clock("blend", time.perf_counter() - t0 - (report.timings.get("forward", 0.0) - forward))
         t0 = time.perf_counter()
         values, covered = acc.result()
         classes = class_maps(values, covered, N_SEMANTIC).cpu().numpy()
@@ -265,6 +284,25 @@ class Engine:
         result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes)
         report.clock("blend", time.perf_counter() - t0)
         return result
+
+    def _forward(self, batch: list[tuple[int, int]], job: _BlockJob, pixels: np.ndarray, grid: TileGrid,
+                 report: RunReport, index: BlockIndex, cache: TileCache) -> dict[tuple[int, int], torch.Tensor]:
+        """Run one batch of tiles; offer their logits to the cache."""
+        assert job.source is not None
+        origin, t_size = job.source, self.options.tile_size
+        boxes = [grid.tile_box(*t) for t in batch]
+        tiles = np.stack([
+            pixels[b.y0 - origin.y0 : b.y0 - origin.y0 + t_size, b.x0 - origin.x0 : b.x0 - origin.x0 + t_size]
+            for b in boxes
+        ])
+        t0 = time.perf_counter()
+        out = self.runner(tiles)
+        for tile, box, tile_logits in zip(batch, boxes, out, strict=True):
+            cache.offer(tile, tile_logits, index.blocks_touching(box), job.index)
+            report.tiles_shared += index.needed_before(box)
+        report.tiles_run += len(batch)
+        report.clock("forward", time.perf_counter() - t0)
+        return dict(zip(batch, out, strict=True))
 
 
 @dataclass

@@ -11,6 +11,7 @@ One small tree, so callers can tell permanent input problems from bugs:
   - ``OptionsError``: engine options that cannot work together (tile <= overlap, ...).
   - ``CancelledError``: a caller asked the engine to stop between blocks.
   - ``PostprocessError``: a nuclei post-processing worker died or failed (the run stops).
+  - ``ShardError``: shard parts that cannot be merged (missing, incomplete, from another run).
 
 Every message names the value received and what was allowed. Third-party errors are wrapped
 where they enter, with ``raise ... from exc``.
@@ -71,3 +72,9 @@ class PostprocessError(NucsegError):
     """Nuclei post-processing failed in a worker process; the run is stopped."""
 
     code = "postprocess_failed"
+
+
+class ShardError(NucsegError):
+    """Shard parts cannot be merged: one is missing, incomplete, corrupt, or made for another run."""
+
+    code = "shard_error"

@@ -116,7 +116,7 @@ class NucleusSink:
         self.oversized = 0
         self._writer = GeoJSONWriter(self.geojson_path) if self.geojson_path is not None else None
         self.workers = nuclei_workers(ctx.options.workers)
-        self._pool = NucleiPool(self.workers) if self.workers else None
+        self._pool = None  # started by the first block to post-process
         if self.instances_path is not None:
             self._instances = self._allocate_instances(ctx.view.width, ctx.view.height)
 
@@ -133,16 +133,19 @@ class NucleusSink:
             return
         place = BlockPlace(block.region, block.inner, self.bounds, self.mpp, self.scale, self.params,
                            keep_labels=self._instances is not None)
-        if self._pool is None:
-            self._record(block_nuclei(place, block.logits[:N_SEMANTIC], block.logits[N_SEMANTIC:], block.covered))
+        if not self.workers:
+            self.record(block_nuclei(place, block.logits[:N_SEMANTIC], block.logits[N_SEMANTIC:], block.covered))
             return
+        if self._pool is None:
+            self._pool = NucleiPool(self.workers)
         t0 = time.perf_counter()
         done = self._pool.submit(block.index, place, block.logits, block.covered, N_SEMANTIC)
         self.timings["handoff_s"] += time.perf_counter() - t0
         for result in done:
-            self._record(result)
+            self.record(result)
 
-    def _record(self, result: BlockNuclei) -> None:
+    def record(self, result: BlockNuclei) -> None:
+        """Take one block's nuclei (in block order): from ``add``, or replayed from a record of a run."""
         t0 = time.perf_counter()
         for key, seconds in result.timings.items():
             self.timings[key] += seconds
@@ -170,7 +173,7 @@ class NucleusSink:
     def finish(self) -> dict[str, Any]:
         if self._pool is not None:
             for result in self._pool.drain():
-                self._record(result)
+                self.record(result)
             self._pool.close()
             self._pool = None
         if self._writer is not None:

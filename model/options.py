@@ -140,6 +140,11 @@ class BlockStats(TypedDict):
     skipped: int
 
 
+class ShardStats(TypedDict):
+    count: int  # shards merged into this result
+    tiles_recomputed: int  # tiles run by two shards (in ``tiles.run`` twice)
+
+
 class ModelStats(TypedDict):
     name: str
     version: str
@@ -151,7 +156,8 @@ class ModelStats(TypedDict):
 
 class Stats(TypedDict):
     """``stats.json``: what one run measured. ``semantic``/``ternary`` come with the masks or
-    overlays, ``nuclei`` with the nuclei group."""
+    overlays, ``nuclei`` with the nuclei group, ``shards`` with a result merged from shards
+    (``model.shards``: its tile counters and timings are the shards' sums)."""
 
     slide: SlideStats
     analysis: AnalysisStats
@@ -161,6 +167,7 @@ class Stats(TypedDict):
     nuclei: NotRequired[dict[str, Any]]
     tiles: TileStats
     blocks: BlockStats
+    shards: NotRequired[ShardStats]
     model: ModelStats
     parameters: dict[str, Any]
     device: str

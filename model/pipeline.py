@@ -29,8 +29,14 @@ def build_sinks(
     sinks: list[BlockSink] = [ClassMapSink(out_dir, masks="masks" in outputs, overlays="overlays" in outputs)]
     if "nuclei" in outputs:
         sinks.append(NucleusSink(out_dir / GROUP_FILES["nuclei"][0]))
-        options = replace(options, margin=max(options.margin, engine_margin(model_mpp)))
-    return sinks, options
+    return sinks, sink_options(options, outputs, model_mpp=model_mpp)
+
+
+def sink_options(options: EngineOptions, outputs: frozenset[str], *, model_mpp: float) -> EngineOptions:
+    """The engine options the sinks of these outputs need (the nuclei's margin)."""
+    if "nuclei" in outputs:
+        return replace(options, margin=max(options.margin, engine_margin(model_mpp)))
+    return options
 
 
 def run_prediction(

@@ -17,17 +17,31 @@ TileKey = tuple[int, int]
 
 
 class BlockIndex:
-    """Maps a tile's box to the row-major indices of the blocks whose regions it touches."""
+    """Maps a tile's box to the row-major indices of the blocks whose regions it touches.
 
-    def __init__(self, width: int, height: int, block: int, margin: int) -> None:
-        self.block, self.margin = block, margin
+    ``start`` and ``stop`` are the blocks a run processes (a shard of the slide): blocks from
+    ``stop`` on are left out, and ``needed_before`` tells a tile that blocks before ``start`` need too.
+    """
+
+    def __init__(self, width: int, height: int, block: int, margin: int, *, start: int = 0,
+                 stop: int | None = None) -> None:
+        self.block, self.margin, self.start, self.stop = block, margin, start, stop
         self.n_x, self.n_y = -(-width // block), -(-height // block)
 
     def blocks_touching(self, box: Box) -> list[int]:
         b, m = self.block, self.margin
         bx0, bx1 = max(0, (box.x0 - m) // b), min(self.n_x - 1, (box.x1 - 1 + m) // b)
         by0, by1 = max(0, (box.y0 - m) // b), min(self.n_y - 1, (box.y1 - 1 + m) // b)
-        return [by * self.n_x + bx for by in range(by0, by1 + 1) for bx in range(bx0, bx1 + 1)]
+        found = [by * self.n_x + bx for by in range(by0, by1 + 1) for bx in range(bx0, bx1 + 1)]
+        return found if self.stop is None else [i for i in found if i < self.stop]
+
+    def needed_before(self, box: Box) -> bool:
+        """Whether a block before ``start`` touches the tile."""
+        return self.start > 0 and self._first(box) < self.start
+
+    def _first(self, box: Box) -> int:
+        b, m = self.block, self.margin
+        return max(0, (box.y0 - m) // b) * self.n_x + max(0, (box.x0 - m) // b)
 
 
 class TileCache:
