@@ -237,6 +237,7 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready"] = "ready"
     redis: Literal["ok"] = "ok"
+    storage: Literal["ok"] = "ok"
     workers: list[str]
 
 

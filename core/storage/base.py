@@ -68,6 +68,10 @@ class Storage(Protocol):
         """The names just below ``prefix/``, each with its newest change (unix time)."""
         ...
 
+    def check(self) -> None:
+        """Raise ``StorageUnavailable`` unless the store answers (for readiness checks)."""
+        ...
+
     def local_path(self, key: str) -> Path | None:
         """The file that holds ``key`` when the store is this machine's disk, else None."""
         ...

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from core.storage.base import ObjectInfo, Writer
-from core.storage.errors import ObjectMissing
+from core.storage.errors import ObjectMissing, StorageUnavailable
 
 CHUNK = 1 << 20
 
@@ -86,6 +86,14 @@ class LocalStorage:
         if not folder.is_dir():
             return {}
         return {p.name: p.stat().st_mtime for p in folder.iterdir() if p.is_dir()}
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"the data folder {self.root} cannot be created: {exc}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"the data folder {self.root} is not writable")
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

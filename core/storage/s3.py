@@ -26,6 +26,8 @@ from core.settings import ConfigError, Settings
 from core.storage.base import ObjectInfo, Writer
 from core.storage.errors import ObjectMissing, StorageUnavailable
 
+READY_PROBE = ".nucseg-ready"  # a key that need not exist: a HEAD that gets an answer proves the store up
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PART_BYTES = 8 << 20  # multipart part size (S3's minimum is 5 MiB)
@@ -131,6 +133,10 @@ class S3Storage:
     def _list(self, prefix: str) -> list[Any]:
         return _call("list", prefix, lambda: list(obstore.list(self.store, prefix.rstrip("/") + "/",
                                                                 chunk_size=1000)))
+
+    def check(self) -> None:
+        with suppress(ObjectMissing):  # an answer is all we ask for
+            self.head(READY_PROBE)
 
     def local_path(self, key: str) -> Path | None:
         return None

@@ -125,6 +125,9 @@ def test_a_store_that_is_down_is_503_at_the_api_and_retried_at_the_worker(hosts:
         assert "uploads/" in upload.json()["error"]["message"] and "http" not in upload.json()["error"]["message"]
         result = hosts.client.get(f"/v1/jobs/{done['id']}/results/stats.json")
         assert result.status_code == 503 and result.json()["error"]["code"] == "storage_unavailable"
+        ready = hosts.client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "storage_unavailable", ready.text
+        assert "http" not in ready.json()["error"]["message"] and ready.headers["retry-after"] == "5"
         # a slide under the slide root needs no store to submit; its results do, so the job waits
         resp = hosts.submit_path("cases/tile.png", options=FAST)
         assert resp.status_code == 202, resp.text
@@ -136,6 +139,7 @@ def test_a_store_that_is_down_is_503_at_the_api_and_retried_at_the_worker(hosts:
         assert f"job {job_id}: transient error storage_unavailable" in logs
     finally:
         s3.start()
+    wait_until(lambda: hosts.client.get("/readyz").status_code == 200, 60, "ready again once the store is back")
     job = hosts.wait(job_id, timeout_s=180)
     assert job["status"] == "succeeded" and job["retries"] >= 1
     assert hosts.client.get(f"/v1/jobs/{job_id}/results/stats.json").status_code == 200
