@@ -84,7 +84,7 @@ compose-base:
 	@case "$(COMPOSE_FILE)" in *compose.local.yml*) scripts/docker_base.sh ;; esac
 
 compose-build: compose-base
-	$(COMPOSE) build api worker
+	$(COMPOSE) build s3 api worker
 
 compose-up: compose-build
 	@test -f "$${NUCSEG_TENANTS:-config/tenants.json}" || { echo "no tenants file: put 'nucseg keys new TENANT' entries in config/tenants.json (see config/tenants.example.json)" >&2; exit 2; }

@@ -14,7 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 DOCKERFILES = ("Dockerfile.api", "Dockerfile.worker")
-LINTED = (*DOCKERFILES, "docker/redis.Dockerfile")
+LINTED = (*DOCKERFILES, "docker/redis.Dockerfile", "docker/seaweedfs.Dockerfile")
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def _health(service: dict[str, Any]) -> str:
 
 def test_services_and_profiles(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "api", "worker", "worker-gpu"}
+    assert set(services) == {"redis", "s3", "api", "worker", "worker-gpu"}
     assert services["worker-gpu"]["profiles"] == ["gpu"]
-    assert all("profiles" not in services[name] for name in ("redis", "api", "worker"))
+    assert all("profiles" not in services[name] for name in ("redis", "s3", "api", "worker"))
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
@@ -60,17 +60,24 @@ def test_commands_and_queues(compose: dict[str, Any]) -> None:
         env = services[name]["environment"]
         assert env["NUCSEG_REDIS_URL"] == "redis://redis:6379/0" and env["NUCSEG_DATA_DIR"] == "/data"
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert services[name]["depends_on"]["s3"]["condition"] == "service_healthy"
     assert services["api"]["ports"] == ["127.0.0.1:${NUCSEG_API_PORT:-8000}:8000"]
     assert "TORCH_INDEX_URL" in services["worker-gpu"]["build"]["args"]
     assert "cu" in services["worker-gpu"]["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[1]
 
 
-def test_shared_data_volume_and_read_only_slides(compose: dict[str, Any]) -> None:
+def test_the_store_is_the_s3_service_and_no_disk_is_shared(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert "data" in compose["volumes"]
+    s3 = services["s3"]
+    assert s3["build"]["dockerfile"] == "docker/seaweedfs.Dockerfile" and "ports" not in s3  # network only
+    assert "s3-data:/data" in s3["volumes"] and set(compose["volumes"]) == {"s3-data", "redis-data"}
     for name in ("api", "worker", "worker-gpu"):
-        volumes = services[name]["volumes"]
-        assert "data:/data" in volumes
+        env, volumes = services[name]["environment"], services[name]["volumes"]
+        assert env["NUCSEG_STORAGE_URL"].endswith("s3://nucseg/jobs}")
+        assert env["NUCSEG_S3_ENDPOINT_URL"].endswith("http://s3:8333}")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == s3["environment"][key]  # the same keys on both sides
+        assert not any(v.split(":")[1] == "/data" for v in volumes)  # scratch is the container's own
         assert any(v.endswith(":/slides:ro") for v in volumes)
 
 
