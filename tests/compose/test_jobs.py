@@ -48,11 +48,13 @@ def _nuclei(path: Path) -> list[dict[str, Any]]:
 
 
 def _stats(path: Path) -> dict[str, Any]:
-    """stats.json without timings, start time, library versions and the slide's stored file name."""
+    """stats.json without timings, start time, library versions, the slide's stored file name and how
+    many processes post-processed the nuclei (a pool locally, none in a Celery prefork pool process)."""
     stats = json.loads(path.read_text())
     for key in ("timings_s", "started_at", "versions"):
         stats.pop(key)
-    stats["nuclei"].pop("timings")
+    for key in ("timings", "workers"):
+        stats["nuclei"].pop(key)
     stats["slide"].pop("name")
     return dict(stats)
 
