@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 import numpy as np
+
+from model.partial import PartialFile
 
 _HEADER = '{"type":"FeatureCollection","features":[\n'
 _FOOTER = "\n]}\n"
@@ -38,13 +38,12 @@ class GeoJSONWriter:
     """Writes detection Features one at a time; use as a context manager or call ``close()``."""
 
     def __init__(self, path: str | Path, *, id_prefix: uuid.UUID | None = None) -> None:
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._file = PartialFile(path, "w")
+        self.path, self.partial = self._file.path, self._file.partial
         self.count = 0
         base = (id_prefix or uuid.uuid4()).int
         self._id_base = base & ~((1 << _COUNTER_BITS) - 1)
-        self._fh: IO[str] | None = self.partial.open("w", encoding="utf-8")
-        self._fh.write(_HEADER)
+        self._write(_HEADER)
 
     def write_detection(
         self,
@@ -54,7 +53,7 @@ class GeoJSONWriter:
         measurements: Mapping[str, float],
     ) -> str:
         """Append one detection with exterior ``ring`` (``(k, 2)`` x, y; closed); returns its id."""
-        if self._fh is None:
+        if self._file.fh is None:
             raise ValueError(f"GeoJSON writer for {str(self.path)!r} is already closed")
         if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 4:
             raise ValueError(f"ring must be (k >= 4, 2) x, y coordinates, got shape {ring.shape}")
@@ -69,28 +68,26 @@ class GeoJSONWriter:
             separators=(",", ":"),
         )
         sep = ",\n" if self.count else ""
-        self._fh.write(
+        self._write(
             f'{sep}{{"type":"Feature","id":"{fid}","geometry":{{"type":"Polygon","coordinates":[{coords}]}},'
             f'"properties":{props}}}'
         )
         self.count += 1
         return fid
 
+    def _write(self, text: str) -> None:
+        assert self._file.fh is not None
+        self._file.fh.write(text)
+
     def close(self) -> None:
         """Finish the collection and move it into place."""
-        if self._fh is None:
-            return
-        self._fh.write(_FOOTER)
-        self._fh.close()
-        self._fh = None
-        os.replace(self.partial, self.path)
+        if self._file.fh is not None:
+            self._write(_FOOTER)
+            self._file.commit()
 
     def abort(self) -> None:
         """Drop the partial file."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self.partial.unlink(missing_ok=True)
+        self._file.abort()
 
     def __enter__(self) -> GeoJSONWriter:
         return self

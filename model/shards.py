@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import time
 import zlib
@@ -44,6 +43,7 @@ from model.errors import ShardError
 from model.maps import ClassMapSink
 from model.nuclei import NucleusSink
 from model.options import STATS_FILE, EngineOptions, Stats, result_files
+from model.partial import PartialFile, write_whole
 from model.pipeline import build_sinks, build_stats, sink_options
 from model.postprocess import BlockNuclei
 from model.readers import SlideReader
@@ -53,7 +53,6 @@ FORMAT = 1
 MARKER = "shard.json"
 CLASSES = "classes.rec"
 NUCLEI = "nuclei.rec"
-PARTIAL = ".partial"
 _LEN = struct.Struct("<Q")
 _COUNTERS = ("tiles_run", "tiles_reused", "tiles_skipped", "tiles_shared", "blocks_skipped")
 _UNCHECKED_OPTIONS = ("workers", "tile_cache_mb")  # change neither pixels nor nuclei
@@ -114,7 +113,7 @@ def run_shard(reader: SlideReader, part_dir: Path, model: LoadedModel, options: 
         "timings": report.timings,
         "files": {name: _digest(part_dir / name) for name in _part_files(outputs)},
     }
-    _write_atomic(part_dir / MARKER, json.dumps(marker, indent=1).encode())
+    write_whole(part_dir / MARKER, json.dumps(marker, indent=1).encode())
 
 
 def merge_shards(reader: SlideReader, part_dirs: Sequence[Path], out_dir: Path, model: LoadedModel,
@@ -139,7 +138,7 @@ def merge_shards(reader: SlideReader, part_dirs: Sequence[Path], out_dir: Path, 
     report.clock("merge", time.perf_counter() - t0)
     stats = build_stats(reader, model, options, report, outputs, started)
     stats["shards"] = {"count": len(markers), "tiles_recomputed": report.tiles_shared}
-    _write_atomic(out_dir / STATS_FILE, json.dumps(stats, indent=2).encode())
+    write_whole(out_dir / STATS_FILE, json.dumps(stats, indent=2).encode())
     return stats
 
 
@@ -150,31 +149,25 @@ class _Records:
     """Appends records to ``<path>.partial``; ``close`` renames it to ``path``, ``abort`` removes it."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.partial = path, path.with_name(path.name + PARTIAL)
         path.unlink(missing_ok=True)
-        self._fh: IO[bytes] | None = self.partial.open("wb")
+        self._file = PartialFile(path)
 
     def write(self, index: int, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        assert self._fh is not None
+        fh = self._file.fh
+        assert fh is not None
         payloads = [zlib.compress(np.ascontiguousarray(a).tobytes(), 1) for a in arrays.values()]
         specs = [[name, a.dtype.str, list(a.shape), len(p)] for (name, a), p in zip(arrays.items(), payloads,
                                                                                      strict=True)]
         header = json.dumps({"index": index, "meta": meta, "arrays": specs}, separators=(",", ":")).encode()
-        self._fh.write(_LEN.pack(len(header)) + header)
+        fh.write(_LEN.pack(len(header)) + header)
         for payload in payloads:
-            self._fh.write(payload)
+            fh.write(payload)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-            os.replace(self.partial, self.path)
+        self._file.commit()
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self.partial.unlink(missing_ok=True)
+        self._file.abort()
 
 
 class _ClassRecorder:
@@ -258,12 +251,6 @@ def _part_files(outputs: frozenset[str]) -> list[str]:
 def _digest(path: Path) -> dict[str, Any]:
     with path.open("rb") as fh:
         return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- replay (merge_shards)
