@@ -102,9 +102,8 @@ class ShardRunner:
         return {**summary, "status": self._hand_on(record, key)}
 
     def _execute(self, record: JobRecord, state: ShardState, lease: LeaseKeeper) -> str:
-        from model.shards import run_shard as run_blocks
-
         from model.readers import open_slide
+        from model.shards import run_shard as run_blocks
 
         model = get_model(self.settings.model, self.settings.model_sha256)
         slide = job_slide(self.settings, record, lease.lost.is_set)
