@@ -23,16 +23,16 @@ def _running_inference(client: Client, job_id: str) -> bool:
 def test_worker_restart_mid_job_redelivers_it(compose: ComposeStack, client: Client, cmu_job: SlideJob,
                                               tmp_path: Path) -> None:
     """Killed at once by the restart (Celery's warm shutdown would let this short job finish first),
-    the worker's job is taken back and run again to success, with the same masks. Blocks of 64 px
-    (the masks do not depend on the block size) keep it inside its blocks long enough to be caught
-    there."""
-    job = client.submit(sample(SLIDE), options={**OPTIONS, "block_size": 64}, progress=False)
+    the worker's job is taken back and run again to success, with the same masks. Blocks of 96 px
+    (the masks do not depend on the block size) keep it inside its 48 blocks long enough to be caught
+    there; that is under ``NUCSEG_SHARD_MIN_BLOCKS`` (64), so it runs as one job, not as shards."""
+    job = client.submit(sample(SLIDE), options={**OPTIONS, "block_size": 96}, progress=False)
     wait_until(lambda: _running_inference(client, job.id), 300, "job running inference", interval_s=0.2)
     compose.run("restart", "-t", "0", "worker")
     job.wait(timeout=900)
     # run twice: taken back by the recovery sweep (redeliveries) or, when the restarted worker got the
     # message back first, from the dead process of its own name (attempts); either way a second claim
-    assert job.status == "succeeded" and job.data["attempts"] >= 2, job.data
+    assert job.status == "succeeded" and job.data["attempts"] >= 2 and job.data["shards"] is None, job.data
     mask = job.download("semantic.png", tmp_path / "semantic.png")
     assert mask.read_bytes() == (cmu_job.results / "semantic.png").read_bytes()
 

@@ -187,6 +187,9 @@ class Stack:
             "NUCSEG_SWEEP_INTERVAL_S": "1",
             "NUCSEG_PROGRESS_INTERVAL_S": "0",
             "NUCSEG_RETRY_BACKOFF_S": "1",
+            # Tests use small blocks for fine progress: a 512² image in 64 px blocks would be sharded.
+            # tests/service/test_sharding.py turns sharding on for its own stack.
+            "NUCSEG_SHARD_MIN_BLOCKS": "0",
             "NUCSEG_TENANTS": json.dumps({t: {"keys": [hash_api_key(k)],
                                               "webhook_secret": WEBHOOK_SECRETS[t]} for t, k in KEYS.items()}),
             "NUCSEG_SUBMIT_BURST": "100000",  # limits are tested on their own tenants
