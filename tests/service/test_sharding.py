@@ -172,3 +172,21 @@ def test_a_cancel_reaches_every_running_shard(hosts: Stack, s3: S3Server) -> Non
     wait_until(lambda: not [m for b in obstore.list(s3.client(), f"{PREFIX}/shards/{job_id}/") for m in b], 30,
                "the cancelled job's shard parts removed")
     hosts.run_good_job()  # the workers are free again
+
+
+def test_a_store_down_mid_job_makes_shards_wait_then_the_job_succeeds(
+        hosts: Stack, s3: S3Server, single_run: Path, tmp_path: Path) -> None:
+    job_id = _submit(hosts)
+    wait_until(lambda: any(s["status"] == "running" for s in hosts.job(job_id).get("shards") or []), 300,
+               "a shard running")
+    s3.stop()
+    try:
+        wait_until(lambda: any(s.retries >= 1 for s in _shards(hosts).states(job_id)), 180,
+                   "a shard's upload failed and the shard was put back to wait")
+        waiting = hosts.job(job_id)
+        assert waiting["status"] == "running" and waiting["results"] is None
+    finally:
+        s3.start()
+    job = hosts.wait(job_id, timeout_s=600)
+    assert job["status"] == "succeeded", job
+    assert_same_results(_download(hosts, job, tmp_path / "merged"), single_run)
