@@ -56,6 +56,7 @@ class ShardState(BaseModel):
     redeliveries: int = 0
     completions: int = 0
     key: str | None = None
+    sent_at: float = 0.0  # when its message was last sent (the sweep resends one lost before it ran)
 
     @property
     def size(self) -> int:

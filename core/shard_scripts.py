@@ -28,7 +28,11 @@ redis.call('DEL', KEYS[14])
 local send = {}
 for i = 5, #ARGV do
   local s = cjson.decode(ARGV[i])
-  if #send < tonumber(ARGV[3]) then s.status = 'queued'; table.insert(send, s.index) else s.status = 'pending' end
+  if #send < tonumber(ARGV[3]) then
+    s.status = 'queued'; s.sent_at = tonumber(ARGV[4]); table.insert(send, s.index)
+  else
+    s.status = 'pending'
+  end
   save(s)
 end
 redis.call('HSET', KEYS[1], 'shards_total', #ARGV - 4, 'shards_done', 0, 'blocks_total', ARGV[2],
@@ -95,7 +99,7 @@ for _, raw in ipairs(redis.call('HVALS', KEYS[14])) do
   if o.status == 'pending' and (next == nil or o.index < next.index) then next = o end
 end
 if next == nil then return {'wait', -1} end
-next.status = 'queued'
+next.status = 'queued'; next.sent_at = tonumber(ARGV[4])
 save(next)
 return {'next', next.index}
 """
@@ -111,11 +115,12 @@ if sharded() then stop(ARGV[3], ARGV[4], ARGV[5], ARGV[6]) end
 return 1
 """
 
-# ARGV: index, token. A transient failure: the shard goes back to ``queued``; returns its retries so far.
+# ARGV: index, token, when its retry message is due. A transient failure: the shard goes back to
+# ``queued``; returns its retries so far.
 RETRY = """
 if not holds(ARGV[2]) then return -1 end
 local s = shard(ARGV[1])
-s.status = 'queued'; s.retries = s.retries + 1
+s.status = 'queued'; s.retries = s.retries + 1; s.sent_at = tonumber(ARGV[3])
 save(s)
 redis.call('DEL', KEYS[9])
 return s.retries
@@ -136,10 +141,21 @@ if s.redeliveries >= tonumber(ARGV[2]) then
   stop('failed', ARGV[3], 'error', ARGV[4])
   return 'failed'
 end
-s.status = 'queued'; s.redeliveries = s.redeliveries + 1
+s.status = 'queued'; s.redeliveries = s.redeliveries + 1; s.sent_at = tonumber(ARGV[3])
 save(s)
 return 'requeued'
 """
 
+# ARGV: index, now, grace_s. A queued shard whose message went out over ``grace_s`` ago and never
+# ran (lost with the worker that was sending it): returns 1 and restarts its clock, to send it again.
+RESEND = """
+if not sharded() then return 0 end
+local s = shard(ARGV[1])
+if not s or s.status ~= 'queued' or s.sent_at > tonumber(ARGV[2]) - tonumber(ARGV[3]) then return 0 end
+s.sent_at = tonumber(ARGV[2])
+save(s)
+return 1
+"""
+
 SHARD_SCRIPTS = {"start": START, "claim": CLAIM, "renew": RENEW, "progress": PROGRESS, "done": DONE,
-                 "end": END, "retry": RETRY, "recover": RECOVER}
+                 "end": END, "retry": RETRY, "recover": RECOVER, "resend": RESEND}

@@ -82,9 +82,10 @@ class ShardStore:
         progress = Progress(stage="cancelled").model_dump_json()
         return bool(self._run("end", job_id, index, [index, token, "cancelled", now(), "progress", progress]))
 
-    def retry(self, job_id: str, index: int, token: str) -> int:
-        """Back to ``queued`` after a transient failure; the shard's retries so far (-1: not held)."""
-        return int(self._run("retry", job_id, index, [index, token]))
+    def retry(self, job_id: str, index: int, token: str, delay_s: float) -> int:
+        """Back to ``queued`` after a transient failure, its message due in ``delay_s``; the shard's
+        retries so far (-1: not held)."""
+        return int(self._run("retry", job_id, index, [index, token, now() + delay_s]))
 
     def recover(self, job_id: str, index: int, *, max_redeliveries: int) -> str:
         """A running shard whose lease expired: ``requeued``, ``failed`` (too many), ``cancelled`` or ``skip``."""
@@ -105,6 +106,11 @@ class ShardStore:
         for index in running:
             pipe.exists(Keys.shard_lease(job_id, index))
         return [i for i, alive in zip(running, pipe.execute(), strict=True) if not alive]
+
+    def unsent(self, job_id: str, grace_s: float) -> list[int]:
+        """Queued shards whose message went out ``grace_s`` ago and never ran; their clocks restart."""
+        queued = [s.index for s in self.states(job_id) if s.status == "queued"]
+        return [i for i in queued if self._run("resend", job_id, i, [i, now(), grace_s])]
 
     def merge_overdue(self, job_id: str, grace_s: float) -> bool:
         """True (and the clock restarted) when every shard is done, ``grace_s`` ago, and no merge has

@@ -27,6 +27,7 @@ from worker.resources import process_store
 from worker.results import remove_partials
 
 log = logging.getLogger(__name__)
+UNSENT_GRACES = 4
 
 
 def recover_orphans(app: Celery, store: JobStore, settings: Settings) -> list[Orphan]:
@@ -71,6 +72,11 @@ def recover_shards(app: Celery, store: JobStore, settings: Settings) -> None:
             if action in ("failed", "cancelled") and record is not None:
                 discard_upload(settings, record)
                 open_storage(settings).delete_prefix(shard_prefix(job_id))
+        # a shard may wait long in a busy queue: resent after four graces (9 min at the defaults), and a
+        # duplicate is dropped by the claim
+        for index in shards.unsent(job_id, UNSENT_GRACES * grace):
+            log.warning("job %s: shard %d was queued long ago and never ran; sending it again", job_id, index)
+            send_shard(app, job_id, index, queue)
         if shards.merge_overdue(job_id, grace):
             log.warning("job %s: its shards are done but no merge started; sending it again", job_id)
             send_job(app, job_id, queue)

@@ -140,8 +140,9 @@ class ShardRunner:
                     "transient" if transient else "permanent", error.code, error.message,
                     exc_info=not isinstance(exc, NucsegError))
         if transient and state.retries < self.settings.max_retries:
-            if self.shards.retry(self.job_id, self.index, self.token) >= 0:
-                raise RetryableError(error, retry_delay(self.settings, state.retries)) from exc
+            delay = retry_delay(self.settings, state.retries)
+            if self.shards.retry(self.job_id, self.index, self.token, delay) >= 0:
+                raise RetryableError(error, delay) from exc
             return "lost"
         if self.shards.fail(self.job_id, self.index, self.token, error):
             self._ended(record)

@@ -134,9 +134,20 @@ def test_a_shard_whose_worker_died_is_requeued_then_given_up(shards: ShardStore)
 def test_a_transient_failure_puts_the_shard_back(shards: ShardStore) -> None:
     job_id, _ = _started(shards)
     _, token = _claim(shards, job_id, 0)
-    assert shards.retry(job_id, 0, token) == 1
-    assert shards.retry(job_id, 0, token) == -1
+    assert shards.retry(job_id, 0, token, 5.0) == 1
+    assert shards.retry(job_id, 0, token, 5.0) == -1
+    assert shards.unsent(job_id, grace_s=0) == [1]  # shard 0's message is not due yet; shard 1 waits
     assert _claim(shards, job_id, 0)[0] == "claimed"
+
+
+def test_a_shard_whose_message_was_lost_before_it_ran_is_sent_again(shards: ShardStore) -> None:
+    job_id, sent = _started(shards, parallel=2)
+    assert shards.unsent(job_id, grace_s=60) == []  # just sent
+    assert shards.unsent(job_id, grace_s=0) == sent
+    assert shards.unsent(job_id, grace_s=60) == []  # the clocks restarted
+    _claim(shards, job_id, 0)
+    time.sleep(0.01)
+    assert shards.unsent(job_id, grace_s=0) == [1]  # a running shard is the sweep's other concern
 
 
 def test_a_lost_merge_message_is_noticed(shards: ShardStore) -> None:
