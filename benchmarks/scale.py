@@ -44,12 +44,13 @@ from benchmarks.common import machine
 from benchmarks.postprocess import RAW
 from cli.processes import stop_group
 from cli.redis_server import start_redis
-from core.keys import Keys
 from core.redis_client import connect
+from core.shards import ShardStore
+from core.store import JobStore
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.network import TwoHeadUnet
-from tests.helpers.service_stack import free_port, png_bytes, wait_http
+from tests.helpers.service_stack import FAST, free_port, png_bytes, wait_http
 from tests.helpers.synthetic import write_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ class Service:
 
     def submit_upload(self, content: bytes) -> str:
         resp = self.client.post("/v1/jobs", files={"file": ("small.png", content, "image/png")},
-                                data={"options": json.dumps({"tile_size": 64, "overlap": 0, "outputs": ["masks"]})})
+                                data={"options": json.dumps(FAST)})
         resp.raise_for_status()
         return str(resp.json()["id"])
 
@@ -161,8 +162,7 @@ class Service:
         raise TimeoutError(f"job {job_id} did not finish in {timeout_s} s")
 
     def shards_done_at(self, job_id: str) -> float | None:
-        value = connect(self.env["NUCSEG_REDIS_URL"]).hget(Keys.job(job_id), "shards_done_at")
-        return float(value) if value else None
+        return ShardStore(JobStore(connect(self.env["NUCSEG_REDIS_URL"]))).all_done_at(job_id)
 
 
 @contextmanager

@@ -32,10 +32,18 @@ def shard_prefix(job_id: str) -> str:
     return f"{SHARDS_FOLDER}/{job_id}"
 
 
-def discard_upload(settings: Settings, record: JobRecord) -> None:
-    """Remove the upload of a failed or cancelled job, unless ``keep_failed_uploads`` is set."""
+def discard_ended(settings: Settings, record: JobRecord) -> None:
+    """Remove what a failed or cancelled job no longer needs: its upload (unless
+    ``keep_failed_uploads`` is set) and, for a sharded job, its shards' parts."""
     if record.upload_dir and not settings.keep_failed_uploads:
         open_storage(settings).delete_prefix(record.upload_dir)
+    if record.shards:
+        discard_shard_parts(settings, record.id)
+
+
+def discard_shard_parts(settings: Settings, job_id: str) -> None:
+    """Remove a sharded job's shard parts (merged, or of a job that ended)."""
+    open_storage(settings).delete_prefix(shard_prefix(job_id))
 
 
 def remove_job_files(settings: Settings, record: JobRecord) -> None:

@@ -23,6 +23,8 @@ from core.scripts import PRELUDE
 from core.shard_scripts import SHARD_PRELUDE, SHARD_SCRIPTS
 from core.store import JobStore, milliseconds
 
+DONE_AT = "shards_done_at"  # job field: when the last shard finished (set by the DONE script)
+
 
 @dataclass(frozen=True)
 class ShardOutcome:
@@ -112,15 +114,18 @@ class ShardStore:
         queued = [s.index for s in self.states(job_id) if s.status == "queued"]
         return [i for i in queued if self._run("resend", job_id, i, [i, now(), grace_s])]
 
+    def all_done_at(self, job_id: str) -> float | None:
+        """When the job's last shard finished (None until every shard has; the sweep may move it)."""
+        total, done, at = decode(self.r.hmget(Keys.job(job_id), "shards_total", "shards_done", DONE_AT))
+        return float(at) if total and total == done and at else None
+
     def merge_overdue(self, job_id: str, grace_s: float) -> bool:
         """True (and the clock restarted) when every shard is done, ``grace_s`` ago, and no merge has
         claimed the job: the merge message was probably lost with its worker."""
-        total, done, at = decode(self.r.hmget(Keys.job(job_id), "shards_total", "shards_done", "shards_done_at"))
-        if not total or total != done or not at or float(at) > now() - grace_s:
+        at = self.all_done_at(job_id)
+        if at is None or at > now() - grace_s or decode(self.r.get(Keys.lease(job_id))) != SHARDS_HOLDER:
             return False
-        if decode(self.r.get(Keys.lease(job_id))) != SHARDS_HOLDER:
-            return False
-        self.r.hset(Keys.job(job_id), "shards_done_at", now())
+        self.r.hset(Keys.job(job_id), DONE_AT, now())
         return True
 
     def states(self, job_id: str) -> list[ShardState]:

@@ -23,7 +23,6 @@ zlib-compressed. No pickle anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import time
@@ -37,7 +36,7 @@ from typing import IO, Any
 import numpy as np
 
 from model.analysis import make_view
-from model.checkpoint import LoadedModel
+from model.checkpoint import LoadedModel, sha256_file
 from model.engine import BlockResult, Engine, RunContext, RunReport, new_report, run_context
 from model.errors import ShardError
 from model.maps import ClassMapSink
@@ -244,13 +243,17 @@ def _nuclei_result(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Block
                        arrays["confidence"], int(meta["oversized"]), dict(meta["timings"]))
 
 
+def part_names(marker: bytes) -> list[str]:
+    """The files of a shard part, from its marker's bytes (the marker itself last)."""
+    return [*json.loads(marker)["files"], MARKER]
+
+
 def _part_files(outputs: frozenset[str]) -> list[str]:
     return [CLASSES, NUCLEI] if "nuclei" in outputs else [CLASSES]
 
 
 def _digest(path: Path) -> dict[str, Any]:
-    with path.open("rb") as fh:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # ---------------------------------------------------------------- replay (merge_shards)

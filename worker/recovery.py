@@ -17,11 +17,10 @@ from typing import Any
 from celery import Celery
 
 from core.celery_app import send_job, send_shard
-from core.retention import discard_upload, shard_prefix
+from core.retention import discard_ended
 from core.retention import sweep as sweep_retention
 from core.settings import Settings, get_settings
 from core.shards import ShardStore
-from core.storage import open_storage
 from core.store import JobStore, Orphan
 from worker.resources import process_store
 from worker.results import remove_partials
@@ -43,7 +42,7 @@ def recover_orphans(app: Celery, store: JobStore, settings: Settings) -> list[Or
         else:
             remove_partials(settings, job_id)
             if (record := store.get(job_id)) is not None:
-                discard_upload(settings, record)
+                discard_ended(settings, record)
             log.warning("job %s: its worker is gone; %s", job_id, orphan.action)
         handled.append(orphan)
     recover_shards(app, store, settings)
@@ -70,8 +69,7 @@ def recover_shards(app: Celery, store: JobStore, settings: Settings) -> None:
             if action != "skip":
                 log.warning("job %s: the worker of shard %d is gone; %s", job_id, index, action)
             if action in ("failed", "cancelled") and record is not None:
-                discard_upload(settings, record)
-                open_storage(settings).delete_prefix(shard_prefix(job_id))
+                discard_ended(settings, record)
         # a shard may wait long in a busy queue: resent after four graces (9 min at the defaults), and a
         # duplicate is dropped by the claim
         for index in shards.unsent(job_id, UNSENT_GRACES * grace):

@@ -4,7 +4,7 @@ A job whose slide has at least ``shard_min_blocks`` blocks is cut into ranges of
 (``shard_blocks`` each; ``model.shards.shard_plan``). Every shard is a task on the job's queue that
 any worker may run: it claims its shard (``core.shards``), fetches the slide into its own cache,
 runs the engine over its blocks (``model.shards.run_shard``) and uploads the parts to
-``shards/<job>/<index>/<attempt>/`` in the store, ``manifest.json`` last. Shards recompute the tiles
+``shards/<job>/<index>/<attempt>/`` in the store, its marker (which names the files) last. Shards recompute the tiles
 on their borders rather than share them: a shard needs nothing from another, so any worker on any
 host runs any shard, at the cost of about one tile row per border. The merge is the job task again
 (``worker.tasks``): it fetches every shard's parts and replays them through the sinks
@@ -13,7 +13,6 @@ host runs any shard, at the cost of about one tile row per border. The merge is 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from core.celery_app import TASK_RUN_SHARD, send_job, send_shard
 from core.leases import LeaseKeeper, new_token
 from core.records import JobRecord, ShardState
-from core.retention import discard_upload, shard_prefix
+from core.retention import discard_ended, shard_prefix
 from core.settings import Settings, get_settings
 from core.shards import ShardStore
 from core.storage import Storage, open_storage
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
     from model.readers import SlideReader
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 
 
 class ShardMessage(BaseModel):
@@ -74,7 +72,7 @@ class ShardRunner:
         self.shards = ShardStore(process_store(settings))
         self.token = new_token(worker)
         self.attempt = self.token.replace(":", "_")
-        self.scratch = settings.cache_dir / "shards" / f"{job_id}.{index}.{self.attempt}"
+        self.scratch = shard_scratch(settings) / f"{job_id}.{index}.{self.attempt}"
         self._stop = False
 
     def run(self) -> dict[str, Any]:
@@ -84,22 +82,24 @@ class ShardRunner:
         record = self.shards.store.get(self.job_id)
         if outcome != "claimed" or record is None or record.shards is None:
             if outcome == "cancelled" and record is not None:
-                self._ended(record)
+                discard_ended(self.settings, record)
             return {**summary, "skipped": outcome}
         state = record.shards[self.index]
-        renew = lambda: self.shards.renew(self.job_id, self.index, self.token, self.settings.lease_ttl_s)  # noqa: E731
-        with LeaseKeeper(self.shards.store, self.job_id, self.token, self.settings.lease_ttl_s, renew) as lease:
+        with LeaseKeeper(self.shards.store, self.job_id, self.token, self.settings.lease_ttl_s, self._renew) as lease:
             try:
                 key = self._execute(record, state, lease)
             except CancelledError as exc:
                 if not lease.lost.is_set() and self.shards.cancel(self.job_id, self.index, self.token):
-                    self._ended(record)
+                    discard_ended(self.settings, record)
                 return {**summary, "status": "stopped", "note": str(exc)}
             except Exception as exc:
                 return {**summary, "status": self._failed(record, state, exc)}
             finally:
                 shutil.rmtree(self.scratch, ignore_errors=True)
         return {**summary, "status": self._hand_on(record, key)}
+
+    def _renew(self) -> bool:
+        return self.shards.renew(self.job_id, self.index, self.token, self.settings.lease_ttl_s)
 
     def _execute(self, record: JobRecord, state: ShardState, lease: LeaseKeeper) -> str:
         from model.readers import open_slide
@@ -145,13 +145,8 @@ class ShardRunner:
                 raise RetryableError(error, delay) from exc
             return "lost"
         if self.shards.fail(self.job_id, self.index, self.token, error):
-            self._ended(record)
+            discard_ended(self.settings, record)
         return "failed"
-
-    def _ended(self, record: JobRecord) -> None:
-        """The job ended through this shard (failed or cancelled): drop what it no longer needs."""
-        discard_upload(self.settings, record)
-        open_storage(self.settings).delete_prefix(shard_prefix(self.job_id))
 
 
 def shard_ranges(settings: Settings, reader: SlideReader, model: LoadedModel, options: EngineOptions,
@@ -167,30 +162,34 @@ def shard_ranges(settings: Settings, reader: SlideReader, model: LoadedModel, op
     return plan.shards
 
 
+def shard_scratch(settings: Settings) -> Path:
+    """This worker's local folder for shard parts: written by shards, fetched for merges."""
+    return settings.cache_dir / "shards"
+
+
 def upload_parts(storage: Storage, folder: Path, key: str) -> None:
-    """Every file of ``folder`` under ``key/``, then the manifest that says they are all there."""
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    for path in files:
+    """A shard's part files under ``key/``; its marker (``model.shards.MARKER``) last."""
+    from model.shards import MARKER
+
+    for path in sorted(folder.iterdir(), key=lambda p: (p.name == MARKER, p.name)):
         storage.put_file(f"{key}/{path.name}", path)
-    manifest = {p.name: p.stat().st_size for p in files}
-    local = folder / MANIFEST
-    local.write_text(json.dumps(manifest))
-    storage.put_file(f"{key}/{MANIFEST}", local)
 
 
 def fetch_parts(storage: Storage, shards: Sequence[ShardState], dest: Path,
                 should_stop: Callable[[], bool]) -> list[Path]:
-    """Each shard's parts as a local folder, in shard order (the store's own files where it is local)."""
+    """Each shard's parts as a local folder, in shard order (the store's own files where it is local);
+    the marker of each names its files."""
+    from model.shards import MARKER, part_names
+
     folders = []
     for state in shards:
         if state.key is None:
             raise RuntimeError(f"shard {state.index} is {state.status}, with no parts to merge")
-        manifest: dict[str, int] = json.loads(storage.read(f"{state.key}/{MANIFEST}"))
         local = storage.local_path(state.key)
         if local is None:
             local = dest / str(state.index)
             local.mkdir(parents=True, exist_ok=True)
-            for name in manifest:
+            for name in part_names(storage.read(f"{state.key}/{MARKER}")):
                 if should_stop():
                     raise CancelledError("stopped while fetching the shards' parts")
                 storage.download(f"{state.key}/{name}", local / name)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from core.celery_app import TASK_RUN_JOB, send_shard
 from core.leases import LeaseKeeper, Throttle, dead_local_owner, new_token
 from core.records import JobError, JobRecord, Progress, Status
-from core.retention import discard_upload, shard_prefix
+from core.retention import discard_ended, discard_shard_parts
 from core.settings import Settings, get_settings
 from core.shards import ShardStore
 from core.storage import open_storage
@@ -47,14 +47,14 @@ from worker.failures import RetryableError, classify_failure, redact, retry_dela
 from worker.recovery import sweep_forever
 from worker.resources import get_model, process_store
 from worker.results import publish_results, remove_partials, slide_facts, write_job_json
-from worker.shards import fetch_parts, shard_ranges
+from worker.shards import fetch_parts, shard_ranges, shard_scratch
 from worker.slides import job_slide, stored_slide
+from worker.webhooks import dispatch_forever
 
 if TYPE_CHECKING:
     from model.checkpoint import LoadedModel
     from model.options import EngineOptions
     from model.readers import SlideReader
-from worker.webhooks import dispatch_forever
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class JobRunner:
         if outcome != "claimed":
             log.info("job %s: not running it (%s)", self.job_id, outcome)
             if outcome == "cancelled" and (cancelled := self.store.get(self.job_id)) is not None:
-                discard_upload(self.settings, cancelled)
+                discard_ended(self.settings, cancelled)
             return {"job_id": self.job_id, "skipped": outcome}
         record = self.store.get(self.job_id)
         assert record is not None
@@ -217,7 +217,7 @@ class JobRunner:
 
         assert record.shards is not None
         self._progress("merging")
-        scratch = self.settings.cache_dir / "shards"
+        scratch = shard_scratch(self.settings)
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             parts = fetch_parts(open_storage(self.settings), record.shards, Path(tmp), lease.lost.is_set)
@@ -240,7 +240,7 @@ class JobRunner:
             return {"job_id": self.job_id, "status": "lost"}
         self._observe("succeeded", started, finished, stats["tiles"]["run"])
         if record.shards:
-            open_storage(self.settings).delete_prefix(shard_prefix(self.job_id))
+            discard_shard_parts(self.settings, self.job_id)
         return {"job_id": self.job_id, "status": "succeeded", "results": [r["name"] for r in results]}
 
     def _end(self, record: JobRecord, status: Status, started: float, *, stage: str,
@@ -254,9 +254,7 @@ class JobRunner:
             progress = current.progress.model_copy(update={"stage": stage})
         if self.store.finish(self.job_id, self.token, status, error=error, progress=progress):
             self._observe(status, started, time.time(), 0)
-            discard_upload(self.settings, record)
-            if record.shards:
-                open_storage(self.settings).delete_prefix(shard_prefix(self.job_id))
+            discard_ended(self.settings, record)
         log.info("job %s: %s %s", self.job_id, status, note or (error.code if error else ""))
         return {"job_id": self.job_id, "status": status}
 

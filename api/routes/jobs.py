@@ -19,7 +19,7 @@ from api.submit import Submission, check_callback, inspect_slide, receive
 from core.celery_app import send_job
 from core.keys import Keys
 from core.records import JobRecord, Status, new_job_id
-from core.retention import discard_upload, remove_job_files
+from core.retention import discard_ended, remove_job_files
 from core.settings import Settings
 from core.store import JobStore
 
@@ -154,7 +154,7 @@ def delete_job(job_id: JobIdPath, store: StoreDep, settings: SettingsDep, tenant
     if outcome in ("cancelled", "cancel_requested"):
         record = require_job(store, job_id, tenant)
         if outcome == "cancelled":
-            discard_upload(settings, record)
+            discard_ended(settings, record)
         return _job_response(record, 200 if outcome == "cancelled" else 202, settings)
     finished = store.get(job_id)
     if store.delete(job_id) == "deleted" and finished is not None:
