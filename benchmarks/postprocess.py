@@ -159,9 +159,11 @@ class SyntheticSlide:
 
 
 def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str], cache_mb: int, *,
-             free: bool = False, **options: Any) -> dict[str, Any]:
-    """One pipeline run; its timings, counts and peak RSS. ``free``: a rimmed slide and ``FreeNet``."""
-    reader: SlideReader = SyntheticSlide(size, rims=free) if case == "synthetic" else open_slide(_cmu())
+             free: bool = False, slide: Path | None = None, **options: Any) -> dict[str, Any]:
+    """One pipeline run; its timings, counts and peak RSS. ``free``: a rimmed slide and ``FreeNet``;
+    ``slide``: read the synthetic slide from that file (``write_synthetic``) instead of rendering it."""
+    reader: SlideReader = (open_slide(slide) if slide is not None else SyntheticSlide(size, rims=free)) \
+        if case == "synthetic" else open_slide(_cmu())
     model = free_model() if free else stub_model(encoder)
     opts = EngineOptions(device="cpu", tile_cache_mb=cache_mb, **options)
     with tempfile.TemporaryDirectory() as out, measured() as m:

@@ -3,15 +3,19 @@
 Every output pixel is ``sum_t w_t * logits_t / sum_t w_t`` over the grid tiles ``t`` that cover it.
 An ``Accumulator`` holds that sum for one region only, so memory is bounded by the region's size.
 It lives where the network runs (``cpu`` or ``cuda``, the same code): logits never leave the
-device, and ``class_maps`` turns the blended region into what the sinks need (uint8 argmax maps).
+device, and ``class_maps`` and ``nucleus_maps`` turn the blended region into what the sinks need
+(uint8 argmax maps, uint8 probabilities for the nuclei).
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
+from model.postprocess import PROB_SCALE
 from model.tiling import Box
 
 
@@ -25,13 +29,36 @@ def gaussian_weights(tile: int, sigma_scale: float = 0.25, device: str = "cpu") 
     return (weights / weights.max()).to(device)
 
 
+class Workspace:
+    """Reusable storage for a run's accumulators: the first block allocates, later ones zero it.
+
+    A fresh 170 MB accumulator per block costs page faults (the allocator maps and unmaps buffers
+    that large); a workspace keeps them, so its tensors are valid until the next ``take``.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = device
+        self._flat = torch.zeros(0, dtype=torch.float32, device=device)
+
+    def take(self, *shape: int) -> torch.Tensor:
+        """A zeroed float32 tensor of ``shape`` over this workspace's storage."""
+        n = math.prod(shape)
+        if n > self._flat.numel():
+            self._flat = torch.zeros(n, dtype=torch.float32, device=self.device)
+        return self._flat[:n].view(shape).zero_()
+
+
 class Accumulator:
     """Weighted sums of ``channels`` logits and of weights over one region, on ``device``."""
 
-    def __init__(self, region: Box, channels: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, region: Box, channels: int, device: torch.device | str = "cpu",
+                 workspace: Workspace | None = None) -> None:
         self.region = region
-        self.values = torch.zeros((channels, region.height, region.width), dtype=torch.float32, device=device)
-        self.weights = torch.zeros((region.height, region.width), dtype=torch.float32, device=device)
+        h, w = region.height, region.width
+        if workspace is None:
+            workspace = Workspace(device)
+        acc = workspace.take(channels + 1, h, w)  # the logits' sums, then the weights' sum
+        self.values, self.weights = acc[:channels], acc[channels]
 
     def add(self, tile_box: Box, logits: torch.Tensor, weights: torch.Tensor) -> None:
         """Add one tile's ``(C, T, T)`` logits, weighted by ``(T, T)`` weights, where it overlaps."""
@@ -48,7 +75,7 @@ class Accumulator:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Blended logits ``(C, h, w)`` (0 where nothing covered) and the covered mask ``(h, w)``."""
         covered = self.weights > 0
-        self.values.div_(torch.where(covered, self.weights, 1.0))
+        self.values.div_(self.weights.masked_fill_(~covered, 1.0))
         return self.values, covered
 
 
@@ -69,3 +96,46 @@ def first_argmax(planes: torch.Tensor) -> torch.Tensor:
         index.masked_fill_(planes[k] > best, k)
         torch.maximum(best, planes[k], out=best)
     return index
+
+
+def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True) -> torch.Tensor:
+    """``(n_semantic + 1, h, w)`` uint8: the semantic probabilities and p(inside), times ``PROB_SCALE``.
+
+    What the nuclei post-processing reads of a blended region besides the ternary argmax: a quarter
+    of the float32 logits' bytes, computed where the network runs. ``logits=False`` takes
+    probabilities as they are. Overwrites ``values`` (softmax in place: no region-sized temporaries).
+    """
+    sem, ter = values[:n_semantic], values[n_semantic:]
+    if logits:
+        _softmax_(sem)
+        inside = ter.sub_(ter[1].clone()).exp_().sum(0).reciprocal_()  # 1 / sum_k exp(t_k - t_inside)
+    else:
+        inside = ter[1]
+    out = torch.empty((n_semantic + 1, *values.shape[1:]), dtype=torch.uint8, device=values.device)
+    out[:n_semantic] = sem.mul_(PROB_SCALE).round_()
+    out[n_semantic] = inside.mul_(PROB_SCALE).round_()
+    return out
+
+
+def _softmax_(planes: torch.Tensor) -> None:
+    """Softmax over the first dimension, in place."""
+    top = planes.amax(0)
+    planes.sub_(top).exp_()
+    planes.div_(planes.sum(0))
+
+
+def nucleus_inputs(sem: np.ndarray, ter: np.ndarray, *, logits: bool = True,
+                   valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ternary argmax, nucleus_maps)`` as numpy uint8 arrays, from whole-region float maps.
+
+    For callers holding ``(C, h, w)`` semantic and ``(3, h, w)`` ternary logits (or probabilities):
+    the same maps the engine hands the nuclei sink; ``valid`` False pixels are background.
+    """
+    if ter.ndim != 3 or ter.shape[0] != 3:
+        raise ValueError(f"ternary maps must be (3, h, w), got shape {ter.shape}")
+    if sem.ndim != 3 or sem.shape[1:] != ter.shape[1:] or sem.shape[0] < 2:
+        raise ValueError(f"semantic maps must be (C >= 2, {ter.shape[1]}, {ter.shape[2]}), got shape {sem.shape}")
+    values = torch.from_numpy(np.concatenate((sem, ter)).astype(np.float32, copy=False))
+    covered = torch.ones(ter.shape[1:], dtype=torch.bool) if valid is None else torch.from_numpy(valid)
+    ternary = class_maps(values, covered, sem.shape[0])[1]
+    return ternary.numpy(), nucleus_maps(values, sem.shape[0], logits=logits).numpy()

@@ -3,7 +3,8 @@
 ``Engine.run(reader, sinks)`` walks the analysis level block by block. For each block it runs
 exactly the grid tiles that touch the block (plus an optional margin for post-processing), blends
 them into a block-sized accumulator on the network's device (``model.blending``) and hands every sink
-the block's uint8 class maps (and the blended logits, to sinks that need them). Because every pixel
+the block's uint8 class maps (and, to sinks that need them, the uint8 nuclei maps or the blended
+float32 logits). Because every pixel
 is the weighted mean over the same global tiles, the output does not depend on the block size; and
 since every forward pass has ``batch_size`` tiles (``TileRunner``) and each block adds its tiles in
 one fixed order, it does not depend on which tiles the cache held either, to the last bit.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from model.analysis import AnalysisView, make_view
-from model.blending import Accumulator, class_maps, gaussian_weights
+from model.blending import Accumulator, Workspace, class_maps, gaussian_weights, nucleus_maps
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision
@@ -47,7 +48,8 @@ class BlockResult:
     """One blended block over ``region`` (``inner`` plus margin); all None for a no-tissue block.
 
     ``classes`` (uint8, semantic then ternary argmax, 0 where not covered) always comes back from
-    the device; the float32 ``logits`` only when a sink needs them (``BlockSink.needs_logits``).
+    the device; ``probs`` (uint8 ``nucleus_maps``) and the float32 ``logits`` only when a sink needs
+    them (``BlockSink.needs_probs``, ``BlockSink.needs_logits``).
     """
 
     index: int
@@ -56,6 +58,7 @@ class BlockResult:
     logits: np.ndarray | None
     covered: np.ndarray | None
     classes: np.ndarray | None = None
+    probs: np.ndarray | None = None
 
     @property
     def sem_logits(self) -> np.ndarray | None:
@@ -104,6 +107,7 @@ class BlockSink(Protocol):
     """Consumes blended blocks; ``finish`` returns its contribution to the stats."""
 
     needs_logits: bool  # the blended float32 logits, not only the class maps
+    needs_probs: bool  # the uint8 nuclei maps (``model.blending.nucleus_maps``)
 
     def start(self, ctx: RunContext) -> None: ...
 
@@ -201,8 +205,8 @@ class Engine:
                     sinks: Sequence[BlockSink], on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
         for sink in sinks:
             sink.start(ctx)
-        logits = any(sink.needs_logits for sink in sinks)
-        for done, result in enumerate(self._blocks(ctx, grid, blocks, report, logits), start=1):
+        wants = _Wants(any(s.needs_logits for s in sinks), any(s.needs_probs for s in sinks))
+        for done, result in enumerate(self._blocks(ctx, grid, blocks, report, wants), start=1):
             t0 = time.perf_counter()
             for sink in sinks:
                 sink.add(result)
@@ -228,7 +232,7 @@ class Engine:
         return sink.logits[:N_SEMANTIC], sink.logits[N_SEMANTIC:]
 
     def _blocks(
-        self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport, logits: bool
+        self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport, wants: _Wants
     ) -> Iterator[BlockResult]:
         """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
         view = ctx.view
@@ -236,8 +240,9 @@ class Engine:
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
                            start=blocks.start, stop=blocks.stop)
         cache = TileCache(self.options.tile_cache_mb << 20)
+        workspace = Workspace(self.device)
         for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report)):
-            yield self._blend(job, pixels, grid, report, index, cache, logits)
+            yield self._blend(job, pixels, grid, report, index, cache, wants, workspace)
             cache.retire(job.index)
         report.tiles_reused = cache.hits
 
@@ -260,11 +265,11 @@ class Engine:
 
     @torch.inference_mode()
     def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport,
-               index: BlockIndex, cache: TileCache, logits: bool) -> BlockResult:
+               index: BlockIndex, cache: TileCache, wants: _Wants, workspace: Workspace) -> BlockResult:
         if pixels is None or job.source is None:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
-        acc = Accumulator(job.region, N_CHANNELS, self.device)
+        acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
         cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
         batches = iter_batches([t for t in job.tiles if t not in cached], self.options.batch_size)
         ready: dict[tuple[int, int], torch.Tensor] = {}
@@ -280,8 +285,9 @@ class Engine:
         t0 = time.perf_counter()
         values, covered = acc.result()
         classes = class_maps(values, covered, N_SEMANTIC).cpu().numpy()
-        host = values.cpu().numpy() if logits else None
-        result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes)
+        host = values.to("cpu", copy=True).numpy() if wants.logits else None  # the workspace is reused
+        probs = nucleus_maps(values, N_SEMANTIC).cpu().numpy() if wants.probs else None
+        result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes, probs)
         report.clock("blend", time.perf_counter() - t0)
         return result
 
@@ -303,6 +309,14 @@ class Engine:
         report.tiles_run += len(batch)
         report.clock("forward", time.perf_counter() - t0)
         return dict(zip(batch, out, strict=True))
+
+
+@dataclass(frozen=True)
+class _Wants:
+    """What the sinks need besides the class maps."""
+
+    logits: bool
+    probs: bool
 
 
 @dataclass
@@ -375,6 +389,7 @@ class CollectSink:
     """Keeps the whole-image blended logits in memory: for small images and tests only."""
 
     needs_logits = True
+    needs_probs = False
 
     def __init__(self) -> None:
         self.logits: np.ndarray | None = None

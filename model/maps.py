@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ class ClassMapSink:
     """The class maps of both heads per block: counts classes, stores masks, samples overlay maps."""
 
     needs_logits = False
+    needs_probs = False
 
     def __init__(self, out_dir: Path, *, masks: bool = True, overlays: bool = True,
                  overlay_max_side: int = OVERLAY_MAX_SIDE) -> None:
@@ -130,16 +131,32 @@ class ClassMapSink:
         }
 
     def _write_files(self) -> None:
+        """The thumbnail and overlays, each on a thread (PNG encoding releases the GIL), while the mask
+        writers finish their TIFFs' reduced pages."""
+        with ThreadPoolExecutor(1 + len(self._heads), thread_name_prefix="nucseg-overlay") as pool:
+            try:
+                pngs = self._write_overlays(pool)
+            finally:
+                self._close_writers()
+            for future in pngs:
+                future.result()
+
+    def _close_writers(self) -> None:
         for head in self._heads:
             if head.writer is not None:
-                head.writer.close()
-                head.writer = None
-        if self._thumb is not None:
-            thumb = self._thumb.result()
-            save_rgb_png(self.out_dir / "thumbnail.png", thumb)
-            for head in self._heads:
-                assert head.small is not None
-                save_rgb_png(self.out_dir / f"overlay_{head.name}.png", overlay(thumb, head.small, head.colours))
+                writer, head.writer = head.writer, None
+                writer.close()
+
+    def _write_overlays(self, pool: ThreadPoolExecutor) -> list[Future[None]]:
+        if self._thumb is None:
+            return []
+        thumb = self._thumb.result()
+        futures = [pool.submit(save_rgb_png, self.out_dir / "thumbnail.png", thumb)]
+        for head in self._heads:
+            assert head.small is not None
+            futures.append(pool.submit(_save_overlay, self.out_dir / f"overlay_{head.name}.png", thumb, head.small,
+                                       head.colours))
+        return futures
 
     def _thumbnail(self) -> np.ndarray:
         assert self._ctx is not None
@@ -182,6 +199,10 @@ class ClassMapSink:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _save_overlay(path: Path, thumb: np.ndarray, small: np.ndarray, colours: Sequence[tuple[int, int, int]]) -> None:
+    save_rgb_png(path, overlay(thumb, small, colours))
 
 
 def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:

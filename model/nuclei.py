@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from model.engine import N_SEMANTIC, BlockResult, RunContext
+from model.engine import BlockResult, RunContext
 from model.errors import OptionsError
 from model.geojson import GeoJSONWriter
 from model.nuclei_pool import NucleiPool, available_cores
@@ -77,7 +77,8 @@ class NucleusSink:
     label ``k`` being the ``k``-th GeoJSON feature; refused over ``INSTANCES_MAX_PIXELS``.
     """
 
-    needs_logits = True
+    needs_logits = False
+    needs_probs = True
 
     def __init__(
         self,
@@ -129,17 +130,17 @@ class NucleusSink:
         return np.zeros((height, width), dtype=np.uint32)
 
     def add(self, block: BlockResult) -> None:
-        if block.logits is None or block.covered is None:
+        if block.classes is None or block.probs is None:
             return
         place = BlockPlace(block.region, block.inner, self.bounds, self.mpp, self.scale, self.params,
                            keep_labels=self._instances is not None)
         if not self.workers:
-            self.record(block_nuclei(place, block.logits[:N_SEMANTIC], block.logits[N_SEMANTIC:], block.covered))
+            self.record(block_nuclei(place, block.classes[1], block.probs))
             return
         if self._pool is None:
             self._pool = NucleiPool(self.workers)
         t0 = time.perf_counter()
-        done = self._pool.submit(block.index, place, block.logits, block.covered, N_SEMANTIC)
+        done = self._pool.submit(block.index, place, block.classes[1], block.probs)
         self.timings["handoff_s"] += time.perf_counter() - t0
         for result in done:
             self.record(result)

@@ -1,10 +1,10 @@
 """Blocks' nuclei post-processing in worker processes, results in block order.
 
-A block's blended maps go to a worker through shared memory (one copy, no pickling of the
-arrays); the worker runs ``block_nuclei`` and sends back only the owned nuclei (rings, classes,
-areas). At most ``workers + 1`` blocks are in flight, so memory stays bounded and a slow pool holds
-the engine back. A worker that dies or raises fails the run with ``PostprocessError``; nothing of
-the blocks still in flight is recorded.
+A block's nuclei maps (uint8 ternary argmax and probabilities, 7 bytes per pixel) go to a worker
+through shared memory (one copy, no pickling of the arrays); the worker runs ``block_nuclei`` and
+sends back only the owned nuclei (rings, classes, areas). At most ``workers + 1`` blocks are in
+flight, so memory stays bounded and a slow pool holds the engine back. A worker that dies or
+raises fails the run with ``PostprocessError``; nothing of the blocks still in flight is recorded.
 
 Workers are started with ``spawn`` and import this module only (numpy, scipy, scikit-image,
 OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay for torch.
@@ -41,25 +41,24 @@ def available_cores() -> int:
 
 @dataclass(frozen=True)
 class _Maps:
-    """Where a block's maps lie in a shared-memory segment."""
+    """Where a block's maps lie in a shared-memory segment: the ternary argmax, then the probabilities."""
 
     name: str
-    logits_shape: tuple[int, int, int]
-    n_semantic: int
+    probs_shape: tuple[int, int, int]
 
 
-def _put(logits: np.ndarray, covered: np.ndarray, n_semantic: int) -> tuple[SharedMemory, _Maps]:
-    shm = SharedMemory(create=True, size=logits.nbytes + covered.size)
-    values, valid = _views(shm, logits.shape)
-    np.copyto(values, logits, casting="same_kind")
-    np.copyto(valid, covered)
-    return shm, _Maps(shm.name, logits.shape, n_semantic)
+def _put(ternary: np.ndarray, probs: np.ndarray) -> tuple[SharedMemory, _Maps]:
+    shm = SharedMemory(create=True, size=ternary.nbytes + probs.nbytes)
+    ter, prob = _views(shm, probs.shape)
+    np.copyto(ter, ternary, casting="no")
+    np.copyto(prob, probs, casting="no")
+    return shm, _Maps(shm.name, probs.shape)
 
 
-def _views(shm: SharedMemory, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    values = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
-    valid = np.ndarray(shape[1:], dtype=np.bool_, buffer=shm.buf, offset=values.nbytes)
-    return values, valid
+def _views(shm: SharedMemory, probs_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    ternary = np.ndarray(probs_shape[1:], dtype=np.uint8, buffer=shm.buf)
+    probs = np.ndarray(probs_shape, dtype=np.uint8, buffer=shm.buf, offset=ternary.nbytes)
+    return ternary, probs
 
 
 def _init_worker() -> None:
@@ -72,9 +71,9 @@ def _run(place: BlockPlace, maps: _Maps) -> BlockNuclei:
     """Worker side: attach, post-process, detach (the parent unlinks the segment)."""
     shm = SharedMemory(name=maps.name)
     try:
-        values, valid = _views(shm, maps.logits_shape)
-        result = block_nuclei(place, values[: maps.n_semantic], values[maps.n_semantic :], valid)
-        del values, valid
+        ternary, probs = _views(shm, maps.probs_shape)
+        result = block_nuclei(place, ternary, probs)
+        del ternary, probs
         return result
     finally:
         shm.close()
@@ -85,16 +84,15 @@ class NucleiPool:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.limit = workers + 1  # each block in flight holds its region's float32 logits in shared memory
+        self.limit = workers + 1  # each block in flight holds its region's maps in shared memory
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init_worker)
         self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
 
-    def submit(self, index: int, place: BlockPlace, logits: np.ndarray, covered: np.ndarray,
-               n_semantic: int) -> list[BlockNuclei]:
+    def submit(self, index: int, place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> list[BlockNuclei]:
         """Queue block ``index``; return the leading results done by now (waiting for those over the bound)."""
         done = [self._pop() for _ in range(len(self._pending) - self.limit + 1)]
-        shm, maps = _put(logits, covered, n_semantic)
+        shm, maps = _put(ternary, probs)
         try:
             future = self._executor.submit(_run, place, maps)
         except BrokenProcessPool as exc:

@@ -173,6 +173,7 @@ class _ClassRecorder:
     """BlockSink: each block's inner class maps and coverage (nothing for a no-tissue block)."""
 
     needs_logits = False
+    needs_probs = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -74,6 +74,7 @@ def load_dataset(root: Path, kind: str) -> list[Sample]:
 def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell_types: bool = False,
                      stain: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Pixel and instance metrics over ``samples``, accumulated over all pixels / nuclei."""
+    from model.blending import nucleus_inputs
     from model.postprocess import find_nuclei
 
     pixel = PixelMetrics(SEMANTIC_CLASSES, TERNARY_CLASSES)
@@ -85,7 +86,7 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
         pixel.update(sem.argmax(0), ter.argmax(0), s.semantic, s.ternary)
         if s.instances is None:
             continue
-        nuclei = find_nuclei(sem, ter, mpp=mpp)
+        nuclei = find_nuclei(*nucleus_inputs(sem, ter), mpp=mpp)
         if types is not None:
             update_cell_types(types, s, sem, ter, nuclei.labels, nuclei.class_index)
         else:

@@ -30,6 +30,7 @@ class _Fails:
     """A sink that raises on its ``n``-th block."""
 
     needs_logits = False
+    needs_probs = False
 
     def __init__(self, n: int) -> None:
         self.n, self.seen = n, 0

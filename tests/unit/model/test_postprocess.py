@@ -5,17 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from model.blending import nucleus_inputs
 from model.errors import OptionsError
 from model.postprocess import (
+    Nuclei,
     PostprocessParams,
     classify,
     find_nuclei,
     instance_labels,
     nucleus_margin_px,
     nucleus_polygons,
-    softmax,
 )
 from tests.helpers.nuclei_stubs import Nucleus, exact_logits, paint, ternary_of
+
+
+def _nuclei(sem: np.ndarray, ter: np.ndarray, **kwargs: object) -> Nuclei:
+    return find_nuclei(*nucleus_inputs(sem, ter), mpp=0.25, **kwargs)  # type: ignore[arg-type]
+
+
+def _labels(ter: np.ndarray, *, mpp: float = 0.25, **kwargs: object) -> np.ndarray:
+    ternary, probs = nucleus_inputs(np.zeros((5, *ter.shape[1:]), np.float32), ter)
+    return instance_labels(ternary, probs[-1], mpp=mpp, **kwargs)  # type: ignore[arg-type]
 
 
 def _disc(cx: float, cy: float, r: float, sem: int = 1) -> Nucleus:
@@ -26,7 +36,7 @@ def test_touching_nuclei_are_split_by_the_boundary_class():
     nuclei = [_disc(30, 30, 12), _disc(54, 30, 12, sem=2), _disc(42, 52, 11, sem=3)]  # all touching
     labels = paint(90, 90, nuclei)
     sem, ter = exact_logits(labels, nuclei)
-    found = find_nuclei(sem, ter, mpp=0.25)
+    found = _nuclei(sem, ter)
     assert found.n == 3
     truth = np.bincount(labels.ravel())[1:]
     assert sorted(found.area_px) == sorted(truth)  # rims go back to their own nucleus
@@ -38,9 +48,9 @@ def test_min_area_is_physical():
     labels = paint(40, 80, nuclei)
     _, ter = exact_logits(labels, nuclei)
     # 50 px is 3.1 µm² at 0.25 µm/px (dropped, < 8 µm²) but 12.5 µm² at 0.5 µm/px (kept)
-    assert instance_labels(ter, mpp=0.25).max() == 1
-    assert instance_labels(ter, mpp=0.5).max() == 2
-    assert instance_labels(ter, mpp=0.25, params=PostprocessParams(min_area_um2=0)).max() == 2
+    assert _labels(ter, mpp=0.25).max() == 1
+    assert _labels(ter, mpp=0.5).max() == 2
+    assert _labels(ter, mpp=0.25, params=PostprocessParams(min_area_um2=0)).max() == 2
 
 
 def test_nucleus_without_inside_pixels_is_kept_and_specks_do_not_seed():
@@ -48,7 +58,7 @@ def test_nucleus_without_inside_pixels_is_kept_and_specks_do_not_seed():
     ter[0] = 1.0
     ter[2, 5:20, 5:20] = 2.0  # all boundary: no seed
     ter[1, 10, 10] = 3.0  # a one-pixel inside speck (< min_seed_um2) inside it
-    labels = instance_labels(ter, mpp=0.25)
+    labels = _labels(ter)
     assert labels.max() == 1 and (labels > 0).sum() == 15 * 15
 
 
@@ -59,10 +69,28 @@ def test_logits_and_probabilities_give_the_same_nuclei():
     sem, ter = exact_logits(labels, nuclei)
     sem = sem + rng.normal(0, 2, sem.shape).astype(np.float32)
     ter = ter + rng.normal(0, 2, ter.shape).astype(np.float32)
-    a = find_nuclei(sem, ter, mpp=0.25)
-    b = find_nuclei(softmax(sem.copy()), softmax(ter.copy()), mpp=0.25, logits=False)
+    a = _nuclei(sem, ter)
+    b = find_nuclei(*nucleus_inputs(_softmax(sem), _softmax(ter), logits=False), mpp=0.25)
     np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_allclose(a.mean_prob, b.mean_prob, rtol=1e-5)
+    np.testing.assert_allclose(a.mean_prob, b.mean_prob, atol=0.5 / 255)  # rounding to 1/255 may differ
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def test_probabilities_are_quantised_to_a_255th_and_the_uncovered_are_background():
+    rng = np.random.default_rng(5)
+    sem, ter = rng.normal(0, 3, (5, 16, 16)).astype(np.float32), rng.normal(0, 3, (3, 16, 16)).astype(np.float32)
+    valid = np.ones((16, 16), bool)
+    valid[:, :4] = False
+    ternary, probs = nucleus_inputs(sem, ter, valid=valid)
+    assert ternary.dtype == probs.dtype == np.uint8 and probs.shape == (6, 16, 16)
+    np.testing.assert_array_equal(ternary[:, 4:], ter.argmax(0)[:, 4:])
+    assert (ternary[:, :4] == 0).all()
+    np.testing.assert_allclose(probs[:5] / 255, _softmax(sem), atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(probs[5] / 255, _softmax(ter)[1], atol=0.5 / 255 + 1e-6)
 
 
 def test_classify_other_when_background_beats_every_cell_type():
@@ -82,7 +110,7 @@ def test_centroid_and_polygon_in_level0_coordinates():
     sem, ter = np.zeros((5, 40, 40), np.float32), np.zeros((3, 40, 40), np.float32)
     ter[0] = 1.0
     ter[1][labels > 0] = 2.0
-    found = find_nuclei(sem, ter, mpp=0.25, params=PostprocessParams(min_area_um2=0))
+    found = _nuclei(sem, ter, params=PostprocessParams(min_area_um2=0))
     np.testing.assert_allclose(found.centroid_xy[0], [14.0, 15.0])
     poly = nucleus_polygons(found.labels, np.array([1]), origin=(100, 200), scale=2.0)[0]
     minx, miny, maxx, maxy = poly.bounds
@@ -104,4 +132,4 @@ def test_margin_and_params_validation():
     with pytest.raises(OptionsError, match=r"min_area_um2 .* got -1"):
         PostprocessParams(min_area_um2=-1).validate()
     with pytest.raises(ValueError, match=r"\(3, h, w\), got shape \(2, 4, 4\)"):
-        instance_labels(np.zeros((2, 4, 4)), mpp=0.25)
+        nucleus_inputs(np.zeros((5, 4, 4)), np.zeros((2, 4, 4)))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import shapely
 
+from model.blending import nucleus_inputs
 from model.engine import Engine, EngineOptions
 from model.errors import OptionsError
 from model.metrics import overlaps
@@ -54,7 +55,7 @@ def test_blocks_equal_whole_image(tmp_path):
     rng = np.random.default_rng(7)
     nuclei = _straddling(block, size, rng) + scatter(rng, size, size, 40, (5, 9))
     labels = paint(size, size, nuclei)
-    whole = find_nuclei(*exact_logits(labels, nuclei), mpp=mpp)
+    whole = find_nuclei(*nucleus_inputs(*exact_logits(labels, nuclei)), mpp=mpp)
     stats, _, inst = _run(_engine(mpp, block), encode(labels, nuclei), tmp_path)
     blocks = read_instances_png(inst)
     assert stats["count"] == whole.n == int(blocks.max()) > 60
