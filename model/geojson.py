@@ -21,6 +21,7 @@ import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 
@@ -43,6 +44,7 @@ class GeoJSONWriter:
         self.count = 0
         base = (id_prefix or uuid.uuid4()).int
         self._id_base = base & ~((1 << _COUNTER_BITS) - 1)
+        self._classes: dict[tuple[str, tuple[int, ...]], str] = {}
         self._write(_HEADER)
 
     def write_detection(
@@ -58,15 +60,10 @@ class GeoJSONWriter:
         if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 4:
             raise ValueError(f"ring must be (k >= 4, 2) x, y coordinates, got shape {ring.shape}")
         fid = str(uuid.UUID(int=self._id_base | (self.count & ((1 << _COUNTER_BITS) - 1))))
-        coords = json.dumps(np.round(ring, COORD_DECIMALS).tolist(), separators=(",", ":"))
-        props = json.dumps(
-            {
-                "objectType": "detection",
-                "classification": {"name": name, "color": [int(c) for c in colour]},
-                "measurements": {k: _finite(v) for k, v in measurements.items()},
-            },
-            separators=(",", ":"),
-        )
+        # the bytes json.dumps writes (floats are their repr), built without it: this runs once per nucleus
+        coords = "[" + ",".join([f"[{x!r},{y!r}]" for x, y in np.round(ring, COORD_DECIMALS).tolist()]) + "]"
+        values = ",".join(f"{_key(k)}:{_number(v)}" for k, v in measurements.items())
+        props = f'{self._classification(name, tuple(colour))},"measurements":{{{values}}}}}'
         sep = ",\n" if self.count else ""
         self._write(
             f'{sep}{{"type":"Feature","id":"{fid}","geometry":{{"type":"Polygon","coordinates":[{coords}]}},'
@@ -74,6 +71,15 @@ class GeoJSONWriter:
         )
         self.count += 1
         return fid
+
+    def _classification(self, name: str, colour: tuple[int, ...]) -> str:
+        """``{"objectType":...,"classification":{...}`` of one class, encoded once."""
+        text = self._classes.get((name, colour))
+        if text is None:
+            classification = {"name": name, "color": [int(c) for c in colour]}
+            text = f'{{"objectType":"detection","classification":{json.dumps(classification, separators=(",", ":"))}'
+            self._classes[(name, colour)] = text
+        return text
 
     def _write(self, text: str) -> None:
         assert self._file.fh is not None
@@ -101,7 +107,12 @@ class GeoJSONWriter:
             self.abort()
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN/inf: write null instead."""
+def _number(value: float) -> str:
+    """A measurement as JSON: rounded to 4 decimals; null for NaN/inf, which JSON has not."""
     value = float(value)
-    return round(value, 4) if math.isfinite(value) else None
+    return repr(round(value, 4)) if math.isfinite(value) else "null"
+
+
+@lru_cache(maxsize=64)
+def _key(name: str) -> str:
+    return json.dumps(name)
