@@ -15,11 +15,13 @@ Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nucl
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision
 from model.errors import CancelledError, OptionsError
+from model.nuclei_pool import available_cores
 from model.options import EngineOptions
 from model.readers import ArrayReader, SlideReader
 from model.tilecache import BlockIndex, TileCache
@@ -41,6 +44,7 @@ from model.tissue import TissueMask, detect_tissue, full_tissue
 log = logging.getLogger(__name__)
 N_SEMANTIC = 5
 N_CHANNELS = 8  # 5 semantic + 3 ternary logits
+MAX_READERS = 4  # block reader threads, at most (fewer on fewer cores)
 
 
 @dataclass
@@ -139,9 +143,12 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     sinks: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def clock(self, name: str, seconds: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        """Add ``seconds`` to stage ``name`` (reader threads clock too)."""
+        with self._lock:
+            self.timings[name] = self.timings.get(name, 0.0) + seconds
 
 
 def new_report(ctx: RunContext, device: str, precision: str) -> RunReport:
@@ -241,7 +248,7 @@ class Engine:
                            start=blocks.start, stop=blocks.stop)
         cache = TileCache(self.options.tile_cache_mb << 20)
         workspace = Workspace(self.device)
-        for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report)):
+        for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report), reader_threads()):
             yield self._blend(job, pixels, grid, report, index, cache, wants, workspace)
             cache.retire(job.index)
         report.tiles_reused = cache.hits
@@ -353,36 +360,32 @@ def read_reflected(view: AnalysisView, box: Box) -> np.ndarray:
     return pixels[np.ix_(ys - src.y0, xs - src.x0)]
 
 
+def reader_threads() -> int:
+    """Threads reading blocks ahead: OpenSlide reads are thread-safe and decoding runs without the GIL."""
+    return min(MAX_READERS, available_cores())
+
+
 def _prefetch(jobs: list[_BlockJob], read: Callable[[_BlockJob], np.ndarray | None],
-              depth: int = 1) -> Iterator[tuple[_BlockJob, np.ndarray | None]]:
-    """Yield ``(job, read(job))`` in order, reading up to ``depth`` blocks ahead on a thread."""
-    results: queue.Queue[tuple[_BlockJob, np.ndarray | None] | BaseException | None] = queue.Queue(depth)
-    stop = threading.Event()
+              threads: int = 1) -> Iterator[tuple[_BlockJob, np.ndarray | None]]:
+    """Yield ``(job, read(job))`` in order, reading up to ``threads`` blocks ahead, one per thread.
 
-    def worker() -> None:
-        try:
-            for job in jobs:
-                if stop.is_set():
-                    return
-                results.put((job, read(job)))
-            results.put(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            results.put(exc)
-
-    thread = threading.Thread(target=worker, name="nucseg-block-reader", daemon=True)
-    thread.start()
+    Bounded: a slow consumer holds the readers back (at most ``threads`` blocks read ahead of it).
+    On exit every read still running is waited for, so the slide may be closed afterwards.
+    """
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="nucseg-block-reader")
+    pending: deque[tuple[_BlockJob, Future[np.ndarray | None]]] = deque()
+    todo = iter(jobs)
     try:
-        while (item := results.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for job in itertools.islice(todo, threads):
+            pending.append((job, pool.submit(read, job)))
+        while pending:
+            job, future = pending.popleft()
+            pixels = future.result()
+            for nxt in itertools.islice(todo, 1):
+                pending.append((nxt, pool.submit(read, nxt)))
+            yield job, pixels
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                results.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class CollectSink:
