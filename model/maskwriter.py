@@ -2,8 +2,8 @@
 
 The engine hands blocks over in row-major order, so once the last block of a block row is stored,
 those rows are final: ``rows_done(y)`` tells the writer thread, which compresses the PNG rows and
-the TIFF's full-resolution tiles up to ``y`` meanwhile (zlib releases the GIL). Only the TIFF's
-reduced pages (a third of the pixels) are left for ``close``.
+the TIFF's full-resolution tiles up to ``y`` meanwhile (zlib releases the GIL), and the reduced
+pages' tiles whose rows are final (``model.writers.ReducedPages``). ``close`` copies those in.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -152,24 +153,72 @@ def mask_pyramid_sizes(width: int, height: int, tile: int = MASK_TIFF_TILE) -> l
     return levels
 
 
+def _band(store: ClassMapStore, scale: int, width: int, height: int, tile: int, ty: int) -> np.ndarray:
+    """Tile row ``ty`` of one level, zero-padded to whole tiles; pixel ``u`` samples level-0 pixel
+    ``u * scale + scale // 2``."""
+    ys = np.minimum(np.arange(ty, min(ty + tile, height)) * scale + scale // 2, store.height - 1)
+    band = np.zeros((tile, width + (-width % tile)), np.uint8)
+    if scale == 1:
+        band[: len(ys), :width] = store.read_rows(ty, ty + len(ys))
+        return band
+    xs = np.minimum(np.arange(width) * scale + scale // 2, store.width - 1)
+    for i, y in enumerate(ys.tolist()):
+        band[i, :width] = store.read_rows(y, y + 1)[0, xs]
+    return band
+
+
 def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile: int,
                 wait_rows: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
-    """Tiles of one level, row by row; pixel ``u`` samples level-0 pixel ``u * scale + scale // 2``.
-
-    ``wait_rows(y)`` (full resolution only) returns once the store's rows ``[0, y)`` are final.
-    """
+    """Tiles of one level, row by row. ``wait_rows(y)`` returns once the store's rows ``[0, y)`` are final."""
     for ty in range(0, height, tile):
         if wait_rows is not None:
             wait_rows(min(ty + tile, height))
-        ys = np.minimum(np.arange(ty, min(ty + tile, height)) * scale + scale // 2, store.height - 1)
-        xs = np.minimum(np.arange(width) * scale + scale // 2, store.width - 1)
-        band = np.zeros((tile, width + (-width % tile)), np.uint8)
-        if scale == 1:
-            band[: len(ys), :width] = store.read_rows(ty, ty + len(ys))
-        for i, y in enumerate(ys.tolist() if scale > 1 else []):
-            band[i, :width] = store.read_rows(y, y + 1)[0, xs]
+        band = _band(store, scale, width, height, tile, ty)
         for tx in range(0, width, tile):
             yield band[:, tx : tx + tile]
+
+
+class ReducedPages:
+    """The reduced pages' tiles, deflated as soon as the full-resolution rows they sample are final.
+
+    They are spooled to a temporary file in row-major order and handed to the TIFF writer as
+    encoded bytes after the full-resolution page, so the end of a run copies bytes instead of
+    compressing a third of the map's pixels.
+    """
+
+    def __init__(self, store: ClassMapStore, levels: list[tuple[int, int, int]], tile: int, folder: Path) -> None:
+        self.store, self.levels, self.tile = store, levels, tile
+        self._spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (closed by close())
+        self._next = [0] * len(levels)  # next tile row of each level
+        self._spans: list[list[tuple[int, int]]] = [[] for _ in levels]  # (offset, size) of each tile
+        self._end = 0
+
+    def advance(self, rows_final: int) -> None:
+        """Encode every tile row whose source rows lie within ``[0, rows_final)``."""
+        for k, (scale, width, height) in enumerate(self.levels):
+            while self._next[k] < height:
+                ty = self._next[k]
+                last = min(ty + self.tile, height) - 1
+                if min(last * scale + scale // 2, self.store.height - 1) >= rows_final:
+                    break
+                band = _band(self.store, scale, width, height, self.tile, ty)
+                for tx in range(0, width, self.tile):
+                    data = zlib.compress(np.ascontiguousarray(band[:, tx : tx + self.tile]).tobytes(), MASK_ZLIB_LEVEL)
+                    self._spool.write(data)
+                    self._spans[k].append((self._end, len(data)))
+                    self._end += len(data)
+                self._next[k] = ty + self.tile
+
+    def tiles(self, k: int) -> Iterator[bytes]:
+        """Level ``k``'s encoded tiles (after ``advance`` has covered every row)."""
+        if self._next[k] < self.levels[k][2]:
+            raise RuntimeError(f"reduced page {k + 1} is not complete")
+        for offset, size in self._spans[k]:
+            self._spool.seek(offset)
+            yield self._spool.read(size)
+
+    def close(self) -> None:
+        self._spool.close()
 
 
 def write_tiff_from_store(store: ClassMapStore, path: Path, palette: Sequence[tuple[int, int, int]],
@@ -177,13 +226,30 @@ def write_tiff_from_store(store: ClassMapStore, path: Path, palette: Sequence[tu
     """A tiled, pyramidal uint8 class-index TIFF (palette colours), written tile by tile.
 
     Page ``k`` is the map downsampled by ``2**k`` (nearest). Memory: one band of ``tile`` rows.
-    With ``wait_rows`` the full-resolution page is written while the store is still being filled.
+    With ``wait_rows`` the full-resolution page is written while the store is still being filled,
+    and the reduced pages are encoded meanwhile too (``ReducedPages``).
     """
     colormap = np.zeros((3, 256), np.uint16)
     colormap[:, : len(palette)] = (np.asarray(palette, np.uint16).T * 257)
-    with tifffile.TiffWriter(path, bigtiff=store.width * store.height > 2**31) as tif:
-        for k, (scale, width, height) in enumerate(mask_pyramid_sizes(store.width, store.height, tile)):
-            tiles = _mask_tiles(store, scale, width, height, tile, wait_rows if k == 0 else None)
-            tif.write(tiles, shape=(height, width), dtype=np.uint8,
-                      tile=(tile, tile), photometric="palette", colormap=colormap, compression="zlib",
-                      compressionargs={"level": MASK_ZLIB_LEVEL}, subfiletype=0 if k == 0 else 1, maxworkers=1)
+    sizes = mask_pyramid_sizes(store.width, store.height, tile)
+    reduced = ReducedPages(store, sizes[1:], tile, path.parent) if wait_rows is not None else None
+
+    def wait_full(y: int) -> None:
+        assert wait_rows is not None and reduced is not None
+        wait_rows(y)
+        reduced.advance(y)
+
+    try:
+        with tifffile.TiffWriter(path, bigtiff=store.width * store.height > 2**31) as tif:
+            for k, (scale, width, height) in enumerate(sizes):
+                tiles: Iterator[np.ndarray] | Iterator[bytes]
+                if reduced is None or k == 0:
+                    tiles = _mask_tiles(store, scale, width, height, tile, wait_full if reduced and k == 0 else None)
+                else:
+                    tiles = reduced.tiles(k - 1)
+                tif.write(tiles, shape=(height, width), dtype=np.uint8,
+                          tile=(tile, tile), photometric="palette", colormap=colormap, compression="zlib",
+                          compressionargs={"level": MASK_ZLIB_LEVEL}, subfiletype=0 if k == 0 else 1, maxworkers=1)
+    finally:
+        if reduced is not None:
+            reduced.close()

@@ -14,6 +14,7 @@ from PIL import Image
 from model.engine import BlockResult, CollectSink, Engine, EngineOptions, RunContext
 from model.maps import ClassMapSink
 from model.readers import ArrayReader
+from model.writers import ClassMapStore, write_tiff_from_store
 from tests.helpers.stubs import TrivialNet, loaded
 
 
@@ -71,3 +72,28 @@ def test_a_failed_run_leaves_no_mask_files(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="sink failed"):
         _engine(150).run(ArrayReader(image, mpp=0.25), [ClassMapSink(tmp_path, overlays=False), _Fails(5)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reduced_pages_encoded_while_rows_arrive_equal_those_written_at_the_end(tmp_path: Path) -> None:
+    """The store is filled only as far as the writer has waited for: a reduced tile encoded before
+    its rows were final would hold zeros there."""
+    rng = np.random.default_rng(0)
+    height, width = 3000, 2100
+    img = (rng.random((height // 7 + 1, width // 7 + 1)) * 5).astype(np.uint8).repeat(7, 0).repeat(7, 1)
+    img = np.ascontiguousarray(img[:height, :width])
+    palette = [(i * 40, i * 20, i) for i in range(5)]
+    whole = ClassMapStore(tmp_path / "whole.raw", width, height)
+    whole.write_block(0, 0, img)
+    write_tiff_from_store(whole, tmp_path / "end.tiff", palette, tile=256)
+    growing = ClassMapStore(tmp_path / "growing.raw", width, height)
+    filled = [0]
+
+    def arrive(y: int) -> None:  # rows [0, y) become final only now
+        growing.write_block(0, filled[0], img[filled[0] : y])
+        filled[0] = max(filled[0], y)
+
+    write_tiff_from_store(growing, tmp_path / "run.tiff", palette, tile=256, wait_rows=arrive)
+    with tifffile.TiffFile(tmp_path / "end.tiff") as end, tifffile.TiffFile(tmp_path / "run.tiff") as run:
+        assert len(end.pages) == len(run.pages) == 5
+        for a, b in zip(end.pages, run.pages, strict=True):
+            np.testing.assert_array_equal(a.asarray(), b.asarray())
