@@ -113,6 +113,19 @@ def instance_labels(
     params: PostprocessParams = PostprocessParams(),
 ) -> np.ndarray:
     """Sequential instance labels ``(h, w)`` int32 from the ternary argmax and uint8 p(inside)."""
+    return _instances(ternary, inside_prob, mpp, params).labels
+
+
+@dataclass
+class _Labelled:
+    """Instance labels and, once, their pixels: flat indices ``px`` and labels ``lab`` there."""
+
+    labels: np.ndarray
+    px: np.ndarray
+    lab: np.ndarray
+
+
+def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params: PostprocessParams) -> _Labelled:
     params.validate()
     if ternary.ndim != 2 or inside_prob.shape != ternary.shape:
         raise ValueError(f"ternary (h, w) and p(inside) of the same shape expected, got {ternary.shape} "
@@ -181,11 +194,22 @@ def _split_component(
     labels[box][mask] = grown[mask]
 
 
-def _drop_small(labels: np.ndarray, min_px: int) -> np.ndarray:
-    n = int(labels.max(initial=0))
-    if n == 0:
-        return labels
-    return _relabel(labels, np.bincount(labels.ravel(), minlength=n + 1) >= max(min_px, 1))[0]
+def _drop_small(labels: np.ndarray, min_px: int) -> _Labelled:
+    """Labels of ``min_px`` pixels or more, renumbered; a pass over the labelled pixels only."""
+    px = np.flatnonzero(labels)
+    lab = labels.ravel()[px]
+    n = int(lab.max(initial=0))
+    keep = np.bincount(lab, minlength=n + 1) >= max(min_px, 1)
+    keep[0] = False
+    if keep[1:].all():
+        return _Labelled(labels, px, lab)
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    lab = lut[lab]
+    kept = lab > 0
+    out = np.zeros_like(labels)
+    out.ravel()[px[kept]] = lab[kept]
+    return _Labelled(out, px[kept], lab[kept])
 
 
 def measure_nuclei(labels: np.ndarray, sem_prob: np.ndarray) -> Nuclei:
@@ -193,12 +217,16 @@ def measure_nuclei(labels: np.ndarray, sem_prob: np.ndarray) -> Nuclei:
 
     ``sem_prob`` is ``(C, h, w)`` uint8, probabilities times ``PROB_SCALE``.
     """
-    n = int(labels.max(initial=0))
+    px = np.flatnonzero(labels)
+    return _measure(_Labelled(labels, px, labels.ravel()[px]), sem_prob)
+
+
+def _measure(inst: _Labelled, sem_prob: np.ndarray) -> Nuclei:
+    labels, px, lab = inst.labels, inst.px, inst.lab
+    n = int(lab.max(initial=0))
     c = sem_prob.shape[0]
     if sem_prob.ndim != 3 or sem_prob.shape[1:] != labels.shape or c < 2:
         raise ValueError(f"semantic maps must be (C >= 2, {labels.shape}), got shape {sem_prob.shape}")
-    px = np.flatnonzero(labels)
-    lab = labels.ravel()[px]
     area = np.bincount(lab, minlength=n + 1)[1:]
     safe = np.maximum(area, 1)
     rows, cols = np.divmod(px, labels.shape[1])
@@ -229,8 +257,7 @@ def find_nuclei(
 ) -> Nuclei:
     """Instances and their measurements from one region's ternary argmax and ``nucleus_maps``
     (``model.blending.nucleus_inputs`` makes both from float logits)."""
-    labels = instance_labels(ternary, probs[-1], mpp=mpp, params=params)
-    return measure_nuclei(labels, probs[:-1])
+    return _measure(_instances(ternary, probs[-1], mpp, params), probs[:-1])
 
 
 def nucleus_polygons(
