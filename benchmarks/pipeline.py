@@ -14,6 +14,8 @@ reading, blending, argmax, mask files, overlays, nuclei. No device is fast enoug
 beat this number. ``--network colour`` is the older ``ColourNet`` stub (a 5x5 erosion per tile).
 
 The last line reads ``host ceiling: X Mpx/s`` (analysis pixels over the job's wall time).
+``--per-nucleus`` instead times one block's post-processing (``block_nuclei``: instances, classes,
+polygons) on one core over ``FreeNet``'s maps of a 2048 px block with its margin, best of five.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +64,35 @@ def _tiles(slide: SyntheticSlide, side: int) -> Iterator[np.ndarray]:
             yield tile
 
 
+def per_nucleus(repeats: int = 5) -> tuple[float, int]:
+    """Best seconds of ``block_nuclei`` on one block of the rimmed synthetic slide, and the nuclei it owns."""
+    import cv2
+    import torch
+
+    from benchmarks.postprocess import FreeNet
+    from model.blending import nucleus_inputs
+    from model.postprocess import BlockPlace, PostprocessParams, block_nuclei, engine_margin
+    from model.tiling import Box
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    margin, block = engine_margin(0.25), 2048
+    side = block + 2 * margin
+    pixels = SyntheticSlide(4 * block, rims=True).read_region(0, block - margin, block - margin, side, side)
+    with torch.inference_mode():
+        sem, ter = FreeNet()(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
+    ternary, probs = nucleus_inputs(sem[0].numpy(), ter[0].numpy())
+    region = Box(block - margin, block - margin, 2 * block + margin, 2 * block + margin)
+    place = BlockPlace(region, Box(block, block, 2 * block, 2 * block), Box(0, 0, 4 * block, 4 * block), 0.25, 1.0,
+                       PostprocessParams())
+    best, owned = float("inf"), 0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        owned = len(block_nuclei(place, ternary, probs).rings)
+        best = min(best, time.perf_counter() - started)
+    return best, owned
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", choices=["free", "colour"], default="free")
@@ -71,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-mb", type=int, default=512, help="EngineOptions.tile_cache_mb")
     parser.add_argument("--workers", type=int, default=None, help="EngineOptions.workers (default: the cores)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--per-nucleus", action="store_true", help="time one block's post-processing instead")
     args = parser.parse_args(argv)
+    if args.per_nucleus:
+        seconds, owned = per_nucleus()
+        print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        print(f"post-processing: {1e6 * seconds / owned:.0f} µs/nucleus ({owned:,} nuclei owned by a 2048 px "
+              f"block, {seconds:.3f} s on one core, best of 5)")
+        return 0
     set_threads(args.threads)
     extra = {} if args.workers is None else {"workers": args.workers}
     slide = write_synthetic(args.side) if args.source == "file" and args.network == "free" else None
