@@ -10,18 +10,23 @@ since every forward pass has ``batch_size`` tiles (``TileRunner``) and each bloc
 one fixed order, it does not depend on which tiles the cache held either, to the last bit.
 Memory is one block of accumulators plus the model, whatever the slide's size.
 
-Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei.
+Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei. They run on a
+thread of their own (``_SinkThread``), a block behind the blending, so reading (``reader_threads``),
+the network and the host work overlap; every hand-over is a bounded queue, so a slow stage holds
+the others back and memory stays flat.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -213,15 +218,14 @@ class Engine:
         for sink in sinks:
             sink.start(ctx)
         wants = _Wants(any(s.needs_logits for s in sinks), any(s.needs_probs for s in sinks))
-        for done, result in enumerate(self._blocks(ctx, grid, blocks, report, wants), start=1):
-            t0 = time.perf_counter()
-            for sink in sinks:
-                sink.add(result)
-            report.clock("sinks", time.perf_counter() - t0)
-            if on_progress is not None:
-                on_progress(done, len(blocks))
-            if should_cancel is not None and done < len(blocks) and should_cancel():
-                raise CancelledError(f"cancelled after block {done} of {len(blocks)}")
+        feeder = _SinkThread(sinks, report, len(blocks), on_progress, should_cancel)
+        try:
+            for done, result in enumerate(self._blocks(ctx, grid, blocks, report, wants), start=1):
+                feeder.put(done, result)
+            feeder.close()
+        except BaseException:
+            feeder.abort()
+            raise
         t0 = time.perf_counter()
         for sink in sinks:
             report.sinks.update(sink.finish())
@@ -386,6 +390,70 @@ def _prefetch(jobs: list[_BlockJob], read: Callable[[_BlockJob], np.ndarray | No
             yield job, pixels
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _SinkThread:
+    """The sinks, on a thread of their own, so that the next block is read, run and blended while
+    they work on this one. Blocks reach them in order through a queue of one (a slow sink holds the
+    engine back); progress and cancel are checked after each block; the first error ends the run.
+    """
+
+    def __init__(self, sinks: Sequence[BlockSink], report: RunReport, total: int, on_progress: ProgressFn | None,
+                 should_cancel: CancelFn | None) -> None:
+        self.sinks, self.report, self.total = sinks, report, total
+        self.on_progress, self.should_cancel = on_progress, should_cancel
+        self._queue: queue.Queue[tuple[int, BlockResult] | None] = queue.Queue(1)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="nucseg-sinks", daemon=True)
+        self._thread.start()
+
+    def put(self, done: int, result: BlockResult) -> None:
+        """Hand over block number ``done`` (1-based), waiting while the sinks are a block behind."""
+        self._offer((done, result))
+
+    def close(self) -> None:
+        """Every block handed over: wait until the sinks have taken them all."""
+        self._offer(None)
+        self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop after the block in the sinks' hands (if any); the sinks are idle when this returns."""
+        self._stop.set()
+        with suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join()
+
+    def _offer(self, item: tuple[int, BlockResult] | None) -> None:
+        while True:
+            self._raise()
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None and not self._stop.is_set():
+                self._add(*item)
+        except BaseException as exc:  # handed to the engine's thread
+            self._error = exc
+
+    def _add(self, done: int, result: BlockResult) -> None:
+        t0 = time.perf_counter()
+        for sink in self.sinks:
+            sink.add(result)
+        self.report.clock("sinks", time.perf_counter() - t0)
+        if self.on_progress is not None:
+            self.on_progress(done, self.total)
+        if self.should_cancel is not None and done < self.total and self.should_cancel():
+            raise CancelledError(f"cancelled after block {done} of {self.total}")
 
 
 class CollectSink:

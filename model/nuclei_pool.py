@@ -12,15 +12,14 @@ OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
@@ -30,7 +29,7 @@ import numpy as np
 from model.errors import PostprocessError
 from model.postprocess import BlockNuclei, BlockPlace, block_nuclei
 
-_PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 0.5  # how often a worker checks that the engine's process still lives
 _DIED = "a nuclei post-processing worker process died (killed, or out of memory?) {when}; the run is stopped"
 
 
@@ -61,10 +60,17 @@ def _views(shm: SharedMemory, probs_shape: tuple[int, int, int]) -> tuple[np.nda
     return ternary, probs
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     cv2.setNumThreads(1)  # one block per process: the pool is the parallelism
-    with suppress(OSError, AttributeError):  # Linux: die with the engine's process, never outlive it
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    threading.Thread(target=_watch_parent, args=(parent,), name="nucseg-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Die with the engine's process, never outlive it. (Not ``PR_SET_PDEATHSIG``: that fires when the
+    *thread* that started the process ends, and the pool is started from the engine's sink thread.)"""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def _run(place: BlockPlace, maps: _Maps) -> BlockNuclei:
@@ -86,7 +92,7 @@ class NucleiPool:
         self.workers = workers
         self.limit = workers + 1  # each block in flight holds its region's maps in shared memory
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker)
+                                             initializer=_init_worker, initargs=(os.getpid(),))
         self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
 
     def submit(self, index: int, place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> list[BlockNuclei]:

@@ -107,11 +107,11 @@ print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def test_a_slow_sink_holds_the_reader_back(tmp_path: Path) -> None:
-    """Back-pressure: with a sink far slower than reading, the readers stay at most a block each
-    ahead (not the whole slide), and peak memory stays that of a fast run."""
+    """Back-pressure: with a sink far slower than reading, the engine stays a few blocks ahead of
+    it (not the whole slide), and peak memory stays that of a fast run."""
     result, _ = _run_child(SLOW_CHILD, tmp_path, tissue_fraction=0.15, seed=3)
     assert result["size"] == [20480, 20480] and result["blocks"] >= 10, result
-    # a block per reader thread: without back-pressure the readers would be all the tissue blocks
-    # (and their pixels) ahead of a sink this slow
-    assert result["ahead"] <= result["readers"] <= 4, result
+    # a block per reader thread, one being blended and one queued for the sinks: without
+    # back-pressure the readers would be all the tissue blocks (and their pixels) ahead of this sink
+    assert result["ahead"] <= result["readers"] + 2 <= 6, result
     assert result["peak_rss"] < 2.5 * 2**30, f"peak RSS {result['peak_rss'] / 2**20:.0f} MiB"

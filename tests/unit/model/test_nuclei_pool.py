@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,28 @@ def test_a_daemonic_process_post_processes_in_process() -> None:
     child.join(timeout=60)
     assert workers == 0
     assert "daemonic" in refused and "workers=0" in refused
+
+
+POOL_CHILD = r"""
+import sys, time
+from model.nuclei_pool import NucleiPool
+pool = NucleiPool(2)
+list(pool._executor.map(time.sleep, [0, 0]))  # both processes up
+print(" ".join(str(p) for p in pool._executor._processes), flush=True)
+time.sleep(600)
+"""
+
+
+def test_pool_processes_die_with_the_engines_process() -> None:
+    """The engine's process killed outright (OOM killer, SIGKILL): its nuclei processes follow it."""
+    child = psutil.Popen([sys.executable, "-c", POOL_CHILD], stdout=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    try:
+        assert child.stdout is not None
+        pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
+    assert not alive, f"pool processes outlived the engine's process: {alive}"
