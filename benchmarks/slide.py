@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import machine, mb, measured
+from core.settings import DEFAULT_MODEL
 from model.checkpoint import LoadedModel, load_model
 from model.device import TileRunner, resolve_device, resolve_precision
 from model.engine import EngineOptions
@@ -46,7 +47,6 @@ from model.readers import open_slide
 from tests.helpers.samples import sample
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model" / "weights" / "nucseg-default.safetensors"
 MPP, TILE, LEVELS, JPEG_QUALITY = 0.25, 512, 4, 90
 TISSUE_GPX = 3.2  # 100,000 x 80,000 px at 40 % tissue
 
