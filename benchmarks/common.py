@@ -94,5 +94,10 @@ class CropReader:
         return None
 
 
+def stage_text(timings: dict[str, float]) -> str:
+    """The engine's stage clocks as ``read 1.0, forward 2.0, ...``."""
+    return ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+
+
 def mb(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:,.0f} MiB"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from benchmarks.common import machine, mb
+from benchmarks.common import machine, mb, stage_text
 from benchmarks.postprocess import SyntheticSlide, run_case
 from model.engine import set_threads
 from model.options import OUTPUT_GROUPS
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     row = run_case("synthetic", args.side, None, frozenset(args.outputs.split(",")), args.cache_mb,
                    free=args.network == "free", slide=slide, **extra)
     print(json.dumps(row), flush=True)
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in row["engine_timings_s"].items())
+    stages = stage_text(row["engine_timings_s"])
     mpx = args.side * args.side / 1e6
     print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}; source {args.source}", file=sys.stderr)
     print(f"host ceiling: {mpx / row['total_s']:.2f} Mpx/s ({mpx:.1f} Mpx in {row['total_s']:.1f} s; "

@@ -36,7 +36,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from benchmarks.common import machine, mb, measured
+from benchmarks.common import machine, mb, measured, stage_text
 from core.settings import DEFAULT_MODEL
 from model.checkpoint import LoadedModel, load_model
 from model.device import TileRunner, resolve_device, resolve_precision
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
            "gpu_util_mean": gpu.mean, "peak_rss": m.peak_rss, "projected_3_2_gpx_s": TISSUE_GPX * 1e3 * m.seconds / mpx}
     print(json.dumps(row), flush=True)
     util = f"; GPU utilisation {gpu.mean:.0f} %" if gpu.mean is not None else ""
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in stats["timings_s"].items())
+    stages = stage_text(stats["timings_s"])
     print(f"# {machine()}; {tiles:,} tiles, {row['nuclei']:,} nuclei; stages s: {stages}; peak RSS "
           f"{mb(m.peak_rss)}{util}", file=sys.stderr)
     print(f"slide: {row['mpx_s']:.2f} Mpx/s end to end, b/a {row['b_over_a']:.2f}, "
