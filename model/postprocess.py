@@ -152,11 +152,18 @@ def _seeds(inside: np.ndarray, min_px: int) -> tuple[np.ndarray, int]:
 
 def _relabel(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, int]:
     """Keep labels where ``keep[label]`` (index 0 ignored), renumbered 1..k in order."""
+    lut, k = _keep_lut(keep)
+    return lut[labels], k
+
+
+def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
+    """Lookup table old label -> new label (0 for dropped ones and for 0), and the count kept."""
     keep = keep.copy()
     keep[0] = False
+    k = int(keep.sum())
     lut = np.zeros(len(keep), dtype=np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lut[labels], int(keep.sum())
+    lut[keep] = np.arange(1, k + 1, dtype=np.int32)
+    return lut, k
 
 
 def _grow(seeds: np.ndarray, n_seeds: int, foreground: np.ndarray, inside_prob: np.ndarray) -> np.ndarray:
@@ -200,12 +207,9 @@ def _drop_small(labels: np.ndarray, min_px: int) -> _Labelled:
     lab = labels.ravel()[px]
     n = int(lab.max(initial=0))
     keep = np.bincount(lab, minlength=n + 1) >= max(min_px, 1)
-    keep[0] = False
     if keep[1:].all():
         return _Labelled(labels, px, lab)
-    lut = np.zeros(n + 1, dtype=np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    lab = lut[lab]
+    lab = _keep_lut(keep)[0][lab]
     kept = lab > 0
     out = np.zeros_like(labels)
     out.ravel()[px[kept]] = lab[kept]
