@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 import shapely
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, sparse
 from skimage.segmentation import watershed
 
 from model.analysis import MPP_TOLERANCE
@@ -236,10 +236,18 @@ def _measure(inst: _Labelled, sem_prob: np.ndarray) -> Nuclei:
     rows, cols = np.divmod(px, labels.shape[1])
     sums = np.stack([np.bincount(lab, cols, n + 1)[1:], np.bincount(lab, rows, n + 1)[1:]], axis=1)
     centroid = sums / safe[:, None] + 0.5
-    values = sem_prob.reshape(c, -1)[:, px]
-    mean = np.stack([np.bincount(lab, values[k], n + 1)[1:] for k in range(c)], axis=1) / (PROB_SCALE * safe[:, None])
+    mean = _label_sums(lab, n, np.take(sem_prob.reshape(c, -1), px, axis=1))[1:] / (PROB_SCALE * safe[:, None])
     cls, conf = classify(mean)
     return Nuclei(labels, area, centroid, mean, cls, conf)
+
+
+def _label_sums(lab: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
+    """``(n + 1, C)`` sums of ``values`` ``(C, k)`` uint8 per label ``lab`` ``(k,)``: one sparse product
+    (a label-by-pixel indicator matrix), about twice as fast as a ``bincount`` per channel. Exact in
+    float32 for objects under 65,000 pixels."""
+    k = len(lab)
+    onehot = sparse.csc_matrix((np.ones(k, np.float32), lab, np.arange(k + 1)), shape=(n + 1, k))
+    return np.asarray(onehot @ values.T.astype(np.float32), dtype=np.float64)
 
 
 def classify(mean_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from model.blending import nucleus_inputs
 from model.errors import OptionsError
@@ -13,6 +14,7 @@ from model.postprocess import (
     classify,
     find_nuclei,
     instance_labels,
+    measure_nuclei,
     nucleus_margin_px,
     nucleus_polygons,
 )
@@ -133,3 +135,17 @@ def test_margin_and_params_validation():
         PostprocessParams(min_area_um2=-1).validate()
     with pytest.raises(ValueError, match=r"\(3, h, w\), got shape \(2, 4, 4\)"):
         nucleus_inputs(np.zeros((5, 4, 4)), np.zeros((2, 4, 4)))
+
+
+def test_measurements_equal_per_label_means():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 40, (64, 96)).astype(np.int32)
+    labels[labels == 7] = 0  # a label with no pixels
+    probs = rng.integers(0, 256, (5, 64, 96)).astype(np.uint8)
+    found = measure_nuclei(labels, probs)
+    ids = np.setdiff1d(np.arange(1, 40), [7])
+    expected = np.stack([ndimage.mean(probs[k].astype(np.float64), labels, ids) for k in range(5)], axis=1) / 255
+    np.testing.assert_allclose(found.mean_prob[ids - 1], expected, rtol=1e-12)
+    np.testing.assert_array_equal(found.area_px[ids - 1], ndimage.sum_labels(np.ones_like(labels), labels, ids))
+    rows, cols = np.asarray(ndimage.center_of_mass(np.ones_like(labels), labels, ids)).T
+    np.testing.assert_allclose(found.centroid_xy[ids - 1], np.stack([cols, rows], axis=1) + 0.5)
