@@ -131,8 +131,8 @@ def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params:
         raise ValueError(f"ternary (h, w) and p(inside) of the same shape expected, got {ternary.shape} "
                          f"and {inside_prob.shape}")
     px_area = mpp * mpp
-    seeds, n_seeds = _seeds(ternary == 1, math.ceil(params.min_seed_um2 / px_area))
-    labels = _grow(seeds, n_seeds, ternary > 0, inside_prob)
+    seeds, seed_lut, n_seeds = _seeds(ternary == 1, math.ceil(params.min_seed_um2 / px_area))
+    labels = _grow(seeds, seed_lut, n_seeds, ternary > 0, inside_prob)
     return _drop_small(labels, math.ceil(params.min_area_um2 / px_area))
 
 
@@ -143,17 +143,14 @@ def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, count - 1
 
 
-def _seeds(inside: np.ndarray, min_px: int) -> tuple[np.ndarray, int]:
+def _seeds(inside: np.ndarray, min_px: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Components of ``inside``, the lookup table that numbers those of ``min_px`` pixels or more 1..k
+    (0 for the others; applied where needed, not to the whole image), and k."""
     seeds, n = _label(inside)
     if n == 0 or min_px <= 1:
-        return seeds, n
-    return _relabel(seeds, np.bincount(seeds.ravel(), minlength=n + 1) >= min_px)
-
-
-def _relabel(labels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, int]:
-    """Keep labels where ``keep[label]`` (index 0 ignored), renumbered 1..k in order."""
-    lut, k = _keep_lut(keep)
-    return lut[labels], k
+        return seeds, np.arange(n + 1, dtype=np.int32), n
+    lut, k = _keep_lut(np.bincount(seeds.ravel(), minlength=n + 1) >= min_px)
+    return seeds, lut, k
 
 
 def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
@@ -166,14 +163,15 @@ def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
     return lut, k
 
 
-def _grow(seeds: np.ndarray, n_seeds: int, foreground: np.ndarray, inside_prob: np.ndarray) -> np.ndarray:
-    """Assign every foreground pixel to a seed, component by component."""
+def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, foreground: np.ndarray,
+          inside_prob: np.ndarray) -> np.ndarray:
+    """Assign every foreground pixel to a seed (numbered by ``seed_lut``), component by component."""
     comp, n_comp = _label(foreground)
     if n_comp == 0:
         return comp
     seed_px = np.flatnonzero(seeds)
     seed_comp = np.zeros(n_seeds + 1, dtype=np.int64)
-    seed_comp[seeds.ravel()[seed_px]] = comp.ravel()[seed_px]
+    seed_comp[seed_lut[seeds.ravel()[seed_px]]] = comp.ravel()[seed_px]  # dropped seeds land on 0
     per_comp = np.bincount(seed_comp[1:], minlength=n_comp + 1)
     lut = np.zeros(n_comp + 1, dtype=np.int32)
     single = per_comp[seed_comp[1:]] == 1
@@ -185,17 +183,17 @@ def _grow(seeds: np.ndarray, n_seeds: int, foreground: np.ndarray, inside_prob: 
     if len(multi):
         boxes = ndimage.find_objects(comp)
         for c in multi:
-            _split_component(labels, comp, seeds, inside_prob, boxes[c - 1], int(c))
+            _split_component(labels, comp, seeds, seed_lut, inside_prob, boxes[c - 1], int(c))
     return labels
 
 
 def _split_component(
-    labels: np.ndarray, comp: np.ndarray, seeds: np.ndarray, inside_prob: np.ndarray,
+    labels: np.ndarray, comp: np.ndarray, seeds: np.ndarray, seed_lut: np.ndarray, inside_prob: np.ndarray,
     box: tuple[slice, slice], c: int,
 ) -> None:
     """Watershed of one multi-seed component on ``1 - p(inside)``, written into ``labels``."""
     mask = comp[box] == c
-    markers = np.where(mask, seeds[box], 0)
+    markers = np.where(mask, seed_lut[seeds[box]], 0)
     elevation = PROB_SCALE - inside_prob[box]
     grown = watershed(elevation, markers, connectivity=1, mask=mask)
     labels[box][mask] = grown[mask]
