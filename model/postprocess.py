@@ -131,9 +131,11 @@ def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params:
         raise ValueError(f"ternary (h, w) and p(inside) of the same shape expected, got {ternary.shape} "
                          f"and {inside_prob.shape}")
     px_area = mpp * mpp
-    seeds, seed_lut, n_seeds = _seeds(ternary == 1, math.ceil(params.min_seed_um2 / px_area))
-    labels = _grow(seeds, seed_lut, n_seeds, ternary > 0, inside_prob)
-    return _drop_small(labels, math.ceil(params.min_area_um2 / px_area))
+    inside, foreground = ternary == 1, ternary > 0
+    seeds, seed_lut, n_seeds = _seeds(inside, math.ceil(params.min_seed_um2 / px_area))
+    labels = _grow(seeds, seed_lut, n_seeds, np.flatnonzero(inside), foreground, inside_prob)
+    # every foreground pixel gets a label, so the labelled pixels are found on the boolean mask
+    return _drop_small(labels, np.flatnonzero(foreground), math.ceil(params.min_area_um2 / px_area))
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -163,13 +165,13 @@ def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
     return lut, k
 
 
-def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, foreground: np.ndarray,
+def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_px: np.ndarray, foreground: np.ndarray,
           inside_prob: np.ndarray) -> np.ndarray:
-    """Assign every foreground pixel to a seed (numbered by ``seed_lut``), component by component."""
+    """Assign every foreground pixel to a seed (numbered by ``seed_lut``; ``seed_px``: the flat
+    indices of the seeds' pixels), component by component."""
     comp, n_comp = _label(foreground)
     if n_comp == 0:
         return comp
-    seed_px = np.flatnonzero(seeds)
     seed_comp = np.zeros(n_seeds + 1, dtype=np.int64)
     seed_comp[seed_lut[seeds.ravel()[seed_px]]] = comp.ravel()[seed_px]  # dropped seeds land on 0
     per_comp = np.bincount(seed_comp[1:], minlength=n_comp + 1)
@@ -199,10 +201,9 @@ def _split_component(
     labels[box][mask] = grown[mask]
 
 
-def _drop_small(labels: np.ndarray, min_px: int) -> _Labelled:
-    """Labels of ``min_px`` pixels or more, renumbered; a pass over the labelled pixels only."""
-    px = np.flatnonzero(labels)
-    lab = labels.ravel()[px]
+def _drop_small(labels: np.ndarray, px: np.ndarray, min_px: int) -> _Labelled:
+    """Labels of ``min_px`` pixels or more, renumbered; a pass over the labelled pixels ``px`` only."""
+    lab = labels.ravel().take(px)
     n = int(lab.max(initial=0))
     keep = np.bincount(lab, minlength=n + 1) >= max(min_px, 1)
     if keep[1:].all():
