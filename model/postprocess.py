@@ -325,10 +325,12 @@ def _pixel_edges(rings: list[np.ndarray]) -> np.ndarray:
     out = np.empty(len(rings), dtype=object)
     counts = np.array([len(r) for r in rings])
     wide = np.flatnonzero(counts >= 3)
+    done = np.zeros(len(rings), dtype=bool)
     if len(wide):
         polys, ok = _mitred_offsets(np.concatenate([rings[i] for i in wide]), counts[wide], 0.5)
         out[wide[ok]] = polys[ok]
-    rest = np.flatnonzero(np.equal(out, None))
+        done[wide[ok]] = True
+    rest = np.flatnonzero(~done)
     if len(rest):
         out[rest] = shapely.buffer(_ring_geometries([rings[i] for i in rest]), 0.5, cap_style="square",
                                    join_style="mitre", mitre_limit=2.0)
