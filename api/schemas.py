@@ -27,6 +27,8 @@ class JobOptions(BaseModel):
     batch_size: int = Field(DEFAULTS.batch_size, ge=1, le=256, description="tiles per forward pass")
     tissue: bool | None = Field(DEFAULTS.tissue, description="skip tiles without tissue (default: on for WSIs)")
     mpp: float | None = Field(DEFAULTS.mpp, gt=0, le=1000, description="µm/px of level 0, overriding the slide's")
+    tta: bool = Field(DEFAULTS.tta, description="average each tile over its four flips: a little more accurate, "
+                                                "about 4x the network's time")
     outputs: list[OutputGroup] = Field(default_factory=lambda: list(OUTPUT_GROUPS), min_length=1,
                                        description="result groups to produce")
 

@@ -38,6 +38,8 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=DEFAULTS.tissue,
                    help="skip tiles without tissue (default: on for multi-level slides)")
     p.add_argument("--mpp", type=float, default=DEFAULTS.mpp, help="µm/px of level 0 when the slide does not say")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULTS.tta,
+                   help="average each tile over its four flips (about 4x the network's time)")
     groups = ",".join(OUTPUT_GROUPS)
     p.add_argument("--outputs", default=groups, help=f"comma list of {groups}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -61,7 +63,7 @@ def _predict(args: argparse.Namespace) -> int:
     outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
     options = EngineOptions(tile_size=args.tile, overlap=args.overlap, block_size=args.block,
                             batch_size=args.batch, precision=args.precision, device=args.device,
-                            tissue=args.tissue, mpp=args.mpp, workers=args.workers)
+                            tissue=args.tissue, mpp=args.mpp, workers=args.workers, tta=args.tta)
     set_threads(args.threads)
     bar = tqdm(total=0, unit="block", disable=args.quiet, file=sys.stderr, desc=args.slide.name)
 

@@ -96,13 +96,17 @@ class TileRunner:
     never with its place or companions in a batch of a given size. A fixed shape makes each tile's
     logits independent of which other tiles share its batch, so a slide cut into shards (which
     batch their boundary tiles differently) gives the same pixels as one run.
+
+    With ``tta``, each tile's logits are the mean over the tile and its horizontal, vertical and
+    double flips (each flipped back): test-time augmentation at four forward passes a batch.
     """
 
     def __init__(self, network: TwoHeadUnet, card: ModelCard, device: torch.device, precision: str,
-                 *, batch: int | None = None) -> None:
+                 *, batch: int | None = None, tta: bool = False) -> None:
         self.device = device
         self.precision = precision
         self.batch = batch
+        self.flips: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3)) if tta else ((),)
         self.network = inference_network(network, device)
         mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
@@ -118,6 +122,17 @@ class TileRunner:
         batch = torch.from_numpy(tiles).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
         batch = batch * self._scale + self._shift
+        out = self._forward(batch, n, self.flips[0])
+        for dims in self.flips[1:]:
+            out += self._forward(batch, n, dims)
+        return out / len(self.flips) if len(self.flips) > 1 else out
+
+    def _forward(self, batch: torch.Tensor, n: int, flip: tuple[int, ...]) -> torch.Tensor:
+        """float32 logits of the first ``n`` tiles of ``batch`` flipped along ``flip`` (NCHW
+        dimensions), flipped back."""
+        if flip:
+            batch = torch.flip(batch, flip).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             sem, ter = self.network(batch)
-        return torch.cat((sem[:n], ter[:n]), dim=1).float()
+        out = torch.cat((sem[:n], ter[:n]), dim=1).float()
+        return torch.flip(out, flip) if flip else out

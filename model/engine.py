@@ -181,7 +181,7 @@ class Engine:
         self.device = resolve_device(self.options.device)
         self.precision = resolve_precision(self.options.precision, self.device)
         self.runner = TileRunner(model.network, model.card, self.device, self.precision,
-                                 batch=self.options.batch_size)
+                                 batch=self.options.batch_size, tta=self.options.tta)
         self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale, str(self.device))
 
     def run(

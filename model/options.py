@@ -45,6 +45,7 @@ class EngineOptions:
     sigma_scale: float = 0.25
     tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
     workers: int | None = None  # nuclei post-processing processes; None: the cores given, 0: in-process
+    tta: bool = False  # average each tile's logits over its four flips (about 4x the network's time)
 
     def validate(self, multiple: int = TILE_MULTIPLE) -> None:
         """Raise ``OptionsError`` naming the bad value."""

@@ -75,7 +75,8 @@ def test_upload_end_to_end(stack: Stack) -> None:
     done = stack.wait(job["id"], history=history)
     assert done["status"] == "succeeded", done
     _check_progress(history, total=12)  # 256x192 in 64 px blocks
-    assert done["options"] == {**options, "tissue": None, "mpp": None, "outputs": ["masks", "overlays", "nuclei"]}
+    assert done["options"] == {**options, "tissue": None, "mpp": None, "tta": False,
+                               "outputs": ["masks", "overlays", "nuclei"]}
     assert done["model"]["name"] == "tiny-test" and done["model"]["sha256"] == _sha(stack.model_path)
 
     files = _download_all(stack, done)
@@ -95,8 +96,10 @@ def test_upload_end_to_end(stack: Stack) -> None:
 
 @pytest.mark.slow
 def test_slide_path_end_to_end_on_a_real_svs(stack: Stack) -> None:
-    """cmu_small_region.svs (2220x2967 Aperio); the mpp override makes the analysis level 1/4 size."""
-    options = {"tile_size": 128, "overlap": 16, "block_size": 256, "mpp": 0.0625, "outputs": ["masks", "overlays"]}
+    """cmu_small_region.svs (2220x2967 Aperio); the mpp override makes the analysis level 1/4 size; with
+    test-time augmentation."""
+    options = {"tile_size": 128, "overlap": 16, "block_size": 256, "mpp": 0.0625, "outputs": ["masks", "overlays"],
+               "tta": True}
     resp = stack.submit_path("cmu_small_region.svs", options=options, metadata={"lims": "X1"})
     assert resp.status_code == 202, resp.text
     job = resp.json()
@@ -108,6 +111,7 @@ def test_slide_path_end_to_end_on_a_real_svs(stack: Stack) -> None:
     size = (round(2220 / 4), round(2967 / 4))
     _check_progress(history, total=3 * 3)  # 555x742 in 256 px blocks
     assert done["slide"]["sha256"] == _sha(stack.slide_root / "cmu_small_region.svs")
+    assert done["options"]["tta"] is True
     assert done["slide"]["analysis"]["width"] == size[0] and done["slide"]["analysis"]["mpp"] == 0.25
     files = _download_all(stack, done)
     assert "nuclei.geojson" not in files  # not requested

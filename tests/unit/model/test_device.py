@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from model.device import inference_network
+from model.card import ModelCard
+from model.device import TileRunner, inference_network
 from model.network import build_network
 
 
@@ -25,3 +27,17 @@ def test_prepared_network_is_reused_until_a_weight_changes() -> None:
     with torch.inference_mode():
         assert torch.allclose(second(x)[0], network(x)[0], atol=1e-4)
         assert not torch.allclose(second(x)[0], before)
+
+
+def test_tta_is_the_mean_over_the_four_flips() -> None:
+    torch.manual_seed(1)
+    network, card, cpu = build_network("resnet18").eval(), ModelCard(), torch.device("cpu")
+    tiles = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    plain = TileRunner(network, card, cpu, "fp32", batch=4)
+    flips = [tiles, tiles[:, :, ::-1], tiles[:, ::-1], tiles[:, ::-1, ::-1]]  # (N, H, W, 3): W, H, both
+    unflip = [(), (3,), (2,), (2, 3)]
+    expected = sum(torch.flip(plain(np.ascontiguousarray(t)), d) for t, d in zip(flips, unflip, strict=True)) / 4
+    tta = TileRunner(network, card, cpu, "fp32", batch=4, tta=True)(tiles)
+    assert tta.shape == (3, 8, 64, 64)
+    torch.testing.assert_close(tta, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tta, plain(tiles), atol=1e-3)  # the network is not flip-invariant
