@@ -130,7 +130,7 @@ def make_engine(model: LoadedModel, args: argparse.Namespace) -> Any:
     from model.engine import Engine, EngineOptions
 
     opts = EngineOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                         precision=args.precision, device=args.device, tissue=False)
+                         precision=args.precision, device=args.device, tissue=False, tta=args.tta)
     return Engine(model, opts)
 
 
@@ -150,7 +150,8 @@ def markdown(report: dict[str, Any]) -> str:
     names = list(report["datasets"])
     lines = [f"Checkpoint `{report['checkpoint']}` (sha256 `{report['sha256'][:16]}…`), engine "
              f"tile {report['engine']['tile_size']}/overlap {report['engine']['overlap']}, "
-             f"precision {report['engine']['precision']}.", "",
+             f"precision {report['engine']['precision']}"
+             f"{', test-time augmentation (four flips)' if report['engine'].get('tta') else ''}.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     keys = [*TABLE_METRICS, *(f"inst_{k}" for k in INSTANCE_KEYS)]
     for key in ["images", *keys]:
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          stain=stain) | {"data": str(root)}
     report = {"checkpoint": str(args.checkpoint), "sha256": model.sha256, "card": model.card.name,
               "engine": {"tile_size": args.tile_size, "overlap": args.overlap, "precision": engine.precision,
-                         "stain": args.stain},
+                         "stain": args.stain, "tta": args.tta},
               "datasets": results,
               "targets": check_targets(results)}
     out = Path(args.out)
@@ -231,6 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tta", action="store_true", help="the engine's test-time augmentation (four flips per tile)")
     p.add_argument("--stain", help="Reinhard-normalise images to this reference first (training.stain)")
     p.add_argument("--split", help="split.json of a training run: evaluate only its --part of each dataset")
     p.add_argument("--part", default="val", choices=("train", "val"))

@@ -107,6 +107,11 @@ def test_evaluate_and_export(trained: tuple[Path, Path], tmp_path: Path) -> None
     consep = report["datasets"]["consep"]
     assert consep["images"] == 2 and 0 <= consep["nucleus_dice"] <= 1
     assert "| nucleus_dice |" in (tmp_path / "e" / "eval.md").read_text()
+    assert evaluate_main(["--checkpoint", str(out), "--data", str(data), "--out", str(tmp_path / "t"),
+                          "--tile-size", "64", "--overlap", "16", "--precision", "fp32", "--tta"]) == 0
+    tta = json.loads((tmp_path / "t" / "eval.json").read_text())
+    assert tta["engine"]["tta"] is True and tta["datasets"]["consep"]["images"] == 2
+    assert "test-time augmentation" in (tmp_path / "t" / "eval.md").read_text()
     out2, _ = export(run / "best.pt", tmp_path / "w" / "m2.safetensors",
                      eval_path=tmp_path / "e" / "eval.json")
     assert "test_metrics" in load_model(out2).card.model_dump()
