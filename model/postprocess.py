@@ -325,12 +325,12 @@ def _pixel_edges(rings: list[np.ndarray]) -> np.ndarray:
     out = np.empty(len(rings), dtype=object)
     counts = np.array([len(r) for r in rings])
     wide = np.flatnonzero(counts >= 3)
-    done = np.zeros(len(rings), dtype=bool)
+    exact = wide[:0]
     if len(wide):
         polys, ok = _mitred_offsets(np.concatenate([rings[i] for i in wide]), counts[wide], 0.5)
-        out[wide[ok]] = polys[ok]
-        done[wide[ok]] = True
-    rest = np.flatnonzero(~done)
+        exact = wide[ok]
+        out[exact] = polys[ok]
+    rest = np.setdiff1d(np.arange(len(rings)), exact)
     if len(rest):
         out[rest] = shapely.buffer(_ring_geometries([rings[i] for i in rest]), 0.5, cap_style="square",
                                    join_style="mitre", mitre_limit=2.0)
