@@ -39,6 +39,7 @@ from training.data.patches import PatchConfig, PatchDataset, write_sampling
 from training.data.sample import Sample
 from training.data.sources import load_instance_folder, load_monusac, load_monuseg
 from training.data.split import check_no_leak, split_by_group, split_record, write_split
+from training.deepen import deepen
 from training.logs import write_logs
 from training.losses import LossConfig, TwoHeadLoss
 from training.metrics import PixelMetrics
@@ -193,8 +194,14 @@ class Trainer:
     def _warm_start(self, path: str) -> None:
         from model.checkpoint import load_model
 
-        self.network.load_state_dict(load_model(path).network.state_dict())
-        self._log(f"weights initialised from {path}")
+        source = load_model(path).network
+        if source.encoder_name == self.cfg.encoder:
+            self.network.load_state_dict(source.state_dict())
+            self._log(f"weights initialised from {path}")
+            return
+        extra = deepen(self.network, source.state_dict())
+        self._log(f"weights initialised from {path} ({source.encoder_name} → {self.cfg.encoder}, "
+                  f"{len(extra)} residual blocks start as identities)")
 
     def _resume(self, path: Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
