@@ -16,6 +16,9 @@ Instances (``instance_labels``):
 3. Objects under ``min_area_um2`` are dropped; areas are in µm² so the threshold means the same at
    every mpp.
 
+Each nucleus's area, centroid and box come with its foreground component (one OpenCV pass); only
+split components are counted again, on their crop.
+
 Class (``classify``): the cell type (semantic classes 1..4) with the highest mean probability over
 the nucleus, or ``other`` when the mean background probability beats all four (MoNuSAC labels only
 four types; fibroblasts and the like are found by the ternary head). Confidence is that mean.
@@ -46,7 +49,7 @@ import numpy as np
 import shapely
 from PIL import Image
 from scipy import ndimage, sparse
-from skimage.segmentation import watershed
+from skimage.segmentation._watershed_cy import watershed_raveled  # the routine behind watershed()
 
 from model.analysis import MPP_TOLERANCE
 from model.errors import OptionsError
@@ -99,6 +102,7 @@ class Nuclei:
     mean_prob: np.ndarray  # (n, C) float64 mean semantic probabilities
     class_index: np.ndarray  # (n,) int64: 0..C-2 cell types (semantic class k+1), C-1 = other
     confidence: np.ndarray  # (n,) float64
+    box: np.ndarray  # (n, 4) int64 (y0, x0, y1, x1): a box holding the nucleus
 
     @property
     def n(self) -> int:
@@ -118,11 +122,16 @@ def instance_labels(
 
 @dataclass
 class _Labelled:
-    """Instance labels and, once, their pixels: flat indices ``px`` and labels ``lab`` there."""
+    """Instance labels, their pixels (flat indices ``px``, labels ``lab`` there), and per label
+    (indexed by label; row 0 unused) its pixel count, centroid (continuous x, y) and a box
+    ``(y0, x0, y1, x1)`` holding it (its foreground component's, for split components)."""
 
     labels: np.ndarray
     px: np.ndarray
     lab: np.ndarray
+    area: np.ndarray
+    centroid: np.ndarray
+    box: np.ndarray
 
 
 def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params: PostprocessParams) -> _Labelled:
@@ -132,10 +141,13 @@ def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params:
                          f"and {inside_prob.shape}")
     px_area = mpp * mpp
     inside, foreground = ternary == 1, ternary > 0
-    seeds, seed_lut, n_seeds = _seeds(inside, math.ceil(params.min_seed_um2 / px_area))
-    labels = _grow(seeds, seed_lut, n_seeds, np.flatnonzero(inside), foreground, inside_prob)
+    seed_px = np.flatnonzero(inside)
+    seeds, n = _label(inside)
+    seed_at = seeds.ravel().take(seed_px)
+    seed_lut, n_seeds = _keep_lut(np.bincount(seed_at, minlength=n + 1) >= math.ceil(params.min_seed_um2 / px_area))
+    grown = _grow(seeds, seed_lut, n_seeds, seed_at, seed_px, _Components.of(foreground), inside_prob)
     # every foreground pixel gets a label, so the labelled pixels are found on the boolean mask
-    return _drop_small(labels, np.flatnonzero(foreground), math.ceil(params.min_area_um2 / px_area))
+    return _drop_small(grown, np.flatnonzero(foreground), math.ceil(params.min_area_um2 / px_area))
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -145,14 +157,24 @@ def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, count - 1
 
 
-def _seeds(inside: np.ndarray, min_px: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Components of ``inside``, the lookup table that numbers those of ``min_px`` pixels or more 1..k
-    (0 for the others; applied where needed, not to the whole image), and k."""
-    seeds, n = _label(inside)
-    if n == 0 or min_px <= 1:
-        return seeds, np.arange(n + 1, dtype=np.int32), n
-    lut, k = _keep_lut(np.bincount(seeds.ravel(), minlength=n + 1) >= min_px)
-    return seeds, lut, k
+@dataclass
+class _Components:
+    """4-connected components of a mask (as ``_label``) with each one's pixel count, centroid
+    (continuous x, y) and box ``(y0, x0, y1, x1)``, from one OpenCV pass; row 0 is the background."""
+
+    labels: np.ndarray
+    n: int
+    area: np.ndarray
+    centroid: np.ndarray
+    box: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> _Components:
+        count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4,
+                                                                            ltype=cv2.CV_32S)
+        x, y, w, h = (stats[:, i].astype(np.int64) for i in range(4))
+        return cls(labels, count - 1, stats[:, cv2.CC_STAT_AREA].astype(np.int64), centroids + 0.5,
+                   np.stack([y, x, y + h, x + w], axis=1))
 
 
 def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
@@ -165,54 +187,85 @@ def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
     return lut, k
 
 
-def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_px: np.ndarray, foreground: np.ndarray,
-          inside_prob: np.ndarray) -> np.ndarray:
-    """Assign every foreground pixel to a seed (numbered by ``seed_lut``; ``seed_px``: the flat
-    indices of the seeds' pixels), component by component."""
-    comp, n_comp = _label(foreground)
-    if n_comp == 0:
-        return comp
+def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_at: np.ndarray, seed_px: np.ndarray,
+          comps: _Components, inside_prob: np.ndarray) -> _Labelled:
+    """Assign every foreground pixel to a seed (numbered by ``seed_lut``; ``seed_px``: the flat indices
+    of the seeds' pixels, ``seed_at`` the seed there), component by component. The result's ``px``
+    and ``lab`` are left empty."""
+    comp, n_comp = comps.labels, comps.n
     seed_comp = np.zeros(n_seeds + 1, dtype=np.int64)
-    seed_comp[seed_lut[seeds.ravel()[seed_px]]] = comp.ravel()[seed_px]  # dropped seeds land on 0
+    seed_comp[seed_lut[seed_at]] = comp.ravel()[seed_px]  # dropped seeds land on 0
     per_comp = np.bincount(seed_comp[1:], minlength=n_comp + 1)
     lut = np.zeros(n_comp + 1, dtype=np.int32)
     single = per_comp[seed_comp[1:]] == 1
     lut[seed_comp[1:][single]] = np.arange(1, n_seeds + 1, dtype=np.int32)[single]
     unseeded = np.flatnonzero(per_comp[1:] == 0) + 1
     lut[unseeded] = np.arange(n_seeds + 1, n_seeds + 1 + len(unseeded), dtype=np.int32)
-    labels = lut[comp]
-    multi = np.flatnonzero(per_comp[1:] > 1) + 1
-    if len(multi):
-        boxes = ndimage.find_objects(comp)
-        for c in multi:
-            _split_component(labels, comp, seeds, seed_lut, inside_prob, boxes[c - 1], int(c))
-    return labels
+    label_comp = np.concatenate([[0], seed_comp[1:], unseeded])
+    empty = np.zeros(0, np.int64)
+    grown = _Labelled(lut[comp], empty, empty, comps.area[label_comp], comps.centroid[label_comp],
+                      comps.box[label_comp])
+    for c in np.flatnonzero(per_comp[1:] > 1) + 1:
+        _split_component(grown, comp, seeds, seed_lut, inside_prob, comps.box[c], int(c))
+    return grown
 
 
 def _split_component(
-    labels: np.ndarray, comp: np.ndarray, seeds: np.ndarray, seed_lut: np.ndarray, inside_prob: np.ndarray,
-    box: tuple[slice, slice], c: int,
+    grown: _Labelled, comp: np.ndarray, seeds: np.ndarray, seed_lut: np.ndarray, inside_prob: np.ndarray,
+    box: np.ndarray, c: int,
 ) -> None:
-    """Watershed of one multi-seed component on ``1 - p(inside)``, written into ``labels``."""
-    mask = comp[box] == c
-    markers = np.where(mask, seed_lut[seeds[box]], 0)
-    elevation = PROB_SCALE - inside_prob[box]
-    grown = watershed(elevation, markers, connectivity=1, mask=mask)
-    labels[box][mask] = grown[mask]
+    """Watershed of one multi-seed component on ``1 - p(inside)``, written into ``grown`` (its labels,
+    and its seeds' areas and centroids)."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    crop = np.s_[y0:y1, x0:x1]
+    mask = comp[crop] == c
+    markers = np.where(mask, seed_lut[seeds[crop]], 0)
+    values = _watershed(PROB_SCALE - inside_prob[crop], markers, mask)[mask]
+    grown.labels[crop][mask] = values
+    rows, cols = np.nonzero(mask)
+    ids = np.unique(values)
+    area = np.bincount(values)[ids]
+    grown.area[ids] = area
+    # the same sums as ``_pixel_stats`` (whole-slide coordinates), so the same centroids to the bit
+    grown.centroid[ids, 0] = np.bincount(values, cols + x0)[ids] / area + 0.5
+    grown.centroid[ids, 1] = np.bincount(values, rows + y0)[ids] / area + 0.5
 
 
-def _drop_small(labels: np.ndarray, px: np.ndarray, min_px: int) -> _Labelled:
-    """Labels of ``min_px`` pixels or more, renumbered; a pass over the labelled pixels ``px`` only."""
+def _watershed(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """scikit-image's ``watershed(elevation, markers, connectivity=1, mask=mask)`` for 2-D crops,
+    without its per-call validation and generic padding (most of its cost on a nucleus-sized crop):
+    the same flooding routine on the same padded arrays, so the same labels (a test checks it).
+    ``markers`` must be int32 and 0 outside ``mask``."""
+    h, w = elevation.shape
+    width = w + 2
+    image = np.zeros((h + 2, width), np.float64)
+    image[1:-1, 1:-1] = elevation
+    inside = np.zeros((h + 2, width), np.int8)
+    inside[1:-1, 1:-1] = mask
+    out = np.zeros((h + 2, width), np.int32)
+    out[1:-1, 1:-1] = markers
+    # 4-neighbours of a raveled index, in scikit-image's order; the strides in elements
+    neighbours, strides = np.array([-width, -1, 1, width], np.intp), np.array([width, 1], np.intp)
+    watershed_raveled(image.ravel(), np.flatnonzero(out), neighbours, inside.ravel(), strides, 0.0, out.ravel(),
+                      False)
+    return out[1:-1, 1:-1]
+
+
+def _drop_small(grown: _Labelled, px: np.ndarray, min_px: int) -> _Labelled:
+    """``grown`` with its pixels ``px`` and only the labels of ``min_px`` pixels or more, renumbered;
+    a pass over the labelled pixels only."""
+    labels = grown.labels
     lab = labels.ravel().take(px)
-    n = int(lab.max(initial=0))
-    keep = np.bincount(lab, minlength=n + 1) >= max(min_px, 1)
+    keep = grown.area >= max(min_px, 1)
     if keep[1:].all():
-        return _Labelled(labels, px, lab)
-    lab = _keep_lut(keep)[0][lab]
+        return _Labelled(labels, px, lab, grown.area, grown.centroid, grown.box)
+    lut, _ = _keep_lut(keep)
+    lab = lut[lab]
     kept = lab > 0
     out = np.zeros_like(labels)
     out.ravel()[px[kept]] = lab[kept]
-    return _Labelled(out, px[kept], lab[kept])
+    rows = np.concatenate([[0], np.flatnonzero(keep[1:]) + 1])
+    return _Labelled(out, px[kept], lab[kept], grown.area[rows], grown.centroid[rows], grown.box[rows])
 
 
 def measure_nuclei(labels: np.ndarray, sem_prob: np.ndarray) -> Nuclei:
@@ -220,33 +273,53 @@ def measure_nuclei(labels: np.ndarray, sem_prob: np.ndarray) -> Nuclei:
 
     ``sem_prob`` is ``(C, h, w)`` uint8, probabilities times ``PROB_SCALE``.
     """
+    return _measure(_pixel_stats(labels), sem_prob)
+
+
+def _pixel_stats(labels: np.ndarray) -> _Labelled:
+    """Any label image's pixels and per-label area, centroid and box, by counting its pixels."""
     px = np.flatnonzero(labels)
-    return _measure(_Labelled(labels, px, labels.ravel()[px]), sem_prob)
+    lab = labels.ravel()[px]
+    n = int(lab.max(initial=0))
+    area = np.bincount(lab, minlength=n + 1)
+    safe = np.maximum(area, 1)
+    rows, cols = np.divmod(px, labels.shape[1])
+    centroid = np.stack([np.bincount(lab, cols, n + 1), np.bincount(lab, rows, n + 1)], axis=1) / safe[:, None] + 0.5
+    return _Labelled(labels, px, lab, area, centroid, _boxes(labels, n))
+
+
+def _boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """``(n + 1, 4)`` boxes ``(y0, x0, y1, x1)`` of labels 1..n (row 0 and absent labels: empty)."""
+    box = np.zeros((n + 1, 4), np.int64)
+    for i, found in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
+        if found is not None:
+            box[i] = (found[0].start, found[1].start, found[0].stop, found[1].stop)
+    return box
 
 
 def _measure(inst: _Labelled, sem_prob: np.ndarray) -> Nuclei:
     labels, px, lab = inst.labels, inst.px, inst.lab
-    n = int(lab.max(initial=0))
+    n = len(inst.area) - 1
     c = sem_prob.shape[0]
     if sem_prob.ndim != 3 or sem_prob.shape[1:] != labels.shape or c < 2:
         raise ValueError(f"semantic maps must be (C >= 2, {labels.shape}), got shape {sem_prob.shape}")
-    area = np.bincount(lab, minlength=n + 1)[1:]
-    safe = np.maximum(area, 1)
-    rows, cols = np.divmod(px, labels.shape[1])
-    sums = np.stack([np.bincount(lab, cols, n + 1)[1:], np.bincount(lab, rows, n + 1)[1:]], axis=1)
-    centroid = sums / safe[:, None] + 0.5
+    safe = np.maximum(inst.area[1:], 1)
     mean = _label_sums(lab, n, np.take(sem_prob.reshape(c, -1), px, axis=1))[1:] / (PROB_SCALE * safe[:, None])
     cls, conf = classify(mean)
-    return Nuclei(labels, area, centroid, mean, cls, conf)
+    return Nuclei(labels, inst.area[1:], inst.centroid[1:], mean, cls, conf, inst.box[1:])
 
 
 def _label_sums(lab: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
     """``(n + 1, C)`` sums of ``values`` ``(C, k)`` uint8 per label ``lab`` ``(k,)``: one sparse product
-    (a label-by-pixel indicator matrix), about twice as fast as a ``bincount`` per channel. Exact in
-    float32 for objects under 65,000 pixels."""
+    (a label-by-pixel indicator matrix times the values laid out pixel-major, filled a channel at a
+    time: a transposing copy would cost twice the product), about twice as fast as a ``bincount`` per
+    channel. Exact in float32 for objects under 65,000 pixels."""
     k = len(lab)
     onehot = sparse.csc_matrix((np.ones(k, np.float32), lab, np.arange(k + 1)), shape=(n + 1, k))
-    return np.asarray(onehot @ values.T.astype(np.float32), dtype=np.float64)
+    columns = np.empty((k, len(values)), np.float32)
+    for i, channel in enumerate(values):
+        columns[:, i] = channel
+    return np.asarray(onehot @ columns, dtype=np.float64)
 
 
 def classify(mean_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,19 +348,22 @@ def nucleus_polygons(
     labels: np.ndarray,
     ids: np.ndarray,
     *,
+    boxes: np.ndarray | None = None,
     origin: tuple[float, float] = (0.0, 0.0),
     scale: float = 1.0,
     tolerance_px: float = SIMPLIFY_PX,
 ) -> np.ndarray:
     """Simplified, valid, counter-clockwise shapely Polygons of ``ids`` (outer boundary, no holes).
 
-    Coordinates are ``(region coordinate + origin) * scale``: with ``origin`` the region's analysis
-    offset and ``scale = view.l0_per_px`` they are level-0 slide pixels.
+    ``boxes``: a box ``(y0, x0, y1, x1)`` holding each of ``ids`` (``Nuclei.box``); found in
+    ``labels`` when not given. Coordinates are ``(region coordinate + origin) * scale``: with
+    ``origin`` the region's analysis offset and ``scale = view.l0_per_px`` they are level-0 slide pixels.
     """
     if len(ids) == 0:
         return np.empty(0, dtype=object)
-    boxes = ndimage.find_objects(labels, max_label=int(ids.max()))
-    grown = _pixel_edges([_outer_contour(labels, int(i), boxes[int(i) - 1]) for i in ids])
+    if boxes is None:
+        boxes = _boxes(labels, int(ids.max()))[ids]
+    grown = _pixel_edges([_outer_contour(labels, int(i), box) for i, box in zip(ids, boxes, strict=True)])
     odd = shapely.get_type_id(grown) != shapely.GeometryType.POLYGON
     grown[odd] = [_largest_polygon(g) for g in grown[odd]]
     raw = shapely.polygons(shapely.get_exterior_ring(grown))  # pixel centres -> pixel edges, no holes
@@ -301,17 +377,18 @@ def nucleus_polygons(
     return np.asarray(shapely.orient_polygons(polys, exterior_cw=False), dtype=object)
 
 
-def _outer_contour(labels: np.ndarray, label: int, box: tuple[slice, slice] | None) -> np.ndarray:
-    """Outer boundary pixel centres of ``label`` as ``(k, 2)`` x, y in continuous region coordinates.
+def _outer_contour(labels: np.ndarray, label: int, box: np.ndarray) -> np.ndarray:
+    """Outer boundary pixel centres of ``label`` (inside ``box``, ``(y0, x0, y1, x1)``) as ``(k, 2)``
+    x, y in continuous region coordinates.
 
     OpenCV's border following (``findContours``), the longest outer contour when the label has
     several parts; ``nucleus_polygons`` grows the ring by half a pixel onto the pixel edges.
     """
-    if box is None:
-        raise ValueError(f"label {label} is not in the label image")
-    mask = (labels[box] == label).view(np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
-                                   offset=(box[1].start, box[0].start))
+    y0, x0, y1, x1 = (int(v) for v in box)
+    mask = (labels[y0:y1, x0:x1] == label).view(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
+    if not contours:
+        raise ValueError(f"label {label} is not in the label image inside {tuple(int(v) for v in box)}")
     return max(contours, key=len)[:, 0, :].astype(np.float64) + 0.5
 
 
@@ -413,7 +490,8 @@ def block_nuclei(place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> B
     ids = np.flatnonzero(_owned(nuclei.centroid_xy + np.array([region.x0, region.y0]), place.inner)) + 1
     oversized = _count_oversized(nuclei.labels, ids, region, place.bounds)
     t1 = time.perf_counter()
-    polys = nucleus_polygons(nuclei.labels, ids, origin=(region.x0, region.y0), scale=place.scale,
+    polys = nucleus_polygons(nuclei.labels, ids, boxes=nuclei.box[ids - 1], origin=(region.x0, region.y0),
+                             scale=place.scale,
                              tolerance_px=place.params.simplify_px)
     rings = [shapely.get_coordinates(p.exterior) for p in polys]
     t2 = time.perf_counter()

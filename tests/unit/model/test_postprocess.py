@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import shapely
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 from model.blending import nucleus_inputs
 from model.errors import OptionsError
@@ -16,6 +17,7 @@ from model.postprocess import (
     _outer_contour,
     _pixel_edges,
     _ring_geometries,
+    _watershed,
     classify,
     find_nuclei,
     instance_labels,
@@ -160,8 +162,8 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     rng = np.random.default_rng(17)
     blobs = ndimage.gaussian_filter(rng.normal(size=(300, 300)), 2.5) > 0.05  # lobes, necks, spikes, pinches
     labels, n = ndimage.label(blobs)
-    boxes = ndimage.find_objects(labels)
-    rings = [_outer_contour(labels, i, boxes[i - 1]) for i in range(1, n + 1)]
+    boxes = [(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in ndimage.find_objects(labels)]
+    rings = [_outer_contour(labels, i, np.array(boxes[i - 1])) for i in range(1, n + 1)]
     rings += [np.array([[5.5, 5.5]]), np.array([[5.5, 5.5], [6.5, 5.5]])]  # a pixel, a two-pixel line
     grown = _pixel_edges(rings)
     reference = shapely.buffer(_ring_geometries(rings), 0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
@@ -170,3 +172,37 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     _, exact = _mitred_offsets(np.concatenate(wide), np.array([len(r) for r in wide]), 0.5)
     assert 0.5 < exact.mean() < 1  # both the numpy offsets and the GEOS fallback are exercised
     assert shapely.area(grown[-2]) == 1.0
+
+
+def _noisy_maps(seed: int, shape: tuple[int, int] = (160, 200)) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary argmax and uint8 maps with many touching, speckled and tiny objects and tied values."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    ternary = np.where(field > 0.12, 1, np.where(field > 0.02, 2, 0)).astype(np.uint8)
+    probs = rng.integers(0, 256, (6, *shape)).astype(np.uint8)
+    probs[-1] = np.clip(field * 600 + 128, 0, 255).astype(np.uint8) // 8 * 8  # coarse: plateaus and ties
+    return ternary, probs
+
+
+def test_crop_watershed_equals_scikit_image():
+    for seed in range(4):
+        ternary, probs = _noisy_maps(seed, (70, 90))
+        mask = ternary > 0
+        markers = np.where(ternary == 1, ndimage.label(ternary == 1)[0], 0).astype(np.int32)
+        elevation = 255 - probs[-1]
+        expected = watershed(elevation, markers, connectivity=1, mask=mask)
+        np.testing.assert_array_equal(_watershed(elevation, markers, mask), expected)
+
+
+def test_instance_measurements_equal_counting_the_pixels():
+    """Area and centroid kept from the components and the split crops equal those counted on the
+    final labels, to the bit; each box holds its nucleus."""
+    for seed in range(3):
+        ternary, probs = _noisy_maps(seed)
+        found = find_nuclei(ternary, probs, mpp=0.25, params=PostprocessParams(min_area_um2=2.0))
+        counted = measure_nuclei(found.labels, probs[:-1])
+        assert found.n > 20 and found.n == counted.n
+        for name in ("area_px", "centroid_xy", "mean_prob", "class_index", "confidence"):
+            np.testing.assert_array_equal(getattr(found, name), getattr(counted, name), err_msg=name)
+        assert (found.box[:, :2] <= counted.box[:, :2]).all() and (found.box[:, 2:] >= counted.box[:, 2:]).all()
+        assert (found.box != counted.box).any()  # split nuclei carry their component's box
