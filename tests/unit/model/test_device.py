@@ -41,3 +41,17 @@ def test_tta_is_the_mean_over_the_four_flips() -> None:
     assert tta.shape == (3, 8, 64, 64)
     torch.testing.assert_close(tta, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(tta, plain(tiles), atol=1e-3)  # the network is not flip-invariant
+
+
+def test_bf16_runs_the_arithmetic_of_autocast_with_weights_cast_once() -> None:
+    torch.manual_seed(3)
+    network, card, cpu = build_network("resnet18").eval(), ModelCard(), torch.device("cpu")
+    tiles = np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    runner = TileRunner(network, card, cpu, "bf16", batch=2)
+    assert next(runner.network.parameters()).dtype == torch.bfloat16
+    fp32 = TileRunner(network, card, cpu, "fp32", batch=2)
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() * fp32._scale + fp32._shift
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sem, ter = fp32.network(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(runner(tiles), torch.cat((sem, ter), 1).float(), atol=0, rtol=0)
+    assert not torch.equal(runner(tiles), fp32(tiles))
