@@ -72,7 +72,7 @@ def load_dataset(root: Path, kind: str) -> list[Sample]:
 
 
 def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell_types: bool = False,
-                     stain: dict[str, list[float]] | None = None) -> dict[str, Any]:
+                     stain: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pixel and instance metrics over ``samples``, accumulated over all pixels / nuclei."""
     from model.blending import nucleus_inputs
     from model.postprocess import find_nuclei
@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--tta", action="store_true", help="the engine's test-time augmentation (four flips per tile)")
-    p.add_argument("--stain", help="Reinhard-normalise images to this reference first (training.stain)")
+    p.add_argument("--stain", help="stain-normalise to this reference first (training.stain: Reinhard, Macenko)")
     p.add_argument("--split", help="split.json of a training run: evaluate only its --part of each dataset")
     p.add_argument("--part", default="val", choices=("train", "val"))
     p.add_argument("--split-datasets", default="monusac",
