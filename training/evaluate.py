@@ -93,6 +93,7 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
             instances.update(s.instances, nuclei.labels)
     out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
     out.update(pixel.summary())
+    out["sem_confusion"] = pixel.sem.matrix.tolist()  # pixels, rows: labelled class, columns: predicted
     if instances.images:
         result = instances.result()
         out.update({f"inst_{k}": float(result[k]) for k in INSTANCE_KEYS})
@@ -162,7 +163,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "per-type semantic IoUs only count false positives and read 0."]
     for name in names:
         if "cell_types" in report["datasets"][name]:
-            lines += ["", *cell_type_table(name, report["datasets"][name])]
+            lines += ["", *cell_type_table(name, report["datasets"][name]),
+                      "", *confusion_table(name, report["datasets"][name]["sem_confusion"])]
     if report["targets"]:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         for t in report["targets"]:
@@ -184,6 +186,18 @@ def cell_type_table(name: str, result: dict[str, Any]) -> list[str]:
                      f"{_fmt(m['pq'])} |")
     lines += ["", f"nucleus Dice from the semantic map {_fmt(ct['nucleus_dice_semantic'])}, from the ternary map "
               f"{_fmt(ct['nucleus_dice_ternary'])}; mPQ {_fmt(ct['mpq'])}."]
+    return lines
+
+
+def confusion_table(name: str, matrix: list[list[int]]) -> list[str]:
+    """Where each labelled class's pixels went: the share predicted as each semantic class."""
+    m = np.asarray(matrix, dtype=np.float64)
+    shares = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    lines = [f"{name}, semantic confusion (share of each labelled class's pixels predicted as each class):", "",
+             "| labelled | " + " | ".join(f"as {c}" for c in SEMANTIC_CLASSES) + " | pixels |",
+             "|---|" + "---|" * (len(SEMANTIC_CLASSES) + 1)]
+    for cls, row, total in zip(SEMANTIC_CLASSES, shares, m.sum(axis=1), strict=True):
+        lines.append(f"| {cls} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {int(total):,} |")
     return lines
 
 

@@ -203,3 +203,14 @@ def test_macenko_maps_an_image_onto_the_reference_stains() -> None:
     assert np.abs(out - target).mean() < 0.4 * np.abs(other - target).mean()
     glass = np.full((16, 16, 3), 250, np.uint8)
     assert np.array_equal(normalise(glass, ref), glass)  # nothing to unmix: unchanged
+
+
+def test_confusion_table_gives_each_labelled_class_its_shares() -> None:
+    from training.evaluate import confusion_table
+
+    matrix = [[90, 10, 0, 0, 0], [5, 15, 0, 0, 0], [0] * 5, [0, 0, 0, 1, 3], [0, 0, 0, 0, 0]]
+    lines = confusion_table("monusac", matrix)
+    assert lines[4] == "| background | 0.900 | 0.100 | 0.000 | 0.000 | 0.000 | 100 |"
+    assert lines[5] == "| epithelial | 0.250 | 0.750 | 0.000 | 0.000 | 0.000 | 20 |"
+    assert lines[7] == "| neutrophil | 0.000 | 0.000 | 0.000 | 0.250 | 0.750 | 4 |"
+    assert lines[6].endswith("| 0 |") and "as macrophage" in lines[2]

@@ -107,6 +107,8 @@ def test_evaluate_and_export(trained: tuple[Path, Path], tmp_path: Path) -> None
     consep = report["datasets"]["consep"]
     assert consep["images"] == 2 and 0 <= consep["nucleus_dice"] <= 1
     assert "| nucleus_dice |" in (tmp_path / "e" / "eval.md").read_text()
+    m = np.asarray(consep["sem_confusion"])  # rows: labelled, columns: predicted; the IoUs come from it
+    assert m.shape == (5, 5) and m[0, 0] / (m[0].sum() + m[:, 0].sum() - m[0, 0]) == consep["sem_iou_background"]
     assert evaluate_main(["--checkpoint", str(out), "--data", str(data), "--out", str(tmp_path / "t"),
                           "--tile-size", "64", "--overlap", "16", "--precision", "fp32", "--tta"]) == 0
     tta = json.loads((tmp_path / "t" / "eval.json").read_text())
