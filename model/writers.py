@@ -178,6 +178,12 @@ def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile:
             yield band[:, tx : tx + tile]
 
 
+def _deflate_tile(tile: np.ndarray) -> bytes:
+    """One TIFF tile, deflated by Python's zlib: the same bytes whether or not tifffile would have
+    used imagecodecs (whose encoder gives other bytes at the same level)."""
+    return zlib.compress(np.ascontiguousarray(tile).tobytes(), MASK_ZLIB_LEVEL)
+
+
 class ReducedPages:
     """The reduced pages' tiles, deflated as soon as the full-resolution rows they sample are final.
 
@@ -203,7 +209,7 @@ class ReducedPages:
                     break
                 band = _band(self.store, scale, width, height, self.tile, ty)
                 for tx in range(0, width, self.tile):
-                    data = zlib.compress(np.ascontiguousarray(band[:, tx : tx + self.tile]).tobytes(), MASK_ZLIB_LEVEL)
+                    data = _deflate_tile(band[:, tx : tx + self.tile])
                     self._spool.write(data)
                     self._spans[k].append((self._end, len(data)))
                     self._end += len(data)
@@ -242,9 +248,10 @@ def write_tiff_from_store(store: ClassMapStore, path: Path, palette: Sequence[tu
     try:
         with tifffile.TiffWriter(path, bigtiff=store.width * store.height > 2**31) as tif:
             for k, (scale, width, height) in enumerate(sizes):
-                tiles: Iterator[np.ndarray] | Iterator[bytes]
+                tiles: Iterator[bytes]
                 if reduced is None or k == 0:
-                    tiles = _mask_tiles(store, scale, width, height, tile, wait_full if reduced and k == 0 else None)
+                    waiting = wait_full if reduced and k == 0 else None
+                    tiles = map(_deflate_tile, _mask_tiles(store, scale, width, height, tile, waiting))
                 else:
                     tiles = reduced.tiles(k - 1)
                 tif.write(tiles, shape=(height, width), dtype=np.uint8,
