@@ -224,11 +224,8 @@ def _split_component(
     grown.labels[crop][mask] = values
     rows, cols = np.nonzero(mask)
     ids = np.unique(values)
-    area = np.bincount(values)[ids]
-    grown.area[ids] = area
-    # the same sums as ``_pixel_stats`` (whole-slide coordinates), so the same centroids to the bit
-    grown.centroid[ids, 0] = np.bincount(values, cols + x0)[ids] / area + 0.5
-    grown.centroid[ids, 1] = np.bincount(values, rows + y0)[ids] / area + 0.5
+    area, centroid = _area_centroid(values, rows + y0, cols + x0, int(ids[-1]))
+    grown.area[ids], grown.centroid[ids] = area[ids], centroid[ids]
 
 
 def _watershed(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -281,11 +278,17 @@ def _pixel_stats(labels: np.ndarray) -> _Labelled:
     px = np.flatnonzero(labels)
     lab = labels.ravel()[px]
     n = int(lab.max(initial=0))
-    area = np.bincount(lab, minlength=n + 1)
-    safe = np.maximum(area, 1)
-    rows, cols = np.divmod(px, labels.shape[1])
-    centroid = np.stack([np.bincount(lab, cols, n + 1), np.bincount(lab, rows, n + 1)], axis=1) / safe[:, None] + 0.5
+    area, centroid = _area_centroid(lab, *np.divmod(px, labels.shape[1]), n)
     return _Labelled(labels, px, lab, area, centroid, _boxes(labels, n))
+
+
+def _area_centroid(lab: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel counts ``(n + 1,)`` and centroids ``(n + 1, 2)`` (continuous x, y) of labels 0..n from
+    their pixels' labels, rows and columns (whole-region coordinates: exact integer sums, so a crop
+    and the whole region give the same centroids to the bit)."""
+    area = np.bincount(lab, minlength=n + 1)
+    sums = np.stack([np.bincount(lab, cols, n + 1), np.bincount(lab, rows, n + 1)], axis=1)
+    return area, sums / np.maximum(area, 1)[:, None] + 0.5
 
 
 def _boxes(labels: np.ndarray, n: int) -> np.ndarray:
