@@ -70,6 +70,8 @@ class PatchSection(_Strict):
     class_bias: float = Field(default=0.0, ge=0, le=1)
     class_draw: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25)
     """Draw probabilities of epithelial, lymphocyte, neutrophil, macrophage for class-centred patches."""
+    rotate: bool = False
+    """Turn each patch by a random angle (one affine warp with the scale jitter; see ``training.data.patches``)."""
     augment: AugmentSection = Field(default_factory=AugmentSection)
 
 

@@ -188,7 +188,7 @@ class Trainer:
         p = self.cfg.patches
         pc = PatchConfig(size=p.size, per_epoch=p.per_epoch, foreground_bias=p.foreground_bias,
                          scale_jitter=p.scale_jitter, class_bias=p.class_bias, class_draw=p.class_draw,
-                         augment=AugmentConfig(**p.augment.model_dump()))
+                         rotate=p.rotate, augment=AugmentConfig(**p.augment.model_dump()))
         return PatchDataset(self.train_samples, pc, seed=self.cfg.seed, weights=weights)
 
     def _warm_start(self, path: str) -> None:

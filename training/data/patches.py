@@ -1,8 +1,11 @@
-"""Random patches with a foreground bias, class-centred draws and scale jitter, as a ``Dataset``.
+"""Random patches with a foreground bias, class-centred draws, scale jitter and (optionally) rotation.
 
 A ``class_bias`` share of the patches is centred on a pixel of a cell type (semantic classes 1..4)
 drawn with the probabilities ``class_draw`` (pixels of all training samples, uniformly within a
 class); the rest pick a sample by its weight, then a nucleus (``foreground_bias``) or any position.
+With ``rotate``, a patch is one affine warp of its sample (any angle, and the scale jitter): the
+image interpolated bilinearly and mirrored past the sample's edges, the labels by nearest neighbour
+and ``IGNORE`` past them.
 :func:`class_shares` measures what that gives, per class, in the pixels the network sees.
 
 Each item is drawn from its own generator seeded by ``(seed, epoch, index)``, so an epoch is
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -40,6 +44,7 @@ class PatchConfig:
     scale_jitter: float = 0.1
     class_bias: float = 0.0
     class_draw: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+    rotate: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -117,6 +122,9 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         s = self.samples[i]
         size = self.cfg.size
         side = round(size * rng.uniform(1 - self.cfg.scale_jitter, 1 + self.cfg.scale_jitter))
+        if self.cfg.rotate:
+            cy, cx = self._centre(i, rng, side, centre)
+            return _warp(s, (cy, cx), side / size, rng.uniform(0, 2 * np.pi), size)
         image, sem, ter = _pad_to(s, side)
         h, w = sem.shape
         y0, x0 = self._corner(i, rng, side, (h, w), s.semantic.shape[1], centre)
@@ -126,6 +134,22 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
             image, sem, ter = _resize(image, size, Image.Resampling.BILINEAR), _resize(
                 sem, size, Image.Resampling.NEAREST), _resize(ter, size, Image.Resampling.NEAREST)
         return image, sem, ter
+
+    def _centre(self, i: int, rng: np.random.Generator, side: int, centre: int | None) -> tuple[float, float]:
+        """A patch centre: jittered around ``centre`` (or a nucleus), else anywhere; kept inside if it fits."""
+        h, w = self.samples[i].semantic.shape
+        fg = self._fg[i]
+        if centre is None and fg.size and rng.random() < self.cfg.foreground_bias:
+            centre = int(fg[rng.integers(fg.size)])
+        if centre is None:
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        else:
+            y, x = divmod(centre, w)  # the pixel's middle is at (y + 0.5, x + 0.5)
+            cy = y + 0.5 + rng.integers(-side // 4, side // 4 + 1)
+            cx = x + 0.5 + rng.integers(-side // 4, side // 4 + 1)
+        half = side / 2
+        return (float(np.clip(cy, half, h - half)) if h > side else h / 2,
+                float(np.clip(cx, half, w - half)) if w > side else w / 2)
 
     def _corner(self, i: int, rng: np.random.Generator, side: int, shape: tuple[int, int],
                 src_w: int, centre: int | None) -> tuple[int, int]:
@@ -151,6 +175,24 @@ def _pad_to(s: Sample, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sem = np.pad(s.semantic, ((0, ph), (0, pw)), constant_values=IGNORE)
     ter = np.pad(s.ternary, ((0, ph), (0, pw)), constant_values=IGNORE)
     return image, sem, ter
+
+
+def _warp(s: Sample, centre: tuple[float, float], scale: float, angle: float,
+          size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``size``² patch centred on ``centre`` ((y, x), continuous: pixel ``i`` spans ``[i, i + 1)``),
+    its grid the sample's scaled by ``scale`` and turned by ``angle`` radians."""
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    mid = (size - 1) / 2
+    cy, cx = centre[0] - 0.5, centre[1] - 0.5
+    to_source = np.array([[cos, -sin, cx - cos * mid + sin * mid],
+                          [sin, cos, cy - sin * mid - cos * mid]], dtype=np.float64)
+    flags = cv2.WARP_INVERSE_MAP
+    image = cv2.warpAffine(s.image, to_source, (size, size), flags=flags | cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REFLECT_101)
+    labels = [cv2.warpAffine(a.astype(np.int16), to_source, (size, size), flags=flags | cv2.INTER_NEAREST,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE).astype(np.int64)
+              for a in (s.semantic, s.ternary)]
+    return image, labels[0], labels[1]
 
 
 def _resize(arr: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
