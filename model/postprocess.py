@@ -16,8 +16,9 @@ Instances (``instance_labels``):
 3. Objects under ``min_area_um2`` are dropped; areas are in µm² so the threshold means the same at
    every mpp.
 
-Each nucleus's area, centroid and box come with its foreground component (one OpenCV pass); only
-split components are counted again, on their crop.
+Nuclei are numbered by their foreground component (raster order of the components), the extra
+nuclei of split components after all components; each nucleus's area, centroid and box come with
+its component (one OpenCV pass), and only split components are counted again, on their crops.
 
 Class (``classify``): the cell type (semantic classes 1..4) with the highest mean probability over
 the nucleus, or ``other`` when the mean background probability beats all four (MoNuSAC labels only
@@ -122,7 +123,8 @@ def instance_labels(
 
 @dataclass
 class _Labelled:
-    """Instance labels, their pixels (flat indices ``px``, labels ``lab`` there), and per label
+    """Instance labels, their pixels (flat indices ``px``, labels ``lab`` there; ``px`` may hold some
+    pixels labelled 0, whose ``lab`` is 0), and per label
     (indexed by label; row 0 unused) its pixel count, centroid (continuous x, y) and a box
     ``(y0, x0, y1, x1)`` holding it (its foreground component's, for split components)."""
 
@@ -145,9 +147,27 @@ def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params:
     seeds, n = _label(inside)
     seed_at = seeds.ravel().take(seed_px)
     seed_lut, n_seeds = _keep_lut(np.bincount(seed_at, minlength=n + 1) >= math.ceil(params.min_seed_um2 / px_area))
-    grown = _grow(seeds, seed_lut, n_seeds, seed_at, seed_px, _Components.of(foreground), inside_prob)
+    grown = _grow(seeds, seed_lut, n_seeds, _first_pixels(seed_at, seed_px, n), _Components.of(foreground),
+                  inside_prob)
     # every foreground pixel gets a label, so the labelled pixels are found on the boolean mask
     return _drop_small(grown, np.flatnonzero(foreground), math.ceil(params.min_area_um2 / px_area))
+
+
+def _first_pixels(at: np.ndarray, px: np.ndarray, n: int) -> np.ndarray:
+    """A pixel (flat index) of each label 0..n (row 0 unused) from the labelled pixels ``px`` in
+    raster order and their labels ``at``: with labels numbered in raster order (``_label``), each
+    label's first pixel is where the labels first pass their running maximum."""
+    first = np.zeros(n + 1, np.int64)
+    if not len(at):
+        return first
+    new = np.empty(len(at), bool)
+    new[0] = True
+    np.greater(at[1:], np.maximum.accumulate(at[:-1]), out=new[1:])
+    if int(new.sum()) == n:
+        first[1:] = px[new]
+    else:  # not numbered in raster order: any pixel of each label
+        first[at] = px
+    return first
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -187,82 +207,135 @@ def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
     return lut, k
 
 
-def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_at: np.ndarray, seed_px: np.ndarray,
-          comps: _Components, inside_prob: np.ndarray) -> _Labelled:
-    """Assign every foreground pixel to a seed (numbered by ``seed_lut``; ``seed_px``: the flat indices
-    of the seeds' pixels, ``seed_at`` the seed there), component by component. The result's ``px``
-    and ``lab`` are left empty."""
+def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_pixel: np.ndarray, comps: _Components,
+          inside_prob: np.ndarray) -> _Labelled:
+    """Assign every foreground pixel to a nucleus (seeds numbered by ``seed_lut``; ``seed_pixel``: a
+    pixel of each seed, by its label in ``seeds``). A component with one seed or none is one nucleus
+    and keeps its component number; in a component with several, the first seed's nucleus keeps it
+    and the others are numbered after all components. The result's ``px`` and ``lab`` are left empty."""
     comp, n_comp = comps.labels, comps.n
     seed_comp = np.zeros(n_seeds + 1, dtype=np.int64)
-    seed_comp[seed_lut[seed_at]] = comp.ravel()[seed_px]  # dropped seeds land on 0
+    seed_comp[seed_lut[1:]] = comp.ravel()[seed_pixel[1:]]  # dropped seeds land on 0
     per_comp = np.bincount(seed_comp[1:], minlength=n_comp + 1)
-    lut = np.zeros(n_comp + 1, dtype=np.int32)
-    single = per_comp[seed_comp[1:]] == 1
-    lut[seed_comp[1:][single]] = np.arange(1, n_seeds + 1, dtype=np.int32)[single]
-    unseeded = np.flatnonzero(per_comp[1:] == 0) + 1
-    lut[unseeded] = np.arange(n_seeds + 1, n_seeds + 1 + len(unseeded), dtype=np.int32)
-    label_comp = np.concatenate([[0], seed_comp[1:], unseeded])
     empty = np.zeros(0, np.int64)
-    grown = _Labelled(lut[comp], empty, empty, comps.area[label_comp], comps.centroid[label_comp],
-                      comps.box[label_comp])
-    for c in np.flatnonzero(per_comp[1:] > 1) + 1:
-        _split_component(grown, comp, seeds, seed_lut, inside_prob, comps.box[c], int(c))
+    split = np.flatnonzero(per_comp[1:] > 1) + 1
+    if not len(split):
+        return _Labelled(comp, empty, empty, comps.area, comps.centroid, comps.box)
+    shared = np.flatnonzero(per_comp[seed_comp[1:]] > 1) + 1  # the seeds of split components
+    _, first = np.unique(seed_comp[shared], return_index=True)
+    others = np.setdiff1d(shared, shared[first], assume_unique=True)
+    seed_label = np.zeros(n_seeds + 1, dtype=np.int32)
+    seed_label[shared[first]] = seed_comp[shared[first]]
+    seed_label[others] = np.arange(n_comp + 1, n_comp + 1 + len(others), dtype=np.int32)
+    rows = np.concatenate([np.arange(n_comp + 1), seed_comp[others]])  # a new nucleus starts with its component's box
+    grown = _Labelled(comp, empty, empty, comps.area[rows], comps.centroid[rows], comps.box[rows])
+    _split_components(grown, seeds, seed_label[seed_lut], inside_prob, split)
     return grown
 
 
-def _split_component(
-    grown: _Labelled, comp: np.ndarray, seeds: np.ndarray, seed_lut: np.ndarray, inside_prob: np.ndarray,
-    box: np.ndarray, c: int,
-) -> None:
-    """Watershed of one multi-seed component on ``1 - p(inside)``, written into ``grown`` (its labels,
-    and its seeds' areas and centroids)."""
-    y0, x0, y1, x1 = (int(v) for v in box)
-    crop = np.s_[y0:y1, x0:x1]
-    mask = comp[crop] == c
-    markers = np.where(mask, seed_lut[seeds[crop]], 0)
-    values = _watershed(PROB_SCALE - inside_prob[crop], markers, mask)[mask]
-    grown.labels[crop][mask] = values
-    rows, cols = np.nonzero(mask)
-    ids = np.unique(values)
-    area, centroid = _area_centroid(values, rows + y0, cols + x0, int(ids[-1]))
+def _split_components(grown: _Labelled, seeds: np.ndarray, marker_lut: np.ndarray, inside_prob: np.ndarray,
+                      split: np.ndarray) -> None:
+    """Watershed of the components ``split`` (labelled in ``grown.labels``, boxes in ``grown.box``) on
+    ``1 - p(inside)``, markers ``marker_lut[seeds]``; written into ``grown`` (its labels, and the
+    areas and centroids of every nucleus in those components)."""
+    labels = grown.labels
+    boxes = grown.box[split]
+    crops = [np.s_[y0:y1, x0:x1] for y0, x0, y1, x1 in boxes.tolist()]
+    masks = [labels[crop] == c for crop, c in zip(crops, split.tolist(), strict=True)]
+    markers = [np.where(m, marker_lut[seeds[crop]], 0) for m, crop in zip(masks, crops, strict=True)]
+    stack = _CropStack(masks, [PROB_SCALE - inside_prob[crop] for crop in crops], markers)
+    stack.flood()
+    for crop, mask, out in zip(crops, masks, stack.crops(), strict=True):
+        np.copyto(labels[crop], out, where=mask)
+    # every flooded pixel: its label, and its place in the region from its place in the stack
+    at = np.flatnonzero(stack.inside)
+    lab = stack.out.ravel()[at]
+    row = at // stack.width
+    col = at - row * stack.width
+    k = stack.crop_of_row()[row]
+    ids = np.unique(lab)
+    area, centroid = _area_centroid(lab, row + (boxes[:, 0] - stack.tops)[k], col + boxes[:, 1][k], int(ids[-1]))
     grown.area[ids], grown.centroid[ids] = area[ids], centroid[ids]
 
 
-def _watershed(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """scikit-image's ``watershed(elevation, markers, connectivity=1, mask=mask)`` for 2-D crops,
-    without its per-call validation and generic padding (most of its cost on a nucleus-sized crop):
-    the same flooding routine on the same padded arrays, so the same labels (a test checks it).
-    ``markers`` must be int32 and 0 outside ``mask``."""
-    h, w = elevation.shape
-    width = w + 2
-    image = np.zeros((h + 2, width), np.float64)
-    image[1:-1, 1:-1] = elevation
-    inside = np.zeros((h + 2, width), np.int8)
-    inside[1:-1, 1:-1] = mask
-    out = np.zeros((h + 2, width), np.int32)
-    out[1:-1, 1:-1] = markers
-    # 4-neighbours of a raveled index, in scikit-image's order; the strides in elements
-    neighbours, strides = np.array([-width, -1, 1, width], np.intp), np.array([width, 1], np.intp)
-    watershed_raveled(image.ravel(), np.flatnonzero(out), neighbours, inside.ravel(), strides, 0.0, out.ravel(),
-                      False)
-    return out[1:-1, 1:-1]
+class _CropStack:
+    """2-D crops stacked in one array for scikit-image's flooding routine, each framed by pixels
+    outside every mask (a row above each crop and one below the last, a column after the widest)."""
+
+    def __init__(self, masks: list[np.ndarray], elevation: list[np.ndarray], markers: list[np.ndarray]) -> None:
+        self.shapes = [m.shape for m in masks]
+        self.width = max(w for _, w in self.shapes) + 1
+        self.tops = np.cumsum([1] + [h + 1 for h, _ in self.shapes])[:-1]
+        height = int(self.tops[-1]) + self.shapes[-1][0] + 1
+        self.image = np.zeros((height, self.width), np.float64)
+        self.inside = np.zeros((height, self.width), np.int8)
+        self.out = np.zeros((height, self.width), np.int32)
+        for top, (h, w), m, e, k in zip(self.tops.tolist(), self.shapes, masks, elevation, markers, strict=True):
+            self.inside[top:top + h, :w] = m
+            self.image[top:top + h, :w] = e
+            self.out[top:top + h, :w] = k
+
+    def flood(self) -> None:
+        """scikit-image's ``watershed(e, m, connectivity=1, mask=k)`` of each crop, without its per-call
+        validation and padding (most of its cost on a nucleus-sized crop): its flooding routine on
+        each crop's rows in turn, so the same labels as scikit-image (a test checks it). One flooding
+        per crop, because its queue orders the markers by their heap positions: crops flooded together
+        could break ties differently."""
+        width = self.width
+        # 4-neighbours of a raveled index, in scikit-image's order; the strides in elements
+        neighbours, strides = np.array([-width, -1, 1, width], np.intp), np.array([width, 1], np.intp)
+        image, inside, out = self.image.ravel(), self.inside.ravel(), self.out.ravel()
+        starts = (self.tops - 1) * width
+        stops = (self.tops + np.array([h for h, _ in self.shapes]) + 1) * width
+        seeds = np.flatnonzero(out)
+        cuts = np.searchsorted(seeds, starts)
+        for a, b, lo, hi in zip(starts.tolist(), stops.tolist(), cuts.tolist(), [*cuts[1:].tolist(), len(seeds)],
+                                strict=True):
+            watershed_raveled(image[a:b], seeds[lo:hi] - a, neighbours, inside[a:b], strides, 0.0, out[a:b], False)
+
+    def crop_of_row(self) -> np.ndarray:
+        """The crop each row of the stack holds (a frame row: the crop after it, or the last)."""
+        rows = np.repeat(np.arange(len(self.shapes)), [h + 1 for h, _ in self.shapes])
+        return np.append(rows, len(self.shapes) - 1)
+
+    def crops(self) -> list[np.ndarray]:
+        """Each crop's labels."""
+        return [self.out[top:top + h, :w] for top, (h, w) in zip(self.tops.tolist(), self.shapes, strict=True)]
+
+
+def _watershed(elevation: list[np.ndarray], markers: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+    """scikit-image's ``watershed(e, m, connectivity=1, mask=k)`` of each 2-D crop (``_CropStack``);
+    each ``markers`` crop int32 and 0 outside its mask."""
+    stack = _CropStack(masks, elevation, markers)
+    stack.flood()
+    return stack.crops()
 
 
 def _drop_small(grown: _Labelled, px: np.ndarray, min_px: int) -> _Labelled:
-    """``grown`` with its pixels ``px`` and only the labels of ``min_px`` pixels or more, renumbered;
-    a pass over the labelled pixels only."""
-    labels = grown.labels
-    lab = labels.ravel().take(px)
-    keep = grown.area >= max(min_px, 1)
-    if keep[1:].all():
-        return _Labelled(labels, px, lab, grown.area, grown.centroid, grown.box)
-    lut, _ = _keep_lut(keep)
-    lab = lut[lab]
-    kept = lab > 0
-    out = np.zeros_like(labels)
-    out.ravel()[px[kept]] = lab[kept]
-    rows = np.concatenate([[0], np.flatnonzero(keep[1:]) + 1])
-    return _Labelled(out, px[kept], lab[kept], grown.area[rows], grown.centroid[rows], grown.box[rows])
+    """``grown`` with its pixels ``px`` (those of dropped labels then labelled 0) and only the labels of
+    ``min_px`` pixels or more, numbered 1..n again: each dropped label is cleared in its box, and the
+    highest kept labels take the free numbers, so only the small boxes of the labels that go or move
+    are touched."""
+    labels, area = grown.labels, grown.area
+    small = np.flatnonzero(area[1:] < max(min_px, 1)) + 1
+    rows = np.arange(len(area))
+    if len(small):
+        n = len(area) - 1 - len(small)
+        for label in small.tolist():
+            _relabel(labels, grown.box[label], label, 0)
+        movers = np.setdiff1d(np.arange(n + 1, len(area)), small, assume_unique=True)
+        for hole, label in zip(small[small <= n].tolist(), movers.tolist(), strict=True):
+            _relabel(labels, grown.box[label], label, hole)
+            rows[hole] = label
+        rows = rows[:n + 1]
+    return _Labelled(labels, px, labels.ravel().take(px), area[rows], grown.centroid[rows], grown.box[rows])
+
+
+def _relabel(labels: np.ndarray, box: np.ndarray, old: int, new: int) -> None:
+    """Give the pixels of ``old`` (all inside ``box``, ``(y0, x0, y1, x1)``) the label ``new``."""
+    y0, x0, y1, x1 = (int(v) for v in box)
+    crop = labels[y0:y1, x0:x1]
+    crop[crop == old] = new
 
 
 def measure_nuclei(labels: np.ndarray, sem_prob: np.ndarray) -> Nuclei:
@@ -366,11 +439,12 @@ def nucleus_polygons(
         return np.empty(0, dtype=object)
     if boxes is None:
         boxes = _boxes(labels, int(ids.max()))[ids]
-    grown = _pixel_edges([_outer_contour(labels, int(i), box) for i, box in zip(ids, boxes, strict=True)])
-    odd = shapely.get_type_id(grown) != shapely.GeometryType.POLYGON
-    grown[odd] = [_largest_polygon(g) for g in grown[odd]]
-    raw = shapely.polygons(shapely.get_exterior_ring(grown))  # pixel centres -> pixel edges, no holes
-    raw = shapely.transform(raw, lambda xy: (xy + np.asarray(origin)) * scale)
+    rings = [_outer_contour(labels, i, box) for i, box in zip(ids.tolist(), boxes.tolist(), strict=True)]
+    raw = _pixel_edges(rings, origin, scale)  # pixel centres -> pixel edges
+    odd = shapely.get_type_id(raw) != shapely.GeometryType.POLYGON
+    raw[odd] = [_largest_polygon(g) for g in raw[odd]]
+    holed = shapely.get_num_interior_rings(raw) > 0
+    raw[holed] = shapely.polygons(shapely.get_exterior_ring(raw[holed]))  # no holes
     polys = shapely.simplify(raw, tolerance_px * scale, preserve_topology=False)  # fast Douglas-Peucker
     bad = ~shapely.is_valid(polys) | shapely.is_empty(polys)
     if bad.any():  # rare self-touching results: redo those with the topology-preserving simplifier
@@ -380,40 +454,45 @@ def nucleus_polygons(
     return np.asarray(shapely.orient_polygons(polys, exterior_cw=False), dtype=object)
 
 
-def _outer_contour(labels: np.ndarray, label: int, box: np.ndarray) -> np.ndarray:
+def _outer_contour(labels: np.ndarray, label: int, box: list[int]) -> np.ndarray:
     """Outer boundary pixel centres of ``label`` (inside ``box``, ``(y0, x0, y1, x1)``) as ``(k, 2)``
     x, y in continuous region coordinates.
 
     OpenCV's border following (``findContours``), the longest outer contour when the label has
     several parts; ``nucleus_polygons`` grows the ring by half a pixel onto the pixel edges.
     """
-    y0, x0, y1, x1 = (int(v) for v in box)
+    y0, x0, y1, x1 = box
     mask = (labels[y0:y1, x0:x1] == label).view(np.uint8)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
     if not contours:
-        raise ValueError(f"label {label} is not in the label image inside {tuple(int(v) for v in box)}")
-    return max(contours, key=len)[:, 0, :].astype(np.float64) + 0.5
+        raise ValueError(f"label {label} is not in the label image inside {tuple(box)}")
+    ring = contours[0] if len(contours) == 1 else max(contours, key=len)
+    return ring.reshape(-1, 2) + 0.5
 
 
-def _pixel_edges(rings: list[np.ndarray]) -> np.ndarray:
-    """Each ring of boundary pixel centres grown by half a pixel onto the pixel edges (mitred).
+def _pixel_edges(rings: list[np.ndarray], origin: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> np.ndarray:
+    """Each ring of boundary pixel centres grown by half a pixel onto the pixel edges (mitred), in
+    the coordinates ``(x + origin) * scale``.
 
     Most rings are offset in numpy (each edge moved out by 0.5, corners mitred), which is the same
     point set as GEOS's mitred buffer whenever the offset ring is simple and no corner turns by more
     than 120 degrees; the others (spikes, pinches, thin rings) go through ``shapely.buffer``.
     """
     out = np.empty(len(rings), dtype=object)
+    shift = np.asarray(origin, dtype=np.float64)
     counts = np.array([len(r) for r in rings])
     wide = np.flatnonzero(counts >= 3)
     exact = wide[:0]
     if len(wide):
-        polys, ok = _mitred_offsets(np.concatenate([rings[i] for i in wide]), counts[wide], 0.5)
+        vertices = (np.concatenate([rings[i] for i in wide]) + shift) * scale
+        polys, ok = _mitred_offsets(vertices, counts[wide], 0.5 * scale)
         exact = wide[ok]
         out[exact] = polys[ok]
     rest = np.setdiff1d(np.arange(len(rings)), exact)
     if len(rest):
-        out[rest] = shapely.buffer(_ring_geometries([rings[i] for i in rest]), 0.5, cap_style="square",
-                                   join_style="mitre", mitre_limit=2.0)
+        grown = shapely.buffer(_ring_geometries([rings[i] for i in rest]), 0.5, cap_style="square",
+                               join_style="mitre", mitre_limit=2.0)
+        out[rest] = shapely.transform(grown, lambda xy: (xy + shift) * scale)
     return out
 
 

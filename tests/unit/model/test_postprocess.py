@@ -13,6 +13,8 @@ from model.errors import OptionsError
 from model.postprocess import (
     Nuclei,
     PostprocessParams,
+    _first_pixels,
+    _label,
     _mitred_offsets,
     _outer_contour,
     _pixel_edges,
@@ -163,7 +165,7 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     blobs = ndimage.gaussian_filter(rng.normal(size=(300, 300)), 2.5) > 0.05  # lobes, necks, spikes, pinches
     labels, n = ndimage.label(blobs)
     boxes = [(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in ndimage.find_objects(labels)]
-    rings = [_outer_contour(labels, i, np.array(boxes[i - 1])) for i in range(1, n + 1)]
+    rings = [_outer_contour(labels, i, list(boxes[i - 1])) for i in range(1, n + 1)]
     rings += [np.array([[5.5, 5.5]]), np.array([[5.5, 5.5], [6.5, 5.5]])]  # a pixel, a two-pixel line
     grown = _pixel_edges(rings)
     reference = shapely.buffer(_ring_geometries(rings), 0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
@@ -185,13 +187,20 @@ def _noisy_maps(seed: int, shape: tuple[int, int] = (160, 200)) -> tuple[np.ndar
 
 
 def test_crop_watershed_equals_scikit_image():
-    for seed in range(4):
-        ternary, probs = _noisy_maps(seed, (70, 90))
+    """Crops flooded together get what each gets alone from scikit-image."""
+    elevations, markers, masks, expected = [], [], [], []
+    for seed, shape in enumerate([(70, 90), (40, 25), (1, 30), (66, 91)]):
+        ternary, probs = _noisy_maps(seed, shape)
         mask = ternary > 0
-        markers = np.where(ternary == 1, ndimage.label(ternary == 1)[0], 0).astype(np.int32)
+        marker = np.where(ternary == 1, ndimage.label(ternary == 1)[0], 0).astype(np.int32)
         elevation = 255 - probs[-1]
-        expected = watershed(elevation, markers, connectivity=1, mask=mask)
-        np.testing.assert_array_equal(_watershed(elevation, markers, mask), expected)
+        expected.append(watershed(elevation, marker, connectivity=1, mask=mask))
+        elevations.append(elevation)
+        markers.append(marker)
+        masks.append(mask)
+    for got, want in zip(_watershed(elevations, markers, masks), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_watershed(elevations[:1], markers[:1], masks[:1])[0], expected[0])
 
 
 def test_instance_measurements_equal_counting_the_pixels():
@@ -206,3 +215,14 @@ def test_instance_measurements_equal_counting_the_pixels():
             np.testing.assert_array_equal(getattr(found, name), getattr(counted, name), err_msg=name)
         assert (found.box[:, :2] <= counted.box[:, :2]).all() and (found.box[:, 2:] >= counted.box[:, 2:]).all()
         assert (found.box != counted.box).any()  # split nuclei carry their component's box
+
+
+def test_first_pixels_hold_their_label_whatever_the_numbering():
+    ternary, _ = _noisy_maps(5)
+    labels, n = _label(ternary == 1)
+    px = np.flatnonzero(labels)
+    for numbering in (np.arange(n + 1), np.concatenate([[0], np.random.default_rng(0).permutation(n) + 1])):
+        relabelled = numbering[labels]
+        at = relabelled.ravel()[px]
+        first = _first_pixels(at, px, n)
+        assert n > 20 and (relabelled.ravel()[first[1:]] == np.arange(1, n + 1)).all()
