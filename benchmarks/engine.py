@@ -37,7 +37,7 @@ from model.analysis import make_view
 from model.card import ModelCard
 from model.checkpoint import LoadedModel, load_model
 from model.device import TileRunner, resolve_device, resolve_precision
-from model.engine import BlockResult, Engine, EngineOptions, RunContext, read_reflected
+from model.engine import CollectSink, Engine, EngineOptions, read_reflected
 from model.maps import ClassMapSink
 from model.network import build_network
 from model.readers import open_slide
@@ -98,39 +98,10 @@ def _reflect_pad(image: np.ndarray, box: Box) -> np.ndarray:
     return read_reflected(_View(), box)  # type: ignore[arg-type]
 
 
-class ClassCollect:
-    """Keeps the whole image's class maps (the argmax the masks hold), for the agreement figures:
-    the engine runs as a job runs it, with no float logits brought back (no product sink asks for
-    them)."""
-
-    needs_logits = False
-    needs_probs = False
-
-    def __init__(self) -> None:
-        self.classes: np.ndarray | None = None
-
-    def start(self, ctx: RunContext) -> None:
-        self.classes = np.zeros((2, ctx.view.height, ctx.view.width), dtype=np.uint8)
-
-    def add(self, block: BlockResult) -> None:
-        assert self.classes is not None
-        if block.classes is None:
-            return
-        rows, cols = block.inner_slices()
-        b = block.inner
-        self.classes[:, b.y0 : b.y1, b.x0 : b.x1] = block.classes[:, rows, cols]
-
-    def finish(self) -> dict[str, float]:
-        return {}
-
-    def abort(self) -> None:
-        self.classes = None
-
-
 def engine_run(model: LoadedModel, reader: CropReader, opts: EngineOptions, side: int) -> tuple[Row, np.ndarray]:
     """(b): the engine from the reader, with the class-map sink writing masks; its argmax maps."""
     engine = Engine(model, opts)
-    collect = ClassCollect()
+    collect = CollectSink(logits=False)  # the argmax maps the masks hold, no float logits brought back
     with tempfile.TemporaryDirectory() as tmp, measured() as m:
         report = engine.run(reader, [ClassMapSink(Path(tmp), masks=True, overlays=False), collect])
         _sync(engine.device)

@@ -457,33 +457,41 @@ class _SinkThread:
 
 
 class CollectSink:
-    """Keeps the whole-image blended logits in memory: for small images and tests only."""
+    """Keeps the whole image's class maps, and with ``logits`` its blended logits, in memory: for
+    small images, tests and benchmarks only."""
 
-    needs_logits = True
     needs_probs = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, logits: bool = True) -> None:
+        self.needs_logits = logits
         self.logits: np.ndarray | None = None
+        self.classes: np.ndarray | None = None
         self.covered: np.ndarray | None = None
 
     def start(self, ctx: RunContext) -> None:
-        self.logits = np.zeros((N_CHANNELS, ctx.view.height, ctx.view.width), dtype=np.float32)
-        self.covered = np.zeros((ctx.view.height, ctx.view.width), dtype=bool)
+        shape = (ctx.view.height, ctx.view.width)
+        self.logits = np.zeros((N_CHANNELS, *shape), dtype=np.float32) if self.needs_logits else None
+        self.classes = np.zeros((2, *shape), dtype=np.uint8)
+        self.covered = np.zeros(shape, dtype=bool)
 
     def add(self, block: BlockResult) -> None:
-        assert self.logits is not None and self.covered is not None
-        if block.logits is None or block.covered is None:
+        assert self.classes is not None and self.covered is not None
+        if block.covered is None:
             return
         rows, cols = block.inner_slices()
         b = block.inner
-        self.logits[:, b.y0 : b.y1, b.x0 : b.x1] = block.logits[:, rows, cols]
-        self.covered[b.y0 : b.y1, b.x0 : b.x1] = block.covered[rows, cols]
+        inner = np.s_[b.y0 : b.y1, b.x0 : b.x1]
+        self.covered[inner] = block.covered[rows, cols]
+        if block.classes is not None:
+            self.classes[:, inner[0], inner[1]] = block.classes[:, rows, cols]
+        if self.logits is not None and block.logits is not None:
+            self.logits[:, inner[0], inner[1]] = block.logits[:, rows, cols]
 
     def finish(self) -> dict[str, Any]:
         return {}
 
     def abort(self) -> None:
-        self.logits = self.covered = None
+        self.logits = self.classes = self.covered = None
 
 
 def set_threads(n: int | None) -> None:

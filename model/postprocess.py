@@ -303,14 +303,6 @@ class _CropStack:
         return [self.out[top:top + h, :w] for top, (h, w) in zip(self.tops.tolist(), self.shapes, strict=True)]
 
 
-def _watershed(elevation: list[np.ndarray], markers: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
-    """scikit-image's ``watershed(e, m, connectivity=1, mask=k)`` of each 2-D crop (``_CropStack``);
-    each ``markers`` crop int32 and 0 outside its mask."""
-    stack = _CropStack(masks, elevation, markers)
-    stack.flood()
-    return stack.crops()
-
-
 def _drop_small(grown: _Labelled, px: np.ndarray, min_px: int) -> _Labelled:
     """``grown`` with its pixels ``px`` (those of dropped labels then labelled 0) and only the labels of
     ``min_px`` pixels or more, numbered 1..n again: each dropped label is cleared in its box, and the

@@ -94,6 +94,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         self.std = np.asarray(std, dtype=np.float32) * 255.0
         self._fg = [np.flatnonzero(s.ternary.ravel() > 0) for s in self.samples]
         self.class_pixels = ClassPixels(self.samples, CELL_CLASSES, cfg.class_draw) if cfg.class_bias else None
+        self._labels = [_int16_labels(s) for s in self.samples] if cfg.rotate else []  # converted once, not per patch
 
     def set_epoch(self, epoch: int) -> None:
         """Draw a different, reproducible set of patches next epoch."""
@@ -124,10 +125,10 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         side = round(size * rng.uniform(1 - self.cfg.scale_jitter, 1 + self.cfg.scale_jitter))
         if self.cfg.rotate:
             cy, cx = self._centre(i, rng, side, centre)
-            return _warp(s, (cy, cx), side / size, rng.uniform(0, 2 * np.pi), size)
+            return _warp(s, self._labels[i], (cy, cx), side / size, rng.uniform(0, 2 * np.pi), size)
         image, sem, ter = _pad_to(s, side)
         h, w = sem.shape
-        y0, x0 = self._corner(i, rng, side, (h, w), s.semantic.shape[1], centre)
+        y0, x0 = self._corner(i, rng, side, (h, w), centre)
         crop = (slice(y0, y0 + side), slice(x0, x0 + side))
         image, sem, ter = image[crop], sem[crop], ter[crop]
         if side != size:
@@ -135,33 +136,34 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
                 sem, size, Image.Resampling.NEAREST), _resize(ter, size, Image.Resampling.NEAREST)
         return image, sem, ter
 
-    def _centre(self, i: int, rng: np.random.Generator, side: int, centre: int | None) -> tuple[float, float]:
-        """A patch centre: jittered around ``centre`` (or a nucleus), else anywhere; kept inside if it fits."""
-        h, w = self.samples[i].semantic.shape
+    def _jittered(self, i: int, rng: np.random.Generator, side: int, centre: int | None) -> tuple[int, int] | None:
+        """The pixel (row, column) a patch is centred on: ``centre`` (or, with ``foreground_bias``, a
+        nucleus pixel) moved by up to a quarter of ``side``; None for a patch placed anywhere."""
         fg = self._fg[i]
         if centre is None and fg.size and rng.random() < self.cfg.foreground_bias:
             centre = int(fg[rng.integers(fg.size)])
         if centre is None:
-            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        else:
-            y, x = divmod(centre, w)  # the pixel's middle is at (y + 0.5, x + 0.5)
-            cy = y + 0.5 + rng.integers(-side // 4, side // 4 + 1)
-            cx = x + 0.5 + rng.integers(-side // 4, side // 4 + 1)
+            return None
+        cy, cx = divmod(centre, self.samples[i].semantic.shape[1])
+        return (cy + int(rng.integers(-side // 4, side // 4 + 1)), cx + int(rng.integers(-side // 4, side // 4 + 1)))
+
+    def _centre(self, i: int, rng: np.random.Generator, side: int, centre: int | None) -> tuple[float, float]:
+        """A turned patch's centre (continuous): ``_jittered``'s pixel's middle, or anywhere; kept
+        inside the sample where the patch fits."""
+        h, w = self.samples[i].semantic.shape
+        pixel = self._jittered(i, rng, side, centre)
+        cy, cx = (rng.uniform(0, h), rng.uniform(0, w)) if pixel is None else (pixel[0] + 0.5, pixel[1] + 0.5)
         half = side / 2
         return (float(np.clip(cy, half, h - half)) if h > side else h / 2,
                 float(np.clip(cx, half, w - half)) if w > side else w / 2)
 
     def _corner(self, i: int, rng: np.random.Generator, side: int, shape: tuple[int, int],
-                src_w: int, centre: int | None) -> tuple[int, int]:
+                centre: int | None) -> tuple[int, int]:
+        """A square crop's top-left corner in the padded sample of ``shape``."""
         h, w = shape
-        fg = self._fg[i]
-        if centre is None and fg.size and rng.random() < self.cfg.foreground_bias:
-            centre = int(fg[rng.integers(fg.size)])
-        if centre is not None:
-            cy, cx = divmod(centre, src_w)
-            y0 = int(np.clip(cy - side // 2 + rng.integers(-side // 4, side // 4 + 1), 0, h - side))
-            x0 = int(np.clip(cx - side // 2 + rng.integers(-side // 4, side // 4 + 1), 0, w - side))
-            return y0, x0
+        pixel = self._jittered(i, rng, side, centre)
+        if pixel is not None:
+            return int(np.clip(pixel[0] - side // 2, 0, h - side)), int(np.clip(pixel[1] - side // 2, 0, w - side))
         return int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
 
 
@@ -177,10 +179,11 @@ def _pad_to(s: Sample, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, sem, ter
 
 
-def _warp(s: Sample, centre: tuple[float, float], scale: float, angle: float,
+def _warp(s: Sample, labels: tuple[np.ndarray, np.ndarray], centre: tuple[float, float], scale: float, angle: float,
           size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``size``² patch centred on ``centre`` ((y, x), continuous: pixel ``i`` spans ``[i, i + 1)``),
-    its grid the sample's scaled by ``scale`` and turned by ``angle`` radians."""
+    its grid the sample's scaled by ``scale`` and turned by ``angle`` radians; ``labels``: the
+    sample's semantic and ternary maps as int16 (``_int16_labels``)."""
     cos, sin = scale * np.cos(angle), scale * np.sin(angle)
     mid = (size - 1) / 2
     cy, cx = centre[0] - 0.5, centre[1] - 0.5
@@ -189,10 +192,14 @@ def _warp(s: Sample, centre: tuple[float, float], scale: float, angle: float,
     flags = cv2.WARP_INVERSE_MAP
     image = cv2.warpAffine(s.image, to_source, (size, size), flags=flags | cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REFLECT_101)
-    labels = [cv2.warpAffine(a.astype(np.int16), to_source, (size, size), flags=flags | cv2.INTER_NEAREST,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE).astype(np.int64)
-              for a in (s.semantic, s.ternary)]
-    return image, labels[0], labels[1]
+    sem, ter = (cv2.warpAffine(a, to_source, (size, size), flags=flags | cv2.INTER_NEAREST,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE).astype(np.int64) for a in labels)
+    return image, sem, ter
+
+
+def _int16_labels(s: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's semantic and ternary maps as int16, a type OpenCV's warps take."""
+    return s.semantic.astype(np.int16), s.ternary.astype(np.int16)
 
 
 def _resize(arr: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:

@@ -13,13 +13,13 @@ from model.errors import OptionsError
 from model.postprocess import (
     Nuclei,
     PostprocessParams,
+    _CropStack,
     _first_pixels,
     _label,
     _mitred_offsets,
     _outer_contour,
     _pixel_edges,
     _ring_geometries,
-    _watershed,
     classify,
     find_nuclei,
     instance_labels,
@@ -198,9 +198,12 @@ def test_crop_watershed_equals_scikit_image():
         elevations.append(elevation)
         markers.append(marker)
         masks.append(mask)
-    for got, want in zip(_watershed(elevations, markers, masks), expected, strict=True):
+    stack, alone = _CropStack(masks, elevations, markers), _CropStack(masks[:1], elevations[:1], markers[:1])
+    stack.flood()
+    alone.flood()
+    for got, want in zip(stack.crops(), expected, strict=True):
         np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(_watershed(elevations[:1], markers[:1], masks[:1])[0], expected[0])
+    np.testing.assert_array_equal(alone.crops()[0], expected[0])
 
 
 def test_instance_measurements_equal_counting_the_pixels():

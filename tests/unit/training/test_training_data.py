@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from training.data.augment import AugmentConfig, augment, hed_jitter
-from training.data.patches import PatchConfig, PatchDataset, _warp
+from training.data.patches import PatchConfig, PatchDataset, _int16_labels, _warp
 from training.data.sample import IGNORE, Sample
 from training.data.sources import CONSEP_CLASS_MAP, load_instance_folder, load_monuseg
 from training.data.split import check_no_leak, split_by_group, split_record
@@ -111,11 +111,11 @@ def test_warp_is_a_crop_turned_by_the_angle() -> None:
     s = _numbered(40, 50)
     crop = s.semantic[10:26, 20:36]
     for quarter in range(4):
-        image, sem, ter = _warp(s, (18.0, 28.0), 1.0, quarter * np.pi / 2, 16)
+        image, sem, ter = _warp(s, _int16_labels(s), (18.0, 28.0), 1.0, quarter * np.pi / 2, 16)
         turned = np.rot90(crop, quarter)
         assert (sem == turned).all() and (ter == turned % 3).all()
         assert (image[..., 0] == turned % 256).all()
-    _, sem, _ = _warp(s, (2.0, 2.0), 1.0, 0.3, 16)  # past the sample's edges: ignore, never wrapped
+    _, sem, _ = _warp(s, _int16_labels(s), (2.0, 2.0), 1.0, 0.3, 16)  # past the sample's edges: ignore, never wrapped
     assert (sem == IGNORE).any() and (sem[sem != IGNORE] >= 0).all()
 
 
