@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.records import JobRecord, ShardState, ShardStatus, Status
 from model.errors import OptionsError
-from model.options import DEFAULTS, OUTPUT_GROUPS, TILE_MULTIPLE, OutputGroup, engine_options
+from model.options import DEFAULTS, OUTPUT_GROUPS, TILE_MULTIPLE, OutputGroup, StainMethod, engine_options
 
 
 class JobOptions(BaseModel):
@@ -29,6 +29,8 @@ class JobOptions(BaseModel):
     mpp: float | None = Field(DEFAULTS.mpp, gt=0, le=1000, description="µm/px of level 0, overriding the slide's")
     tta: bool = Field(DEFAULTS.tta, description="average each tile over its four flips: a little more accurate, "
                                                 "about 4x the network's time")
+    stain: StainMethod = Field(DEFAULTS.stain, description="normalise the slide's colours to the training images' "
+                               "first (reinhard, macenko); measured to hurt the shipped model, see its card")
     outputs: list[OutputGroup] = Field(default_factory=lambda: list(OUTPUT_GROUPS), min_length=1,
                                        description="result groups to produce")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
-from model.options import DEFAULTS, OUTPUT_GROUPS, Stats
+from model.options import DEFAULTS, OUTPUT_GROUPS, STAIN_METHODS, Stats
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SLIDE = 0, 1, 2, 3
 
@@ -40,6 +40,8 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("--mpp", type=float, default=DEFAULTS.mpp, help="µm/px of level 0 when the slide does not say")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=DEFAULTS.tta,
                    help="average each tile over its four flips (about 4x the network's time)")
+    p.add_argument("--stain", choices=STAIN_METHODS, default=DEFAULTS.stain,
+                   help="normalise the slide's colours to the training images' first (see the model card)")
     groups = ",".join(OUTPUT_GROUPS)
     p.add_argument("--outputs", default=groups, help=f"comma list of {groups}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -63,7 +65,8 @@ def _predict(args: argparse.Namespace) -> int:
     outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
     options = EngineOptions(tile_size=args.tile, overlap=args.overlap, block_size=args.block,
                             batch_size=args.batch, precision=args.precision, device=args.device,
-                            tissue=args.tissue, mpp=args.mpp, workers=args.workers, tta=args.tta)
+                            tissue=args.tissue, mpp=args.mpp, workers=args.workers, tta=args.tta,
+                            stain=args.stain)
     set_threads(args.threads)
     bar = tqdm(total=0, unit="block", disable=args.quiet, file=sys.stderr, desc=args.slide.name)
 

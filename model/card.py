@@ -21,6 +21,33 @@ class Normalisation(BaseModel):
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+class ReinhardReference(BaseModel):
+    """LAB mean and std of the training images' tissue pixels (means over images)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class MacenkoReference(BaseModel):
+    """Stain vectors (columns: haematoxylin, eosin; OD per RGB channel) and 99th-percentile concentrations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    he: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+    max_c: tuple[float, float]
+
+
+class StainReference(BaseModel):
+    """What the training images look like, per method (model card field ``stain_reference``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reinhard: ReinhardReference
+    macenko: MacenkoReference
+
+
 class ModelCard(BaseModel):
     """Facts the engine, the API and the reports need about a checkpoint."""
 
@@ -38,6 +65,8 @@ class ModelCard(BaseModel):
     tile_size: int = Field(256, ge=32)
     licence: str = "unspecified"
     notes: str = ""
+    stain_reference: StainReference | None = Field(None, description="the training images' colours, for the "
+                                                   "engine's stain option (written by training.stain)")
 
     def public(self) -> dict[str, Any]:
         """The card as plain JSON-able data."""

@@ -42,9 +42,10 @@ from model.errors import CancelledError, OptionsError
 from model.nuclei_pool import available_cores
 from model.options import EngineOptions
 from model.readers import ArrayReader, SlideReader
+from model.stain import StainTransform, fit_stain
 from model.tilecache import BlockIndex, TileCache
 from model.tiling import Box, TileGrid, iter_batches, plan_blocks
-from model.tissue import TissueMask, detect_tissue, full_tissue
+from model.tissue import TissueMask, detect_tissue, full_tissue, slide_thumbnail
 
 log = logging.getLogger(__name__)
 N_SEMANTIC = 5
@@ -93,15 +94,20 @@ class RunContext:
     card: ModelCard
     options: EngineOptions
     tissue_detection: bool = False  # ``tissue`` was detected (else every pixel counts as tissue)
+    stain: StainTransform | None = None  # applied to every block's pixels as they are read
 
 
 def run_context(reader: SlideReader, card: ModelCard, options: EngineOptions) -> RunContext:
-    """The analysis view, tissue mask and block plan of a slide: deterministic, no inference."""
+    """The analysis view, tissue mask, stain transform and block plan of a slide: deterministic, no inference."""
     view = make_view(reader, card.mpp, mpp_override=options.mpp)
     use_tissue = options.tissue if options.tissue is not None else len(reader.level_dimensions) > 1
-    tissue = detect_tissue(view) if use_tissue else full_tissue(view)
+    thumb = slide_thumbnail(view) if use_tissue or options.stain != "none" else None
+    tissue = detect_tissue(view, thumb) if use_tissue else full_tissue(view)
+    stain, warning = fit_stain(options.stain, card.stain_reference, thumb[0]) if thumb is not None else (None, None)
+    if warning:
+        view.warnings.append(warning)
     blocks = plan_blocks(view.width, view.height, options.block_size)
-    return RunContext(view, tissue, blocks, card, options, use_tissue)
+    return RunContext(view, tissue, blocks, card, options, use_tissue, stain)
 
 
 def _selected(blocks: range | None, total: int) -> range:
@@ -252,7 +258,7 @@ class Engine:
                            start=blocks.start, stop=blocks.stop)
         cache = TileCache(self.options.tile_cache_mb << 20)
         workspace = Workspace(self.device)
-        for job, pixels in _prefetch(jobs, lambda job: self._read(view, grid, job, report), reader_threads()):
+        for job, pixels in _prefetch(jobs, lambda job: self._read(view, job, report, ctx.stain), reader_threads()):
             yield self._blend(job, pixels, grid, report, index, cache, wants, workspace)
             cache.retire(job.index)
         report.tiles_reused = cache.hits
@@ -266,12 +272,18 @@ class Engine:
         report.tiles_skipped += len(touching) - len(tiles)
         return _BlockJob(index, inner, region, tiles, grid.union_box(tiles) if tiles else None)
 
-    def _read(self, view: AnalysisView, grid: TileGrid, job: _BlockJob, report: RunReport) -> np.ndarray | None:
+    def _read(self, view: AnalysisView, job: _BlockJob, report: RunReport,
+              stain: StainTransform | None) -> np.ndarray | None:
+        """A block's pixels (stain-normalised when asked), on a reader thread."""
         if job.source is None:
             return None
         t0 = time.perf_counter()
         pixels = read_reflected(view, job.source)
         report.clock("read", time.perf_counter() - t0)
+        if stain is not None:
+            t0 = time.perf_counter()
+            pixels = stain(pixels)
+            report.clock("stain", time.perf_counter() - t0)
         return pixels
 
     @torch.inference_mode()

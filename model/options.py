@@ -27,6 +27,8 @@ SEMANTIC_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (255, 0, 0), (0, 128, 255), (
 TERNARY_COLOURS: tuple[Colour, ...] = ((0, 0, 0), (0, 200, 100), (255, 100, 0))
 DEFAULT_ENCODER = "resnet18"  # the shipped model's encoder
 TILE_MULTIPLE = 32  # tile sides must be multiples of the encoder's total downsampling
+StainMethod = Literal["none", "reinhard", "macenko"]
+STAIN_METHODS: tuple[str, ...] = get_args(StainMethod)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class EngineOptions:
     tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
     workers: int | None = None  # nuclei post-processing processes; None: the cores given, 0: in-process
     tta: bool = False  # average each tile's logits over its four flips (about 4x the network's time)
+    stain: StainMethod = "none"  # normalise colours to the training images' first (``model.stain``)
 
     def validate(self, multiple: int = TILE_MULTIPLE) -> None:
         """Raise ``OptionsError`` naming the bad value."""
@@ -59,6 +62,8 @@ class EngineOptions:
         for name in ("margin", "tile_cache_mb", "workers"):
             if (getattr(self, name) or 0) < 0:
                 raise OptionsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stain not in STAIN_METHODS:
+            raise OptionsError(f"stain must be one of {', '.join(STAIN_METHODS)}; got {self.stain!r}")
 
 
 DEFAULTS = EngineOptions()

@@ -63,8 +63,12 @@ def tissue_from_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(mask, dtype=bool)
 
 
-def detect_tissue(view: AnalysisView) -> TissueMask:
-    """Tissue mask from a thumbnail of the slide, in analysis-pixel units."""
-    thumb, l0_per_thumb_px = thumbnail(view.reader, THUMB_SIDE)
-    mask = tissue_from_rgb(thumb)
-    return TissueMask(mask, l0_per_thumb_px / view.l0_per_px)
+def slide_thumbnail(view: AnalysisView) -> tuple[np.ndarray, float]:
+    """The thumbnail tissue detection (and stain fitting) reads: RGB uint8 and level-0 px per thumbnail px."""
+    return thumbnail(view.reader, THUMB_SIDE)
+
+
+def detect_tissue(view: AnalysisView, thumb: tuple[np.ndarray, float] | None = None) -> TissueMask:
+    """Tissue mask from a thumbnail of the slide (read here unless given), in analysis-pixel units."""
+    rgb, l0_per_thumb_px = thumb if thumb is not None else slide_thumbnail(view)
+    return TissueMask(tissue_from_rgb(rgb), l0_per_thumb_px / view.l0_per_px)

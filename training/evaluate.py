@@ -28,11 +28,11 @@ import numpy as np
 from model.checkpoint import LoadedModel, load_model
 from model.metrics import InstanceEvaluator, instance_classes
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES
+from model.options import DEFAULTS, STAIN_METHODS
 from training.celltypes import CELL_TYPES, CellTypeEvaluator
 from training.data.sample import Sample
 from training.data.sources import CONSEP_CLASS_MAP, load_instance_folder, load_monusac, load_monuseg
 from training.metrics import PixelMetrics
-from training.stain import normalise
 
 # Targets of the shipped model: (dataset, metric, minimum). MoNuSAC: the validation patients.
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -71,8 +71,7 @@ def load_dataset(root: Path, kind: str) -> list[Sample]:
     raise ValueError(f"unknown dataset kind {kind!r}; expected monuseg, consep or monusac")
 
 
-def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell_types: bool = False,
-                     stain: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell_types: bool = False) -> dict[str, Any]:
     """Pixel and instance metrics over ``samples``, accumulated over all pixels / nuclei."""
     from model.blending import nucleus_inputs
     from model.postprocess import find_nuclei
@@ -82,7 +81,7 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
     types = CellTypeEvaluator() if cell_types else None
     start = time.perf_counter()
     for s in samples:
-        sem, ter = engine.predict_array(s.image if stain is None else normalise(s.image, stain))
+        sem, ter = engine.predict_array(s.image)
         pixel.update(sem.argmax(0), ter.argmax(0), s.semantic, s.ternary)
         if s.instances is None:
             continue
@@ -131,7 +130,8 @@ def make_engine(model: LoadedModel, args: argparse.Namespace) -> Any:
     from model.engine import Engine, EngineOptions
 
     opts = EngineOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                         precision=args.precision, device=args.device, tissue=False, tta=args.tta)
+                         precision=args.precision, device=args.device, tissue=False, tta=args.tta,
+                         stain=args.stain)
     return Engine(model, opts)
 
 
@@ -212,12 +212,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.checkpoint)
     engine = make_engine(model, args)
     results: dict[str, dict[str, Any]] = {}
-    stain = json.loads(Path(args.stain).read_text()) if args.stain else None
     for root in map(Path, args.data):
         kind = args.kind or detect_kind(root)
         samples = select(load_dataset(root, kind), kind, args)[: args.limit or None]
-        results[kind] = evaluate_dataset(engine, samples, model.card.mpp, cell_types=kind == "monusac",
-                                         stain=stain) | {"data": str(root)}
+        metrics = evaluate_dataset(engine, samples, model.card.mpp, cell_types=kind == "monusac")
+        results[kind] = metrics | {"data": str(root)}
     report = {"checkpoint": str(args.checkpoint), "sha256": model.sha256, "card": model.card.name,
               "engine": {"tile_size": args.tile_size, "overlap": args.overlap, "precision": engine.precision,
                          "stain": args.stain, "tta": args.tta},
@@ -247,7 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--tta", action="store_true", help="the engine's test-time augmentation (four flips per tile)")
-    p.add_argument("--stain", help="stain-normalise to this reference first (training.stain: Reinhard, Macenko)")
+    p.add_argument("--stain", default=DEFAULTS.stain, choices=STAIN_METHODS,
+                   help="the engine's stain normalisation (to the card's stain_reference, each image fitted on itself)")
     p.add_argument("--split", help="split.json of a training run: evaluate only its --part of each dataset")
     p.add_argument("--part", default="val", choices=("train", "val"))
     p.add_argument("--split-datasets", default="monusac",

@@ -116,6 +116,7 @@ def _add_submit(subparsers: Any, common: argparse.ArgumentParser) -> None:
     o.add_argument("--mpp", type=float, help="µm/px of level 0 when the slide does not say")
     o.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each tile over its four flips (about 4x the network's time)")
+    o.add_argument("--stain", help="normalise colours to the training images' first: none, reinhard, macenko")
     o.add_argument("--outputs", help="comma list of masks,overlays,nuclei")
     p.set_defaults(func=_runner(_submit))
 
@@ -134,7 +135,8 @@ def _json_object(flag: str, text: str | None) -> dict[str, Any] | None:
 
 def _options(args: argparse.Namespace) -> dict[str, Any] | None:
     options = _json_object("--options", args.options)
-    flags = {k: getattr(args, k) for k in ("tile_size", "overlap", "block_size", "batch_size", "tissue", "mpp", "tta")}
+    flags = {k: getattr(args, k) for k in ("tile_size", "overlap", "block_size", "batch_size", "tissue", "mpp", "tta",
+                                       "stain")}
     flags = {k: v for k, v in flags.items() if v is not None}
     if args.outputs is not None:
         flags["outputs"] = [o.strip() for o in args.outputs.split(",") if o.strip()]

@@ -80,16 +80,24 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+# Macenko's published reference stains and a typical H&E LAB range: a stain reference for test models.
+TEST_STAIN_REFERENCE = {
+    "reinhard": {"mean": (66.0, 22.0, -14.0), "std": (14.0, 9.0, 7.0)},
+    "macenko": {"he": ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581)), "max_c": (1.9705, 1.0308)},
+}
+
+
 def write_checkpoint(path: Path) -> Path:
     """A random-init resnet18 network with a card: tests never depend on the shipped model."""
     import torch
 
-    from model.card import ModelCard
+    from model.card import ModelCard, StainReference
     from model.checkpoint import save_checkpoint
     from model.network import build_network
 
     torch.manual_seed(0)
-    card = ModelCard(name="tiny-test", version="test", encoder="resnet18", licence="test only")
+    card = ModelCard(name="tiny-test", version="test", encoder="resnet18", licence="test only",
+                     stain_reference=StainReference.model_validate(TEST_STAIN_REFERENCE))
     return save_checkpoint(build_network("resnet18"), card, path)
 
 

@@ -63,6 +63,8 @@ CASES: dict[str, tuple[Case, int, str]] = {
                                 "validation_error"),
     "overlap >= tile_size": (lambda s: s.submit_path("cases/tile.png", options={"tile_size": 64, "overlap": 64}),
                              422, "validation_error"),
+    "unknown stain method": (lambda s: s.submit_path("cases/tile.png", options={"stain": "sepia"}), 422,
+                             "validation_error"),
     "unknown output": (lambda s: s.submit_path("cases/tile.png", options={"outputs": ["heatmap"]}), 422,
                        "validation_error"),
     "metadata over 16 KiB": (lambda s: s.submit_path("cases/tile.png", metadata={"x": "y" * 17000}), 413,

@@ -75,7 +75,7 @@ def test_upload_end_to_end(stack: Stack) -> None:
     done = stack.wait(job["id"], history=history)
     assert done["status"] == "succeeded", done
     _check_progress(history, total=12)  # 256x192 in 64 px blocks
-    assert done["options"] == {**options, "tissue": None, "mpp": None, "tta": False,
+    assert done["options"] == {**options, "tissue": None, "mpp": None, "tta": False, "stain": "none",
                                "outputs": ["masks", "overlays", "nuclei"]}
     assert done["model"]["name"] == "tiny-test" and done["model"]["sha256"] == _sha(stack.model_path)
 
@@ -97,9 +97,9 @@ def test_upload_end_to_end(stack: Stack) -> None:
 @pytest.mark.slow
 def test_slide_path_end_to_end_on_a_real_svs(stack: Stack) -> None:
     """cmu_small_region.svs (2220x2967 Aperio); the mpp override makes the analysis level 1/4 size; with
-    test-time augmentation."""
+    test-time augmentation and stain normalisation."""
     options = {"tile_size": 128, "overlap": 16, "block_size": 256, "mpp": 0.0625, "outputs": ["masks", "overlays"],
-               "tta": True}
+               "tta": True, "stain": "macenko"}
     resp = stack.submit_path("cmu_small_region.svs", options=options, metadata={"lims": "X1"})
     assert resp.status_code == 202, resp.text
     job = resp.json()
@@ -111,11 +111,12 @@ def test_slide_path_end_to_end_on_a_real_svs(stack: Stack) -> None:
     size = (round(2220 / 4), round(2967 / 4))
     _check_progress(history, total=3 * 3)  # 555x742 in 256 px blocks
     assert done["slide"]["sha256"] == _sha(stack.slide_root / "cmu_small_region.svs")
-    assert done["options"]["tta"] is True
+    assert done["options"]["tta"] is True and done["options"]["stain"] == "macenko"
     assert done["slide"]["analysis"]["width"] == size[0] and done["slide"]["analysis"]["mpp"] == 0.25
     files = _download_all(stack, done)
     assert "nuclei.geojson" not in files  # not requested
-    _check_masks_match_stats(files, size)
+    stats = _check_masks_match_stats(files, size)
+    assert stats["timings_s"]["stain"] > 0  # the worker normalised the blocks it read
     assert json.loads(files["job.json"])["slide"]["path"] == "cmu_small_region.svs"
 
 

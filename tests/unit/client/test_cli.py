@@ -84,12 +84,13 @@ def test_cli_exit_codes(cli_server: Any, capsys: pytest.CaptureFixture[str], tmp
 def test_cli_submit_builds_options_from_flags(cli_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     rec = cli_server(httpx.Response(202, json=job_body()))
     assert run_cli("submit", "cases/a.svs", "--path", "--options", '{"tile_size": 128, "overlap": 8}',
-                   "--tile", "64", "--no-tissue", "--tta", "--outputs", "masks, nuclei", "--metadata", '{"case": "A"}',
+                   "--tile", "64", "--no-tissue", "--tta", "--stain", "macenko", "--outputs", "masks, nuclei",
+                   "--metadata", '{"case": "A"}',
                    "--idempotency-key", "A-1", "--json") == 0
     body = json.loads(rec.requests[0].content)
     assert body == {"slide_path": "cases/a.svs", "metadata": {"case": "A"},
                     "options": {"tile_size": 64, "overlap": 8, "tissue": False, "tta": True,
-                                "outputs": ["masks", "nuclei"]}}
+                                "stain": "macenko", "outputs": ["masks", "nuclei"]}}
     assert rec.requests[0].headers["Idempotency-Key"] == "A-1"
     assert json.loads(capsys.readouterr().out)["id"] == JOB_ID
 
