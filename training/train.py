@@ -43,6 +43,7 @@ from training.deepen import deepen
 from training.logs import write_logs
 from training.losses import LossConfig, TwoHeadLoss
 from training.metrics import PixelMetrics
+from training.pack import Pack
 
 
 @dataclass
@@ -74,8 +75,10 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def load_source(src: SourceConfig, boundary_width: int) -> list[Sample]:
-    """Samples of one configured source."""
+def load_source(src: SourceConfig, boundary_width: int, pack: Pack | None = None) -> list[Sample]:
+    """Samples of one configured source, from its folder or from ``pack``."""
+    if pack is not None:
+        return pack.samples(src, boundary_width)
     if src.kind == "monuseg":
         return load_monuseg(src.root, boundary_width=boundary_width)
     if src.kind == "monusac":
@@ -85,13 +88,13 @@ def load_source(src: SourceConfig, boundary_width: int) -> list[Sample]:
                                 dataset=src.label, boundary_width=boundary_width)
 
 
-def load_data(cfg: TrainConfig) -> tuple[list[Sample], list[float], list[Sample]]:
+def load_data(cfg: TrainConfig, pack: Pack | None = None) -> tuple[list[Sample], list[float], list[Sample]]:
     """(train samples, their sampling weights, val samples), split per source by group."""
     train: list[Sample] = []
     weights: list[float] = []
     val: list[Sample] = []
     for src in cfg.data.sources:
-        samples = load_source(src, cfg.data.boundary_width)
+        samples = load_source(src, cfg.data.boundary_width, pack)
         if not samples:
             raise FileNotFoundError(f"source {src.root!r} ({src.kind}) holds no samples")
         tr, va = split_samples(samples, src.label, cfg)
@@ -154,7 +157,7 @@ class Trainer:
     """One training run; ``run()`` trains the remaining epochs."""
 
     def __init__(self, cfg: TrainConfig, *, config_path: str, fresh: bool = False,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, pack: str | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.quiet = quiet
@@ -164,7 +167,9 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.seed)
         self.device = pick_device(cfg)
-        self.train_samples, weights, self.val_samples = load_data(cfg)
+        self.train_samples, weights, self.val_samples = load_data(cfg, Pack.open(pack) if pack else None)
+        if pack:
+            self._log(f"sources read from the pack {pack}")
         self.split = split_record(self.train_samples, self.val_samples)
         write_split(self.out / "split.json", self.split)
         self.dataset = self._dataset(weights)
@@ -247,12 +252,14 @@ class Trainer:
         """The epoch's patches, moved to the device."""
         self.dataset.set_epoch(epoch)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, shuffle=True, generator=gen,
-                            num_workers=self.cfg.train.num_workers, drop_last=False)
-        for x, sem, ter in loader:
+                            num_workers=self.cfg.train.num_workers, drop_last=False, pin_memory=cuda)
+        for x, sem, ter in loader:  # pinned on CUDA: copied while the last step still runs
+            x = x.to(self.device, non_blocking=cuda)
             if self.cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x.to(self.device), sem.to(self.device), ter.to(self.device)
+            yield x, sem.to(self.device, non_blocking=cuda), ter.to(self.device, non_blocking=cuda)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over ``per_epoch`` patches; mean losses and throughput."""
@@ -398,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (training/configs/*.yaml)")
     parser.add_argument("--fresh", action="store_true", help="ignore <out_dir>/last.pt and start over")
+    parser.add_argument("--pack", help="read the sources from this training pack (training.pack), not their folders")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    trainer = Trainer(cfg, config_path=args.config, fresh=args.fresh)
+    trainer = Trainer(cfg, config_path=args.config, fresh=args.fresh, pack=args.pack)
     state = trainer.run()
     print(f"done: {state.epoch} epochs, best {cfg.train.best_metric}={state.best:.4f}, "
           f"wall {state.wall_s / 60:.1f} min, checkpoints in {cfg.out_dir}")
