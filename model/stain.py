@@ -3,7 +3,7 @@
 Two methods, each fitted once per slide on its thumbnail and applied to every block as it is read:
 
 - ``reinhard``: the LAB mean and std of the slide's tissue pixels matched to the reference's
-  (Reinhard et al. 2001; LAB as scikit-image computes it, D65).
+  (Reinhard et al. 2001; LAB as scikit-image computes it, D65, in float32 with a table for the bytes).
 - ``macenko``: the slide's haematoxylin and eosin vectors and 99th-percentile concentrations, found in
   optical density (torchstain's fit), mapped onto the reference's (Macenko et al. 2009).
 
@@ -31,36 +31,39 @@ MIN_STAINED = 100  # fewer stained pixels than this: no stain vectors to find
 ROWS = 512  # rows of a block transformed at a time (bounds the float intermediates)
 log = logging.getLogger(__name__)
 
-# scikit-image's sRGB (D65) <-> XYZ
+# scikit-image's sRGB (D65) <-> XYZ, and the white point XYZ is divided by
 _XYZ_FROM_RGB = torch.tensor([[0.412453, 0.357580, 0.180423],
                               [0.212671, 0.715160, 0.072169],
                               [0.019334, 0.119193, 0.950227]], dtype=torch.float64)
 _WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 _EPS, _KAPPA = 0.008856, 7.787
+_V = torch.arange(256, dtype=torch.float64) / 255
+_LINEAR = torch.where(_V > 0.04045, ((_V + 0.055) / 1.055).pow(2.4), _V / 12.92).float()  # sRGB byte -> linear
+_TO_XYZ = (_XYZ_FROM_RGB.T / _WHITE).float()
+_FROM_XYZ = (torch.linalg.inv(_XYZ_FROM_RGB).T * _WHITE[:, None]).float()
+_OD = (-torch.log((torch.arange(256, dtype=torch.float64) + 1) / MACENKO_IO)).float()  # byte -> optical density
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """``(..., 3)`` RGB in [0, 1] -> LAB, as ``skimage.color.rgb2lab`` (float64)."""
-    rgb = rgb.double()
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).pow(2.4), rgb / 12.92)
-    xyz = linear @ _XYZ_FROM_RGB.T.to(rgb.device) / _WHITE.to(rgb.device)
+    """``(..., 3)`` uint8 RGB -> float32 LAB, as ``skimage.color.rgb2lab`` (to about 1e-4)."""
+    xyz = _LINEAR[rgb.long()] @ _TO_XYZ
     f = torch.where(xyz > _EPS, xyz.clamp_min(0).pow(1 / 3), _KAPPA * xyz + 16 / 116)
     return torch.stack((116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])), -1)
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """``(..., 3)`` LAB -> RGB in [0, 1], as ``skimage.color.lab2rgb``."""
+    """``(..., 3)`` LAB -> float32 RGB in [0, 1], as ``skimage.color.lab2rgb`` (to about 1e-5)."""
+    lab = lab.float()
     fy = (lab[..., 0] + 16) / 116
     f = torch.stack((lab[..., 1] / 500 + fy, fy, (fy - lab[..., 2] / 200).clamp_min(0)), -1)
-    xyz = torch.where(f.pow(3) > _EPS, f.pow(3), (f - 16 / 116) / _KAPPA) * _WHITE.to(lab.device)
-    linear = xyz @ torch.linalg.inv(_XYZ_FROM_RGB).T.to(lab.device)
+    linear = torch.where(f.pow(3) > _EPS, f.pow(3), (f - 16 / 116) / _KAPPA) @ _FROM_XYZ
     rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp_min(0).pow(1 / 2.4) - 0.055, 12.92 * linear)
     return rgb.clamp(0, 1)
 
 
 def lab_stats(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) of the LAB channels over the tissue pixels of an RGB uint8 image."""
-    lab = rgb_to_lab(_tensor(image.reshape(-1, 3)) / 255.0).numpy()
+    lab = rgb_to_lab(_tensor(image.reshape(-1, 3))).numpy().astype(np.float64)
     tissue = lab[lab[:, 0] < WHITE_L]
     if len(tissue) < MIN_TISSUE:
         tissue = lab
@@ -111,19 +114,16 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _reinhard(rgb: torch.Tensor, source: ReinhardReference, target: ReinhardReference) -> torch.Tensor:
-    lab = rgb_to_lab(rgb / 255.0)
-    scale = torch.tensor(target.std, dtype=torch.float64) / torch.tensor(source.std, dtype=torch.float64)
-    lab = (lab - torch.tensor(source.mean, dtype=torch.float64)) * scale
-    lab = lab + torch.tensor(target.mean, dtype=torch.float64)
-    return (lab_to_rgb(lab) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+    scale = torch.tensor(target.std) / torch.tensor(source.std)
+    shift = torch.tensor(target.mean) - torch.tensor(source.mean) * scale
+    return (lab_to_rgb(rgb_to_lab(rgb) * scale + shift) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 def _macenko(rgb: torch.Tensor, source: MacenkoReference, target: MacenkoReference) -> torch.Tensor:
-    od = -torch.log((rgb.double() + 1) / MACENKO_IO)  # (h, w, 3)
-    concentrations = od @ torch.linalg.pinv(torch.tensor(source.he, dtype=torch.float64)).T  # (h, w, 2)
-    concentrations = concentrations * (torch.tensor(target.max_c, dtype=torch.float64)
-                                       / torch.tensor(source.max_c, dtype=torch.float64))
-    out = MACENKO_IO * torch.exp(-concentrations @ torch.tensor(target.he, dtype=torch.float64).T)
+    scale = torch.tensor(target.max_c, dtype=torch.float64) / torch.tensor(source.max_c, dtype=torch.float64)
+    unmix = (torch.linalg.pinv(torch.tensor(source.he, dtype=torch.float64)).T * scale).float()  # OD -> scaled C
+    od = _OD[rgb.long()]  # (h, w, 3)
+    out = MACENKO_IO * torch.exp(-(od @ unmix) @ torch.tensor(target.he).T)
     return out.clamp(0, 255).to(torch.uint8)  # truncated, as torchstain's normalize
 
 
