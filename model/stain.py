@@ -14,7 +14,6 @@ The reference (``model.card.StainReference``) is the training images', written b
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +28,8 @@ MIN_TISSUE = 100  # fewer tissue pixels than this: the statistics are taken over
 MACENKO_IO, MACENKO_ALPHA, MACENKO_BETA = 240, 1, 0.15  # glass intensity; angle percentile; unstained OD
 MIN_STAINED = 100  # fewer stained pixels than this: no stain vectors to find
 ROWS = 512  # rows of a block transformed at a time (bounds the float intermediates)
-log = logging.getLogger(__name__)
 
-# scikit-image's sRGB (D65) <-> XYZ, and the white point XYZ is divided by
+# scikit-image's sRGB (D65) -> XYZ matrix and white point, and the tables built from them
 _XYZ_FROM_RGB = torch.tensor([[0.412453, 0.357580, 0.180423],
                               [0.212671, 0.715160, 0.072169],
                               [0.019334, 0.119193, 0.950227]], dtype=torch.float64)
