@@ -70,8 +70,7 @@ def lab_stats(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def stained_pixels(image: np.ndarray) -> int:
     """How many pixels have optical density above ``MACENKO_BETA`` in every channel."""
-    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / MACENKO_IO)
-    return int((od >= MACENKO_BETA).all(axis=1).sum())
+    return int((_OD.numpy()[image.reshape(-1, 3)] >= MACENKO_BETA).all(axis=1).sum())
 
 
 def macenko_fit(image: np.ndarray) -> MacenkoReference:
@@ -89,7 +88,6 @@ def macenko_fit(image: np.ndarray) -> MacenkoReference:
 class StainTransform:
     """One slide's fitted normalisation: ``__call__`` maps an ``(h, w, 3)`` uint8 block to uint8."""
 
-    method: str
     source: ReinhardReference | MacenkoReference
     target: ReinhardReference | MacenkoReference
 
@@ -137,9 +135,9 @@ def fit_stain(method: str, reference: StainReference | None,
     if method == "reinhard":
         mean, std = lab_stats(thumb)
         source = ReinhardReference(mean=tuple(map(float, mean)), std=tuple(map(float, std)))
-        return StainTransform(method, source, reference.reinhard), None
+        return StainTransform(source, reference.reinhard), None
     if method == "macenko":
         if stained_pixels(thumb) < MIN_STAINED:
             return None, "stain normalisation skipped: too few stained pixels to find stain vectors"
-        return StainTransform(method, macenko_fit(thumb), reference.macenko), None
+        return StainTransform(macenko_fit(thumb), reference.macenko), None
     raise OptionsError(f"stain must be one of {', '.join(STAIN_METHODS)}; got {method!r}")

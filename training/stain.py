@@ -28,7 +28,7 @@ def reference(images: Sequence[np.ndarray], seed: int = 0) -> StainReference:
     stats = [lab_stats(im) for im in images]
     reinhard = ReinhardReference(mean=tuple(np.mean([m for m, _ in stats], axis=0).tolist()),
                                  std=tuple(np.mean([s for _, s in stats], axis=0).tolist()))
-    return StainReference(reinhard=reinhard, macenko=macenko_fit(pixels[:, None, :]))
+    return StainReference(reinhard=reinhard, macenko=macenko_fit(pixels))
 
 
 def _sample(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
