@@ -29,7 +29,9 @@ region (inner + margin) and keeps the nuclei whose centroid lies in its inner bo
 ``EngineOptions.margin >= nucleus_margin_px(mpp)`` any nucleus up to ``NUCLEUS_MARGIN_UM`` across that
 is owned by a block lies whole in its region, so the result equals post-processing the whole image
 at once. Larger objects are counted as
-``oversized`` in the stats (they may be cut or kept twice).
+``oversized`` in the stats (they may be cut or kept twice). Only the foreground components whose box
+meets the inner box can hold an owned nucleus: the others are left whole, and seeds, watersheds and
+classes are worked out on the window around the rest (``find_nuclei(keep=...)``).
 
 Polygons: OpenCV's border following gives the outer boundary pixel centres, grown by half a pixel
 (mitred) onto the pixel edges and simplified (Douglas-Peucker, ``SIMPLIFY_PX``).
@@ -136,21 +138,48 @@ class _Labelled:
     box: np.ndarray
 
 
-def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params: PostprocessParams) -> _Labelled:
+def _instances(ternary: np.ndarray, inside_prob: np.ndarray, mpp: float, params: PostprocessParams,
+               keep: Box | None = None) -> _Labelled:
     params.validate()
     if ternary.ndim != 2 or inside_prob.shape != ternary.shape:
         raise ValueError(f"ternary (h, w) and p(inside) of the same shape expected, got {ternary.shape} "
                          f"and {inside_prob.shape}")
     px_area = mpp * mpp
-    inside, foreground = ternary == 1, ternary > 0
+    foreground = ternary > 0
+    comps = _Components.of(foreground)
+    live, window = _window(comps, keep, ternary.shape)
+    win = np.s_[window.y0:window.y1, window.x0:window.x1]
+    inside = ternary[win] == 1
     seed_px = np.flatnonzero(inside)
     seeds, n = _label(inside)
     seed_at = seeds.ravel().take(seed_px)
     seed_lut, n_seeds = _keep_lut(np.bincount(seed_at, minlength=n + 1) >= math.ceil(params.min_seed_um2 / px_area))
-    grown = _grow(seeds, seed_lut, n_seeds, _first_pixels(seed_at, seed_px, n), _Components.of(foreground),
+    grown = _grow(_Seeds(seeds, seed_lut, n_seeds, _first_pixels(seed_at, seed_px, n), window), comps, live,
                   inside_prob)
+    if window.area < foreground.size:
+        framed = np.zeros_like(foreground)
+        framed[win] = foreground[win]
+        foreground = framed
     # every foreground pixel gets a label, so the labelled pixels are found on the boolean mask
     return _drop_small(grown, np.flatnonzero(foreground), math.ceil(params.min_area_um2 / px_area))
+
+
+def _window(comps: _Components, keep: Box | None, shape: tuple[int, ...]) -> tuple[np.ndarray, Box]:
+    """The components that may hold a nucleus whose centroid lies in ``keep`` (those whose box meets
+    it: a centroid lies in its nucleus's box, which lies in its component's), as a mask by component
+    (row 0 False), and the box holding them and ``keep``. All components and the whole region
+    without ``keep``."""
+    whole = Box(0, 0, shape[1], shape[0])
+    live = np.ones(comps.n + 1, bool)
+    live[0] = False
+    if keep is None:
+        return live, whole
+    y0, x0, y1, x1 = comps.box.T
+    live &= (y0 < keep.y1) & (y1 > keep.y0) & (x0 < keep.x1) & (x1 > keep.x0)
+    rows = comps.box[live]
+    window = Box(int(rows[:, 1].min(initial=keep.x0)), int(rows[:, 0].min(initial=keep.y0)),
+                 int(rows[:, 3].max(initial=keep.x1)), int(rows[:, 2].max(initial=keep.y1)))
+    return live, window.intersect(whole) or whole
 
 
 def _first_pixels(at: np.ndarray, px: np.ndarray, n: int) -> np.ndarray:
@@ -207,16 +236,34 @@ def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
     return lut, k
 
 
-def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_pixel: np.ndarray, comps: _Components,
-          inside_prob: np.ndarray) -> _Labelled:
-    """Assign every foreground pixel to a nucleus (seeds numbered by ``seed_lut``; ``seed_pixel``: a
-    pixel of each seed, by its label in ``seeds``). A component with one seed or none is one nucleus
-    and keeps its component number; in a component with several, the first seed's nucleus keeps it
-    and the others are numbered after all components. The result's ``px`` and ``lab`` are left empty."""
+@dataclass
+class _Seeds:
+    """Seeds labelled on ``window`` (``labels``, window-sized), numbered again by ``lut`` (``n`` kept),
+    and a pixel of each (flat window index, by its label in ``labels``)."""
+
+    labels: np.ndarray
+    lut: np.ndarray
+    n: int
+    pixel: np.ndarray
+    window: Box
+
+    def components(self, comp: np.ndarray) -> np.ndarray:
+        """The foreground component of each kept seed (row 0 unused; region-sized ``comp``)."""
+        row, col = np.divmod(self.pixel[1:], self.window.width)
+        seed_comp = np.zeros(self.n + 1, dtype=np.int64)
+        seed_comp[self.lut[1:]] = comp[row + self.window.y0, col + self.window.x0]  # dropped seeds land on 0
+        return seed_comp
+
+
+def _grow(seeds: _Seeds, comps: _Components, live: np.ndarray, inside_prob: np.ndarray) -> _Labelled:
+    """Assign every foreground pixel to a nucleus. A component with one seed or none is one nucleus
+    and keeps its component number, and so does every component that is not ``live``; in a live
+    component with several seeds, the first seed's nucleus keeps it and the others are numbered after
+    all components. The result's ``px`` and ``lab`` are left empty."""
     comp, n_comp = comps.labels, comps.n
-    seed_comp = np.zeros(n_seeds + 1, dtype=np.int64)
-    seed_comp[seed_lut[1:]] = comp.ravel()[seed_pixel[1:]]  # dropped seeds land on 0
+    seed_comp = seeds.components(comp)
     per_comp = np.bincount(seed_comp[1:], minlength=n_comp + 1)
+    per_comp[~live] = 0
     empty = np.zeros(0, np.int64)
     split = np.flatnonzero(per_comp[1:] > 1) + 1
     if not len(split):
@@ -224,25 +271,27 @@ def _grow(seeds: np.ndarray, seed_lut: np.ndarray, n_seeds: int, seed_pixel: np.
     shared = np.flatnonzero(per_comp[seed_comp[1:]] > 1) + 1  # the seeds of split components
     _, first = np.unique(seed_comp[shared], return_index=True)
     others = np.setdiff1d(shared, shared[first], assume_unique=True)
-    seed_label = np.zeros(n_seeds + 1, dtype=np.int32)
+    seed_label = np.zeros(seeds.n + 1, dtype=np.int32)
     seed_label[shared[first]] = seed_comp[shared[first]]
     seed_label[others] = np.arange(n_comp + 1, n_comp + 1 + len(others), dtype=np.int32)
     rows = np.concatenate([np.arange(n_comp + 1), seed_comp[others]])  # a new nucleus starts with its component's box
     grown = _Labelled(comp, empty, empty, comps.area[rows], comps.centroid[rows], comps.box[rows])
-    _split_components(grown, seeds, seed_label[seed_lut], inside_prob, split)
+    _split_components(grown, seeds, seed_label[seeds.lut], inside_prob, split)
     return grown
 
 
-def _split_components(grown: _Labelled, seeds: np.ndarray, marker_lut: np.ndarray, inside_prob: np.ndarray,
+def _split_components(grown: _Labelled, seeds: _Seeds, marker_lut: np.ndarray, inside_prob: np.ndarray,
                       split: np.ndarray) -> None:
-    """Watershed of the components ``split`` (labelled in ``grown.labels``, boxes in ``grown.box``) on
-    ``1 - p(inside)``, markers ``marker_lut[seeds]``; written into ``grown`` (its labels, and the
-    areas and centroids of every nucleus in those components)."""
+    """Watershed of the components ``split`` (labelled in ``grown.labels``, boxes in ``grown.box``, all
+    inside the seeds' window) on ``1 - p(inside)``, markers ``marker_lut[seeds.labels]``; written into
+    ``grown`` (its labels, and the areas and centroids of every nucleus in those components)."""
     labels = grown.labels
     boxes = grown.box[split]
     crops = [np.s_[y0:y1, x0:x1] for y0, x0, y1, x1 in boxes.tolist()]
+    dy, dx = seeds.window.y0, seeds.window.x0
+    in_window = [np.s_[y0 - dy:y1 - dy, x0 - dx:x1 - dx] for y0, x0, y1, x1 in boxes.tolist()]
     masks = [labels[crop] == c for crop, c in zip(crops, split.tolist(), strict=True)]
-    markers = [np.where(m, marker_lut[seeds[crop]], 0) for m, crop in zip(masks, crops, strict=True)]
+    markers = [np.where(m, marker_lut[seeds.labels[w]], 0) for m, w in zip(masks, in_window, strict=True)]
     stack = _CropStack(masks, [PROB_SCALE - inside_prob[crop] for crop in crops], markers)
     stack.flood()
     for crop, mask, out in zip(crops, masks, stack.crops(), strict=True):
@@ -278,20 +327,34 @@ class _CropStack:
     def flood(self) -> None:
         """scikit-image's ``watershed(e, m, connectivity=1, mask=k)`` of each crop, without its per-call
         validation and padding (most of its cost on a nucleus-sized crop): its flooding routine on
-        each crop's rows in turn, so the same labels as scikit-image (a test checks it). One flooding
-        per crop, because its queue orders the markers by their heap positions: crops flooded together
-        could break ties differently."""
+        each crop's rows in turn. Only the marker pixels next to an unlabelled pixel of the mask enter
+        its queue (a seed's inner pixels, most of its pixels, could never label anything), so where
+        elevations tie, equal pixels may be taken in another order than scikit-image's (both
+        arbitrary); without ties the labels are scikit-image's (tests check both). One flooding per
+        crop, because the queue breaks such ties by its heap positions: crops flooded together would
+        depend on each other."""
         width = self.width
         # 4-neighbours of a raveled index, in scikit-image's order; the strides in elements
         neighbours, strides = np.array([-width, -1, 1, width], np.intp), np.array([width, 1], np.intp)
         image, inside, out = self.image.ravel(), self.inside.ravel(), self.out.ravel()
         starts = (self.tops - 1) * width
         stops = (self.tops + np.array([h for h, _ in self.shapes]) + 1) * width
-        seeds = np.flatnonzero(out)
+        seeds = np.flatnonzero(self._front())
         cuts = np.searchsorted(seeds, starts)
         for a, b, lo, hi in zip(starts.tolist(), stops.tolist(), cuts.tolist(), [*cuts[1:].tolist(), len(seeds)],
                                 strict=True):
             watershed_raveled(image[a:b], seeds[lo:hi] - a, neighbours, inside[a:b], strides, 0.0, out[a:b], False)
+
+    def _front(self) -> np.ndarray:
+        """Marker pixels with a 4-neighbour in the mask that no marker holds (the frame keeps crops apart)."""
+        marked = self.out != 0
+        free = (self.inside != 0) & ~marked
+        near = np.zeros_like(marked)
+        near[1:] |= free[:-1]
+        near[:-1] |= free[1:]
+        near[:, 1:] |= free[:, :-1]
+        near[:, :-1] |= free[:, 1:]
+        return marked & near
 
     def crop_of_row(self) -> np.ndarray:
         """The crop each row of the stack holds (a frame row: the crop after it, or the last)."""
@@ -406,10 +469,16 @@ def find_nuclei(
     *,
     mpp: float,
     params: PostprocessParams = PostprocessParams(),
+    keep: Box | None = None,
 ) -> Nuclei:
     """Instances and their measurements from one region's ternary argmax and ``nucleus_maps``
-    (``model.blending.nucleus_inputs`` makes both from float logits)."""
-    return _measure(_instances(ternary, probs[-1], mpp, params), probs[:-1])
+    (``model.blending.nucleus_inputs`` makes both from float logits).
+
+    ``keep`` (region coordinates): only the nuclei whose centroid lies in it are needed, so the
+    components that cannot hold one are not split, and seeds, splits and classes are worked out on
+    the window around the others only; the nuclei kept are those of the whole region.
+    """
+    return _measure(_instances(ternary, probs[-1], mpp, params, keep), probs[:-1])
 
 
 def nucleus_polygons(
@@ -559,9 +628,10 @@ class BlockNuclei:
 def block_nuclei(place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> BlockNuclei:
     """Instances, classes and polygons of the nuclei whose centroid lies in ``place.inner``."""
     t0 = time.perf_counter()
-    region = place.region
-    nuclei = find_nuclei(ternary, probs, mpp=place.mpp, params=place.params)
-    ids = np.flatnonzero(_owned(nuclei.centroid_xy + np.array([region.x0, region.y0]), place.inner)) + 1
+    region, inner = place.region, place.inner
+    keep = Box(inner.x0 - region.x0, inner.y0 - region.y0, inner.x1 - region.x0, inner.y1 - region.y0)
+    nuclei = find_nuclei(ternary, probs, mpp=place.mpp, params=place.params, keep=keep)
+    ids = np.flatnonzero(_owned(nuclei.centroid_xy, keep)) + 1
     oversized = _count_oversized(nuclei.labels, ids, region, place.bounds)
     t1 = time.perf_counter()
     polys = nucleus_polygons(nuclei.labels, ids, boxes=nuclei.box[ids - 1], origin=(region.x0, region.y0),

@@ -18,6 +18,7 @@ from model.postprocess import (
     _label,
     _mitred_offsets,
     _outer_contour,
+    _owned,
     _pixel_edges,
     _ring_geometries,
     classify,
@@ -27,6 +28,7 @@ from model.postprocess import (
     nucleus_margin_px,
     nucleus_polygons,
 )
+from model.tiling import Box
 from tests.helpers.nuclei_stubs import Nucleus, exact_logits, paint, ternary_of
 
 
@@ -186,25 +188,50 @@ def _noisy_maps(seed: int, shape: tuple[int, int] = (160, 200)) -> tuple[np.ndar
     return ternary, probs
 
 
-def test_crop_watershed_equals_scikit_image():
-    """Crops flooded together get what each gets alone from scikit-image."""
-    elevations, markers, masks, expected = [], [], [], []
+def _crop_problems(tied: bool) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Elevations, markers and masks of noisy crops: coarse uint8 elevations (plateaus and ties) or
+    distinct random ones (no ties)."""
+    elevations, markers, masks = [], [], []
     for seed, shape in enumerate([(70, 90), (40, 25), (1, 30), (66, 91)]):
         ternary, probs = _noisy_maps(seed, shape)
-        mask = ternary > 0
-        marker = np.where(ternary == 1, ndimage.label(ternary == 1)[0], 0).astype(np.int32)
-        elevation = 255 - probs[-1]
-        expected.append(watershed(elevation, marker, connectivity=1, mask=mask))
-        elevations.append(elevation)
-        markers.append(marker)
-        masks.append(mask)
-    stack, alone = _CropStack(masks, elevations, markers), _CropStack(masks[:1], elevations[:1], markers[:1])
-    stack.flood()
-    alone.flood()
-    for got, want in zip(stack.crops(), expected, strict=True):
-        np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(alone.crops()[0], expected[0])
+        masks.append(ternary > 0)
+        markers.append(np.where(ternary == 1, ndimage.label(ternary == 1)[0], 0).astype(np.int32))
+        distinct = np.random.default_rng(seed).permutation(ternary.size).reshape(shape).astype(np.float64)
+        elevations.append(255 - probs[-1] if tied else distinct)
+    return elevations, markers, masks
 
+
+def _flooded(elevations: list[np.ndarray], markers: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+    stack = _CropStack(masks, elevations, markers)
+    stack.flood()
+    return stack.crops()
+
+
+def test_crop_watershed_equals_scikit_image_without_ties():
+    """Crops flooded together, or one alone, get what each gets alone from scikit-image."""
+    elevations, markers, masks = _crop_problems(tied=False)
+    expected = [watershed(e, m, connectivity=1, mask=k) for e, m, k in zip(elevations, markers, masks, strict=True)]
+    for got, want in zip(_flooded(elevations, markers, masks), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_flooded(elevations[:1], markers[:1], masks[:1])[0], expected[0])
+
+
+def test_crop_watershed_with_ties_is_a_watershed_of_the_markers():
+    """With plateaus, ties may go another way than scikit-image's (its heap order), but the markers
+    keep their pixels, the whole mask is labelled, each region stays 4-connected with its marker, and
+    nearly every pixel agrees."""
+    elevations, markers, masks = _crop_problems(tied=True)
+    flooded = _flooded(elevations, markers, masks)
+    agree = total = 0
+    for e, m, k, got in zip(elevations, markers, masks, flooded, strict=True):
+        want = watershed(e, m, connectivity=1, mask=k)
+        np.testing.assert_array_equal(got[m > 0], m[m > 0])
+        np.testing.assert_array_equal(got > 0, want > 0)  # the pixels the markers reach
+        for label in np.unique(got[got > 0]).tolist():
+            assert ndimage.label(got == label)[1] == 1
+        agree, total = agree + int((got == want)[k].sum()), total + int(k.sum())
+    assert agree / total > 0.99
+    assert agree < total  # the plateaus do make some ties go another way: the check above is not vacuous
 
 def test_instance_measurements_equal_counting_the_pixels():
     """Area and centroid kept from the components and the split crops equal those counted on the
@@ -218,6 +245,23 @@ def test_instance_measurements_equal_counting_the_pixels():
             np.testing.assert_array_equal(getattr(found, name), getattr(counted, name), err_msg=name)
         assert (found.box[:, :2] <= counted.box[:, :2]).all() and (found.box[:, 2:] >= counted.box[:, 2:]).all()
         assert (found.box != counted.box).any()  # split nuclei carry their component's box
+
+
+@pytest.mark.parametrize("keep", [Box(40, 30, 120, 100), Box(0, 0, 60, 200), Box(120, 100, 200, 160)])
+def test_nuclei_kept_in_a_box_equal_those_of_the_whole_region(keep):
+    """With ``keep``, the nuclei whose centroid lies in it are those found without it, pixel for
+    pixel and measurement for measurement; only their numbering may differ."""
+    ternary, probs = _noisy_maps(3)
+    whole = find_nuclei(ternary, probs, mpp=0.25, params=PostprocessParams(min_area_um2=2.0))
+    part = find_nuclei(ternary, probs, mpp=0.25, params=PostprocessParams(min_area_um2=2.0), keep=keep)
+    kept = [np.flatnonzero(_owned(n.centroid_xy, keep)) for n in (whole, part)]
+    assert len(kept[0]) == len(kept[1]) > 10
+    order = [k[np.lexsort(n.centroid_xy[k].T)] for n, k in zip((whole, part), kept, strict=True)]
+    for name in ("area_px", "centroid_xy", "mean_prob", "class_index", "confidence", "box"):
+        np.testing.assert_array_equal(getattr(whole, name)[order[0]], getattr(part, name)[order[1]], err_msg=name)
+    for a, b in zip(*order, strict=True):
+        np.testing.assert_array_equal(whole.labels == a + 1, part.labels == b + 1)
+    assert part.n < whole.n  # components away from the box were left unsplit: the window did something
 
 
 def test_first_pixels_hold_their_label_whatever_the_numbering():
