@@ -178,6 +178,25 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     assert shapely.area(grown[-2]) == 1.0
 
 
+def test_offsets_called_exact_are_simple_rings_equal_to_the_buffer():
+    """The numpy offsets skip GEOS's validity check: on thousands of random 4-connected regions
+    (smooth and ragged), every ring they call exact is a valid polygon equal to the mitred buffer."""
+    rng = np.random.default_rng(3)
+    rings = []
+    for _ in range(1500):
+        side = int(rng.integers(6, 40))
+        field = ndimage.gaussian_filter(rng.normal(size=(side, side)), rng.uniform(0.6, 2.5))
+        labels, n = ndimage.label(np.pad(field > rng.uniform(-0.2, 0.2), 1))
+        boxes = [(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in ndimage.find_objects(labels)]
+        rings += [r for i in range(1, n + 1) if len(r := _outer_contour(labels, i, list(boxes[i - 1]))) >= 3]
+    polys, exact = _mitred_offsets(np.concatenate(rings), np.array([len(r) for r in rings]), 0.5)
+    assert exact.sum() > 1000
+    assert shapely.is_valid(polys[exact]).all()
+    reference = shapely.buffer(_ring_geometries([r for r, e in zip(rings, exact, strict=True) if e]), 0.5,
+                               cap_style="square", join_style="mitre", mitre_limit=2.0)
+    assert shapely.area(shapely.symmetric_difference(polys[exact], reference)).max() < 1e-9
+
+
 def _noisy_maps(seed: int, shape: tuple[int, int] = (160, 200)) -> tuple[np.ndarray, np.ndarray]:
     """Ternary argmax and uint8 maps with many touching, speckled and tiny objects and tied values."""
     rng = np.random.default_rng(seed)
