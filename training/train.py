@@ -160,6 +160,7 @@ class Trainer:
                  quiet: bool = False, pack: str | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.commit = git_commit()  # what this process trains with, whatever lands while it runs
         self.quiet = quiet
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -359,7 +360,7 @@ class Trainer:
         val = {k: v for k, v in row.items() if k.startswith("val_") and _finite(v)}
         return make_card(
             self.cfg, command=f"python -m training.train --config {shlex.quote(self.config_path)}",
-            config=self.cfg.model_dump(mode="json"), git_commit=git_commit(), split=self.split,
+            config=self.cfg.model_dump(mode="json"), git_commit=self.commit, split=self.split,
             epoch=self.state.epoch, epochs_planned=self.cfg.train.epochs, steps=self.state.step,
             patches_seen=self.state.step * self.cfg.train.batch_size, wall_s=round(self.state.wall_s, 1),
             val_metrics=val, best_metric=self.cfg.train.best_metric)
