@@ -13,6 +13,7 @@ from model.errors import OptionsError
 from model.postprocess import (
     Nuclei,
     PostprocessParams,
+    _boxes,
     _CropStack,
     _first_pixels,
     _label,
@@ -166,8 +167,8 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     rng = np.random.default_rng(17)
     blobs = ndimage.gaussian_filter(rng.normal(size=(300, 300)), 2.5) > 0.05  # lobes, necks, spikes, pinches
     labels, n = ndimage.label(blobs)
-    boxes = [(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in ndimage.find_objects(labels)]
-    rings = [_outer_contour(labels, i, list(boxes[i - 1])) for i in range(1, n + 1)]
+    boxes = _boxes(labels, n).tolist()
+    rings = [_outer_contour(labels, i, boxes[i]) for i in range(1, n + 1)]
     rings += [np.array([[5.5, 5.5]]), np.array([[5.5, 5.5], [6.5, 5.5]])]  # a pixel, a two-pixel line
     grown = _pixel_edges(rings)
     reference = shapely.buffer(_ring_geometries(rings), 0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
@@ -187,8 +188,8 @@ def test_offsets_called_exact_are_simple_rings_equal_to_the_buffer():
         side = int(rng.integers(6, 40))
         field = ndimage.gaussian_filter(rng.normal(size=(side, side)), rng.uniform(0.6, 2.5))
         labels, n = ndimage.label(np.pad(field > rng.uniform(-0.2, 0.2), 1))
-        boxes = [(b[0].start, b[1].start, b[0].stop, b[1].stop) for b in ndimage.find_objects(labels)]
-        rings += [r for i in range(1, n + 1) if len(r := _outer_contour(labels, i, list(boxes[i - 1]))) >= 3]
+        boxes = _boxes(labels, n).tolist()
+        rings += [r for i in range(1, n + 1) if len(r := _outer_contour(labels, i, boxes[i])) >= 3]
     polys, exact = _mitred_offsets(np.concatenate(rings), np.array([len(r) for r in rings]), 0.5)
     assert exact.sum() > 1000
     assert shapely.is_valid(polys[exact]).all()
