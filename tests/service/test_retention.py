@@ -69,7 +69,8 @@ def test_finished_jobs_expire_but_a_running_job_is_never_touched(short_lived: St
 
     removed_at = _gone(stack, done["id"])  # the sweeps run again, while the slow job runs
     assert removed_at >= finished + TTL_S - 0.05  # not before its time
-    assert not results.exists() and not upload.exists()
+    # the sweep deletes the record first (no job is ever listed without its files), then the folders
+    wait_until(lambda: not results.exists() and not upload.exists(), timeout_s=10, what="the job's folders removed")
     with retention_paused(stack):  # the slow job survived every sweep since it started
         running = stack.job(slow)
         assert running["status"] in ("running", "succeeded"), running
@@ -78,7 +79,7 @@ def test_finished_jobs_expire_but_a_running_job_is_never_touched(short_lived: St
         final = stack.wait(slow, timeout_s=240)
         assert final["status"] == "succeeded" and final["expires_at"] is not None, final
     _gone(stack, slow)
-    assert not (stack.data_dir / "results" / slow).exists()
+    wait_until(lambda: not (stack.data_dir / "results" / slow).exists(), timeout_s=10, what="slow job's results gone")
 
 
 def test_uploads_of_failed_and_cancelled_jobs_are_removed_at_once(short_lived: Stack) -> None:
