@@ -302,8 +302,8 @@ def _split_components(grown: _Labelled, seeds: _Seeds, marker_lut: np.ndarray, i
     row = at // stack.width
     col = at - row * stack.width
     k = stack.crop_of_row()[row]
-    ids = np.unique(lab)
-    area, centroid = _area_centroid(lab, row + (boxes[:, 0] - stack.tops)[k], col + boxes[:, 1][k], int(ids[-1]))
+    area, centroid = _area_centroid(lab, row + (boxes[:, 0] - stack.tops)[k], col + boxes[:, 1][k], int(lab.max()))
+    ids = np.flatnonzero(area)
     grown.area[ids], grown.centroid[ids] = area[ids], centroid[ids]
 
 
@@ -443,14 +443,15 @@ def _measure(inst: _Labelled, sem_prob: np.ndarray) -> Nuclei:
 def _label_sums(lab: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
     """``(n + 1, C)`` sums of ``values`` ``(C, k)`` uint8 per label ``lab`` ``(k,)``: one sparse product
     (a label-by-pixel indicator matrix times the values laid out pixel-major, filled a channel at a
-    time: a transposing copy would cost twice the product), about twice as fast as a ``bincount`` per
-    channel. Exact in float32 for objects under 65,000 pixels."""
+    time in uint8 and then cast: a transposing copy, or filling float32 columns, costs more than the
+    product), about twice as fast as a ``bincount`` per channel. Exact in float32 for objects under
+    65,000 pixels."""
     k = len(lab)
     onehot = sparse.csc_matrix((np.ones(k, np.float32), lab, np.arange(k + 1)), shape=(n + 1, k))
-    columns = np.empty((k, len(values)), np.float32)
+    columns = np.empty((k, len(values)), np.uint8)
     for i, channel in enumerate(values):
         columns[:, i] = channel
-    return np.asarray(onehot @ columns, dtype=np.float64)
+    return np.asarray(onehot @ columns.astype(np.float32), dtype=np.float64)
 
 
 def classify(mean_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -501,7 +502,7 @@ def nucleus_polygons(
     if boxes is None:
         boxes = _boxes(labels, int(ids.max()))[ids]
     rings = [_outer_contour(labels, i, box) for i, box in zip(ids.tolist(), boxes.tolist(), strict=True)]
-    raw = _pixel_edges(rings, origin, scale)  # pixel centres -> pixel edges
+    raw = _pixel_edges(rings, origin, scale)  # boundary pixels -> pixel edges
     odd = shapely.get_type_id(raw) != shapely.GeometryType.POLYGON
     raw[odd] = [_largest_polygon(g) for g in raw[odd]]
     holed = shapely.get_num_interior_rings(raw) > 0
@@ -516,24 +517,23 @@ def nucleus_polygons(
 
 
 def _outer_contour(labels: np.ndarray, label: int, box: list[int]) -> np.ndarray:
-    """Outer boundary pixel centres of ``label`` (inside ``box``, ``(y0, x0, y1, x1)``) as ``(k, 2)``
-    x, y in continuous region coordinates.
+    """Outer boundary pixels of ``label`` (inside ``box``, ``(y0, x0, y1, x1)``) as ``(k, 2)`` int32
+    x, y region pixel indices (their centres lie 0.5 further).
 
     OpenCV's border following (``findContours``), the longest outer contour when the label has
-    several parts; ``nucleus_polygons`` grows the ring by half a pixel onto the pixel edges.
+    several parts; ``nucleus_polygons`` grows the ring of centres by half a pixel onto the pixel edges.
     """
     y0, x0, y1, x1 = box
     mask = (labels[y0:y1, x0:x1] == label).view(np.uint8)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
     if not contours:
         raise ValueError(f"label {label} is not in the label image inside {tuple(box)}")
-    ring = contours[0] if len(contours) == 1 else max(contours, key=len)
-    return ring.reshape(-1, 2) + 0.5
+    return (contours[0] if len(contours) == 1 else max(contours, key=len)).reshape(-1, 2)
 
 
 def _pixel_edges(rings: list[np.ndarray], origin: tuple[float, float] = (0.0, 0.0), scale: float = 1.0) -> np.ndarray:
-    """Each ring of boundary pixel centres grown by half a pixel onto the pixel edges (mitred), in
-    the coordinates ``(x + origin) * scale``.
+    """Each ring of boundary pixels (``_outer_contour``) as the ring of their centres grown by half a
+    pixel onto the pixel edges (mitred), in the coordinates ``(x + origin) * scale``.
 
     Most rings are offset in numpy (each edge moved out by 0.5, corners mitred), which is the same
     point set as GEOS's mitred buffer for traced region boundaries whenever no corner turns by more
@@ -541,11 +541,12 @@ def _pixel_edges(rings: list[np.ndarray], origin: tuple[float, float] = (0.0, 0.
     """
     out = np.empty(len(rings), dtype=object)
     shift = np.asarray(origin, dtype=np.float64)
+    centre = shift + 0.5
     counts = np.array([len(r) for r in rings])
     wide = np.flatnonzero(counts >= 3)
     exact = wide[:0]
     if len(wide):
-        vertices = (np.concatenate([rings[i] for i in wide]) + shift) * scale
+        vertices = (np.concatenate([rings[i] for i in wide]) + centre) * scale
         polys, ok = _mitred_offsets(vertices, counts[wide], 0.5 * scale)
         exact = wide[ok]
         out[exact] = polys[ok]
@@ -580,16 +581,18 @@ def _mitred_offsets(v: np.ndarray, n: np.ndarray, r: float) -> tuple[np.ndarray,
 
 
 def _ring_geometries(rings: list[np.ndarray]) -> np.ndarray:
-    """Polygons of the rings of 3 or more points; lines and points for the thinner ones."""
+    """Polygons of the rings of boundary pixels' centres, of 3 or more points; lines and points for
+    the thinner ones."""
     geoms = np.empty(len(rings), dtype=object)
     counts = np.array([len(r) for r in rings])
     wide = np.flatnonzero(counts >= 3)
     if len(wide):
-        coords = np.concatenate([rings[i] for i in wide])
+        coords = np.concatenate([rings[i] for i in wide]) + 0.5
         geoms[wide] = shapely.polygons(shapely.linearrings(coords, indices=np.repeat(np.arange(len(wide)),
                                                                                      counts[wide])))
     for i in np.flatnonzero(counts < 3):
-        geoms[i] = shapely.LineString(rings[i]) if counts[i] == 2 else shapely.Point(rings[i][0])
+        centres = rings[i] + 0.5
+        geoms[i] = shapely.LineString(centres) if counts[i] == 2 else shapely.Point(centres[0])
     return geoms
 
 
@@ -640,12 +643,22 @@ def block_nuclei(place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> B
     polys = nucleus_polygons(nuclei.labels, ids, boxes=nuclei.box[ids - 1], origin=(region.x0, region.y0),
                              scale=place.scale,
                              tolerance_px=place.params.simplify_px)
-    rings = [shapely.get_coordinates(p.exterior) for p in polys]
+    rings = _exterior_coordinates(polys)
     t2 = time.perf_counter()
     idx = ids - 1
     return BlockNuclei(region, rings, nuclei.class_index[idx], nuclei.area_px[idx] * place.mpp**2,
                        nuclei.confidence[idx], oversized, {"postprocess_s": t1 - t0, "polygons_s": t2 - t1},
                        nuclei.labels if place.keep_labels else None, ids if place.keep_labels else None)
+
+
+def _exterior_coordinates(polys: np.ndarray) -> list[np.ndarray]:
+    """Each polygon's exterior ring as ``(k, 2)`` coordinates (views of one array)."""
+    if not len(polys):
+        return []
+    exteriors = shapely.get_exterior_ring(polys)
+    xy = shapely.get_coordinates(exteriors)
+    stops = np.cumsum(shapely.get_num_coordinates(exteriors)).tolist()
+    return [xy[a:b] for a, b in zip([0, *stops[:-1]], stops, strict=True)]
 
 
 def _count_oversized(labels: np.ndarray, ids: np.ndarray, region: Box, bounds: Box) -> int:

@@ -169,12 +169,12 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     labels, n = ndimage.label(blobs)
     boxes = _boxes(labels, n).tolist()
     rings = [_outer_contour(labels, i, boxes[i]) for i in range(1, n + 1)]
-    rings += [np.array([[5.5, 5.5]]), np.array([[5.5, 5.5], [6.5, 5.5]])]  # a pixel, a two-pixel line
+    rings += [np.array([[5, 5]]), np.array([[5, 5], [6, 5]])]  # a pixel, a two-pixel line
     grown = _pixel_edges(rings)
     reference = shapely.buffer(_ring_geometries(rings), 0.5, cap_style="square", join_style="mitre", mitre_limit=2.0)
     assert shapely.area(shapely.symmetric_difference(grown, reference)).max() < 1e-9
     wide = [r for r in rings if len(r) >= 3]
-    _, exact = _mitred_offsets(np.concatenate(wide), np.array([len(r) for r in wide]), 0.5)
+    _, exact = _mitred_offsets(np.concatenate(wide) + 0.5, np.array([len(r) for r in wide]), 0.5)
     assert 0.5 < exact.mean() < 1  # both the numpy offsets and the GEOS fallback are exercised
     assert shapely.area(grown[-2]) == 1.0
 
@@ -190,7 +190,7 @@ def test_offsets_called_exact_are_simple_rings_equal_to_the_buffer():
         labels, n = ndimage.label(np.pad(field > rng.uniform(-0.2, 0.2), 1))
         boxes = _boxes(labels, n).tolist()
         rings += [r for i in range(1, n + 1) if len(r := _outer_contour(labels, i, boxes[i])) >= 3]
-    polys, exact = _mitred_offsets(np.concatenate(rings), np.array([len(r) for r in rings]), 0.5)
+    polys, exact = _mitred_offsets(np.concatenate(rings) + 0.5, np.array([len(r) for r in rings]), 0.5)
     assert exact.sum() > 1000
     assert shapely.is_valid(polys[exact]).all()
     reference = shapely.buffer(_ring_geometries([r for r, e in zip(rings, exact, strict=True) if e]), 0.5,
