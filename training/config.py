@@ -93,7 +93,7 @@ class TrainSection(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_epochs: float = Field(default=0.5, ge=0)
     min_lr_ratio: float = Field(default=0.02, ge=0, le=1)
-    precision: Literal["fp32", "bf16", "amp"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "amp"] = "fp32"  # auto: bf16 where native (CUDA, AVX512-BF16, AMX)
     channels_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(default=0, ge=0)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from model.card import ModelCard, Normalisation
 from model.checkpoint import save_checkpoint
+from model.device import resolve_precision
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES, TwoHeadUnet
 from training.config import SourceConfig, TrainConfig, load_config
 from training.data.augment import AugmentConfig
@@ -117,6 +118,15 @@ def split_samples(samples: list[Sample], label: str, cfg: TrainConfig) -> tuple[
     return [s for s in samples if s.group not in groups], [s for s in samples if s.group in groups]
 
 
+def resolved(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with ``train.precision: auto`` made what runs on ``device`` (bf16 on CUDA and on CPUs
+    with native bf16, else fp32), so the run's card records the precision it trained in."""
+    if cfg.train.precision != "auto":
+        return cfg
+    train = cfg.train.model_copy(update={"precision": resolve_precision("auto", device)})
+    return cfg.model_copy(update={"train": train})
+
+
 def pick_device(cfg: TrainConfig) -> torch.device:
     """``auto`` means CUDA when available."""
     if cfg.train.device == "auto":
@@ -128,9 +138,10 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast (CPU or CUDA), fp16 AMP (CUDA only), or nothing."""
-    if cfg.train.precision == "bf16":
+    precision = resolved(cfg, device).train.precision
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.train.precision == "amp":
+    if precision == "amp":
         if device.type != "cuda":
             raise ValueError(f"precision 'amp' needs CUDA, device is {device.type!r}; use 'bf16' on CPU")
         return torch.autocast("cuda", dtype=torch.float16)
@@ -168,6 +179,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.seed)
         self.device = pick_device(cfg)
+        self.cfg = cfg = resolved(cfg, self.device)
+        self._log(f"device {self.device}, precision {cfg.train.precision}")
         self.train_samples, weights, self.val_samples = load_data(cfg, Pack.open(pack) if pack else None)
         if pack:
             self._log(f"sources read from the pack {pack}")
