@@ -137,11 +137,10 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast (CPU or CUDA), fp16 AMP (CUDA only), or nothing."""
-    precision = resolved(cfg, device).train.precision
-    if precision == "bf16":
+    """bf16 autocast (CPU or CUDA), fp16 AMP (CUDA only), or nothing; ``cfg`` as ``resolved`` gives it."""
+    if cfg.train.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "amp":
+    if cfg.train.precision == "amp":
         if device.type != "cuda":
             raise ValueError(f"precision 'amp' needs CUDA, device is {device.type!r}; use 'bf16' on CPU")
         return torch.autocast("cuda", dtype=torch.float16)

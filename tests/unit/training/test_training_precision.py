@@ -30,6 +30,7 @@ def test_explicit_precision_is_kept(precision: str) -> None:
 
 
 def test_autocast_follows_the_resolved_precision() -> None:
-    ctx = autocast(_config("auto"), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    ctx = autocast(resolved(_config("auto"), cpu), cpu)
     assert isinstance(ctx, torch.autocast) == cpu_has_bf16()
     assert isinstance(autocast(_config("fp32"), torch.device("cpu")), contextlib.nullcontext)
