@@ -245,6 +245,7 @@ class JobRunner:
 
     def _end(self, record: JobRecord, status: Status, started: float, *, stage: str,
              error: JobError | None = None, lost: bool = False, note: str = "") -> dict[str, Any]:
+        shutil.rmtree(self.partial, ignore_errors=True)  # this attempt's own files, gone before the job ends
         if lost:
             log.warning("job %s: stopped because the lease was lost; another attempt owns it", self.job_id)
             return {"job_id": self.job_id, "status": "lost"}
