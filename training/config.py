@@ -22,6 +22,10 @@ class SourceConfig(_Strict):
     class_map: dict[int, int] | None = None
     group_pattern: str = r"^(.*)_\d+$"
     name: str | None = None
+    open_background: bool = False
+    """Train this source's non-nuclear pixels as "background or macrophage" (a partial label): it
+    labels nuclei only, so a macrophage's cytoplasm, which MoNuSAC labels macrophage, reads as
+    background in it. Training samples only; validation keeps the source's labels."""
 
     @model_validator(mode="after")
     def _needs_map(self) -> SourceConfig:

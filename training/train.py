@@ -37,7 +37,7 @@ from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES, TwoHeadUnet
 from training.config import SourceConfig, TrainConfig, load_config
 from training.data.augment import AugmentConfig
 from training.data.patches import PatchConfig, PatchDataset, write_sampling
-from training.data.sample import Sample
+from training.data.sample import Sample, open_background
 from training.data.sources import load_instance_folder, load_monusac, load_monuseg
 from training.data.split import check_no_leak, split_by_group, split_record, write_split
 from training.deepen import deepen
@@ -99,6 +99,8 @@ def load_data(cfg: TrainConfig, pack: Pack | None = None) -> tuple[list[Sample],
         if not samples:
             raise FileNotFoundError(f"source {src.root!r} ({src.kind}) holds no samples")
         tr, va = split_samples(samples, src.label, cfg)
+        if src.open_background:
+            tr = [open_background(s) for s in tr]
         area = sum(s.semantic.size for s in tr)
         weights += [src.weight * s.semantic.size / area for s in tr]
         train += tr

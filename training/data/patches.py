@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from model.options import SEMANTIC_CLASSES
 from training.data.augment import AugmentConfig, augment
-from training.data.sample import IGNORE, Sample
+from training.data.sample import BACKGROUND_OR_MACROPHAGE, IGNORE, Sample
 
 CELL_CLASSES = tuple(range(1, len(SEMANTIC_CLASSES)))
 """Semantic classes that class-centred draws aim at: epithelial, lymphocyte, neutrophil, macrophage."""
@@ -220,11 +220,13 @@ def class_shares(dataset: PatchDataset, n: int = 400) -> dict[str, Any]:
         for v, f in zip(values.tolist(), freq.tolist(), strict=True):
             counts[v] = counts.get(v, 0) + f
     labelled = sum(f for v, f in counts.items() if v != IGNORE)
-    nuclear = sum(f for v, f in counts.items() if v != IGNORE and v != 0)
+    not_nuclear = (IGNORE, 0, BACKGROUND_OR_MACROPHAGE)
+    nuclear = sum(f for v, f in counts.items() if v not in not_nuclear)
     return {"patches": n, "labelled_share": {str(v): f / labelled for v, f in sorted(counts.items()) if v != IGNORE},
-            "nuclear_share": {str(v): f / nuclear for v, f in sorted(counts.items()) if v not in (IGNORE, 0)}}
+            "nuclear_share": {str(v): f / nuclear for v, f in sorted(counts.items()) if v not in not_nuclear}}
 
 
 def write_sampling(path: Path, dataset: PatchDataset, n: int = 400) -> None:
-    """Record :func:`class_shares` (label values as keys; -2 = partial 'inflammatory') as JSON."""
+    """Record :func:`class_shares` as JSON (label values as keys; negative: the partial labels of
+    ``training.data.sample.PARTIAL_LABELS``)."""
     path.write_text(json.dumps(class_shares(dataset, n), indent=1))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -13,7 +13,11 @@ INFLAMMATORY = -2
 """Semantic label meaning "one of lymphocyte, neutrophil, macrophage" (CoNSeP's inflammatory class):
 trained as a partial label (loss ``-log sum_c p_c`` over the set), excluded from metrics."""
 
-PARTIAL_LABELS: dict[int, tuple[int, ...]] = {INFLAMMATORY: (2, 3, 4)}
+BACKGROUND_OR_MACROPHAGE = -3
+"""Semantic label meaning "background or macrophage": a non-nuclear pixel of a source that labels
+nuclei only, where MoNuSAC outlines a macrophage as the whole cell (``SourceConfig.open_background``)."""
+
+PARTIAL_LABELS: dict[int, tuple[int, ...]] = {INFLAMMATORY: (2, 3, 4), BACKGROUND_OR_MACROPHAGE: (0, 4)}
 
 
 @dataclass(frozen=True)
@@ -43,3 +47,10 @@ class Sample:
                 raise ValueError(
                     f"sample {self.name!r}: {label} must be int64 {(h, w)}, got {arr.dtype} {arr.shape}"
                 )
+
+
+def open_background(s: Sample) -> Sample:
+    """``s`` with its labelled non-nuclear pixels (semantic and ternary background) made
+    :data:`BACKGROUND_OR_MACROPHAGE`; nuclei, including those labelled background, keep their labels."""
+    where = (s.semantic == 0) & (s.ternary == 0)
+    return replace(s, semantic=np.where(where, BACKGROUND_OR_MACROPHAGE, s.semantic))
