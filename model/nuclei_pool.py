@@ -7,19 +7,25 @@ flight, so memory stays bounded and a slow pool holds the engine back. A worker 
 raises fails the run with ``PostprocessError``; nothing of the blocks still in flight is recorded.
 
 Workers are started with ``spawn`` and import this module only (numpy, scipy, scikit-image,
-OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay for torch.
+OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay for torch. They
+start without the host program's ``__main__`` module, which ``spawn`` would otherwise run again in
+each of them: for a script that imports torch at its top, two workers spent 8 CPU seconds starting
+instead of 0.8 (benchmarks/RESULTS.md, "Host ceiling").
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
@@ -100,7 +106,8 @@ class NucleiPool:
         done = [self._pop() for _ in range(len(self._pending) - self.limit + 1)]
         shm, maps = _put(ternary, probs)
         try:
-            future = self._executor.submit(_run, place, maps)
+            with _without_main():  # the executor starts its processes as blocks are submitted
+                future = self._executor.submit(_run, place, maps)
         except BrokenProcessPool as exc:
             _release(shm)
             raise PostprocessError(_DIED.format(when=f"before block {index} was queued")) from exc
@@ -131,6 +138,18 @@ class NucleiPool:
         self._executor.shutdown(wait=not self._pending, cancel_futures=True)
         while self._pending:
             _release(self._pending.popleft()[2])
+
+
+@contextmanager
+def _without_main() -> Iterator[None]:
+    """Processes spawned meanwhile do not import this program's ``__main__`` module (``multiprocessing``
+    runs it again in each child when it has a name or a file; a bare module has neither)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _release(shm: SharedMemory) -> None:

@@ -139,3 +139,38 @@ def test_pool_processes_die_with_the_engines_process() -> None:
         child.wait(timeout=30)
     _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
     assert not alive, f"pool processes outlived the engine's process: {alive}"
+
+
+MAIN_WITH_TORCH = r"""
+import sys
+import numpy as np
+import psutil
+import torch  # a host program that imports torch at its top
+from model.nuclei_pool import NucleiPool
+from model.postprocess import BlockPlace, PostprocessParams
+from model.tiling import Box
+
+if __name__ == "__main__":
+    box = Box(0, 0, 256, 256)
+    pool = NucleiPool(2)
+    for index in range(3):
+        pool.submit(index, BlockPlace(box, box, box, 0.25, 1.0, PostprocessParams()),
+                    np.zeros((256, 256), np.uint8), np.zeros((6, 256, 256), np.uint8))
+    list(pool.drain())
+    workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+    print(len(workers), sum(any("libtorch" in m.path for m in p.memory_maps()) for p in workers), flush=True)
+    pool.close()
+"""
+
+
+def test_workers_do_not_run_the_host_programs_main_module(tmp_path: Path) -> None:
+    """``spawn`` would run a script's ``__main__`` again in each worker: with torch imported there,
+    every worker would load torch (seconds of CPU each) before its first block."""
+    script = tmp_path / "host.py"
+    script.write_text(MAIN_WITH_TORCH)
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+    workers, with_torch = (int(v) for v in out.stdout.split())
+    assert workers >= 1
+    assert with_torch == 0, f"{with_torch} of {workers} workers loaded torch"
