@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +50,26 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
     if precision not in ("fp32", "bf16"):
         raise OptionsError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     return precision  # type: ignore[return-value]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU operators of the calling thread run on ``n`` intra-op threads meanwhile.
+
+    The count is per calling thread (OpenMP's own setting; threads that start using torch meanwhile
+    take it too). The engine runs its host work on one thread while the nuclei processes, the
+    readers and the sinks use the other cores: small operators split over busy cores wait for a
+    descheduled helper (measured: host ceiling 4.7 -> 6.2 Mpx/s on 2 cores).
+    """
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fold_batchnorm(network: nn.Module) -> nn.Module:

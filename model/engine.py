@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ from model.analysis import AnalysisView, make_view
 from model.blending import Accumulator, Workspace, class_maps, gaussian_weights, nucleus_maps
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
-from model.device import TileRunner, resolve_device, resolve_precision
+from model.device import TileRunner, resolve_device, resolve_precision, torch_threads
 from model.errors import CancelledError, OptionsError
 from model.nuclei_pool import available_cores
 from model.options import EngineOptions
@@ -189,6 +189,11 @@ class Engine:
         self.runner = TileRunner(model.network, model.card, self.device, self.precision,
                                  batch=self.options.batch_size, tta=self.options.tta)
         self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale, str(self.device))
+        self.network_threads = torch.get_num_threads()  # the forward pass's; blending on a CPU runs on one
+
+    def _host_threads(self) -> AbstractContextManager[None]:
+        """Blending on a CPU uses one core: the readers, sinks and nuclei processes have the others."""
+        return torch_threads(1) if self.device.type == "cpu" else nullcontext()
 
     def run(
         self,
@@ -292,6 +297,12 @@ class Engine:
         if pixels is None or job.source is None:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
+        with self._host_threads():
+            return self._blend_tiles(job, pixels, grid, report, index, cache, wants, workspace)
+
+    def _blend_tiles(self, job: _BlockJob, pixels: np.ndarray, grid: TileGrid, report: RunReport,
+                     index: BlockIndex, cache: TileCache, wants: _Wants, workspace: Workspace) -> BlockResult:
+        assert job.source is not None
         acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
         cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
         batches = iter_batches([t for t in job.tiles if t not in cached], self.options.batch_size)
@@ -325,7 +336,8 @@ class Engine:
             for b in boxes
         ])
         t0 = time.perf_counter()
-        out = self.runner(tiles)
+        with torch_threads(self.network_threads):
+            out = self.runner(tiles)
         for tile, box, tile_logits in zip(batch, boxes, out, strict=True):
             cache.offer(tile, tile_logits, index.blocks_touching(box), job.index)
             report.tiles_shared += index.needed_before(box)

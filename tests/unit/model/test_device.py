@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from model.card import ModelCard
-from model.device import TileRunner, inference_network
+from model.device import TileRunner, inference_network, torch_threads
 from model.network import build_network
 
 
@@ -55,3 +57,28 @@ def test_bf16_runs_the_arithmetic_of_autocast_with_weights_cast_once() -> None:
         sem, ter = fp32.network(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(runner(tiles), torch.cat((sem, ter), 1).float(), atol=0, rtol=0)
     assert not torch.equal(runner(tiles), fp32(tiles))
+
+
+def test_torch_threads_is_per_thread_and_restored() -> None:
+    """The engine blends on one thread while another engine thread may be running its network."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def blender() -> None:
+        with torch_threads(1):
+            seen.append(torch.get_num_threads())
+            inside.set()
+            release.wait(30)
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=blender)
+    thread.start()
+    assert inside.wait(30)
+    seen.append(torch.get_num_threads())  # this thread, while the other runs on one
+    release.set()
+    thread.join(30)
+    torch.set_num_threads(before)
+    assert seen == [1, 2, 2]
