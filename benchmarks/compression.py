@@ -3,7 +3,7 @@
 Run: ``python -m benchmarks.compression [--side 4096]``
 
 The class maps are ``FreeNet``'s argmax over a rimmed ``SyntheticSlide`` (about 400 nuclei per
-Mpx). PNG: one deflate stream over filter-byte-prefixed rows (``PalettePngWriter``); TIFF: each
+Mpx). PNG: one deflate stream over filter-byte-prefixed rows (``PngWriter``); TIFF: each
 512² tile deflated on its own (``write_tiff_from_store``). One thread, as the writer threads run.
 """
 

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from model.engine import BlockResult, RunContext
 from model.maskwriter import MaskWriter
+from model.overlays import OverlayHead, OverlayWriter, sample_positions
 from model.readers import thumbnail
-from model.writers import ClassMapStore, overlay, save_rgb_png
+from model.writers import ClassMapStore
 
 OVERLAY_MAX_SIDE = 4096
-T = TypeVar("T")
 
 
 @dataclass
@@ -50,7 +47,7 @@ class ClassMapSink:
         self._ctx: RunContext | None = None
         self._k = 1.0
         self._row_left: Counter[int] = Counter()
-        self._thumb: Future[np.ndarray] | None = None
+        self._overlays: OverlayWriter | None = None
 
     def start(self, ctx: RunContext) -> None:
         self._ctx = ctx
@@ -73,7 +70,8 @@ class ClassMapSink:
             size = self._overlay_size()
             for head in self._heads:
                 head.small = np.zeros((size[1], size[0]), dtype=np.uint8)
-            self._thumb = _in_thread(self._thumbnail, "nucseg-thumbnail")  # read while the engine runs
+            heads = [OverlayHead(h.name, h.small, h.colours) for h in self._heads if h.small is not None]
+            self._overlays = OverlayWriter(self.out_dir, self._thumbnail, heads, self._k, view.height)
 
     def _overlay_size(self) -> tuple[int, int]:
         assert self._ctx is not None
@@ -98,12 +96,14 @@ class ClassMapSink:
             for head in self._heads:
                 if head.writer is not None:
                     head.writer.rows_done(box.y1)
+            if self._overlays is not None:
+                self._overlays.rows_done(box.y1)
 
     def _sample(self, small: np.ndarray, x0: int, y0: int, classes: np.ndarray) -> None:
         """Nearest-neighbour: overlay pixel u samples analysis pixel floor((u + 0.5) * k)."""
         k = self._k
-        us = _sample_positions(x0, x0 + classes.shape[1], k, small.shape[1])
-        vs = _sample_positions(y0, y0 + classes.shape[0], k, small.shape[0])
+        us = sample_positions(x0, x0 + classes.shape[1], k, small.shape[1])
+        vs = sample_positions(y0, y0 + classes.shape[0], k, small.shape[0])
         if len(us) and len(vs):
             src_x = np.floor((us + 0.5) * k).astype(np.int64) - x0
             src_y = np.floor((vs + 0.5) * k).astype(np.int64) - y0
@@ -131,32 +131,16 @@ class ClassMapSink:
         }
 
     def _write_files(self) -> None:
-        """The thumbnail and overlays, each on a thread (PNG encoding releases the GIL), while the mask
-        writers finish their TIFFs' reduced pages."""
-        with ThreadPoolExecutor(1 + len(self._heads), thread_name_prefix="nucseg-overlay") as pool:
-            try:
-                pngs = self._write_overlays(pool)
-            finally:
-                self._close_writers()
-            for future in pngs:
-                future.result()
-
-    def _close_writers(self) -> None:
-        for head in self._heads:
-            if head.writer is not None:
-                writer, head.writer = head.writer, None
-                writer.close()
-
-    def _write_overlays(self, pool: ThreadPoolExecutor) -> list[Future[None]]:
-        if self._thumb is None:
-            return []
-        thumb = self._thumb.result()
-        futures = [pool.submit(save_rgb_png, self.out_dir / "thumbnail.png", thumb)]
-        for head in self._heads:
-            assert head.small is not None
-            futures.append(pool.submit(_save_overlay, self.out_dir / f"overlay_{head.name}.png", thumb, head.small,
-                                       head.colours))
-        return futures
+        """Wait for the writer threads: the masks' and the overlays' last rows, the TIFFs' last pages."""
+        try:
+            for head in self._heads:
+                if head.writer is not None:
+                    writer, head.writer = head.writer, None
+                    writer.close()
+        finally:
+            if self._overlays is not None:
+                self._overlays.close()  # on error, abort() removes its files
+                self._overlays = None
 
     def _thumbnail(self) -> np.ndarray:
         assert self._ctx is not None
@@ -183,8 +167,9 @@ class ClassMapSink:
                 "colours": [list(c) for c in head.colours]}
 
     def abort(self) -> None:
-        if self._thumb is not None:  # the reader may be closed once we return
-            wait([self._thumb])
+        if self._overlays is not None:  # waits for a thumbnail read: the reader may be closed once we return
+            self._overlays.abort()
+            self._overlays = None
         for head in self._heads:
             if head.writer is not None:
                 head.writer.abort()
@@ -199,23 +184,3 @@ class ClassMapSink:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def _save_overlay(path: Path, thumb: np.ndarray, small: np.ndarray, colours: Sequence[tuple[int, int, int]]) -> None:
-    save_rgb_png(path, overlay(thumb, small, colours))
-
-
-def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
-    """``fn()`` on a thread of its own; its result or error through the future."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-    future = pool.submit(fn)
-    pool.shutdown(wait=False)  # the thread ends once fn returns
-    return future
-
-
-def _sample_positions(lo: int, hi: int, k: float, n: int) -> np.ndarray:
-    """Overlay indices whose sample point ``floor((u + 0.5) k)`` lies in ``[lo, hi)``."""
-    first = max(0, math.ceil(lo / k - 0.5))
-    us = np.arange(first, min(n, math.ceil(hi / k - 0.5) + 1))
-    src = np.floor((us + 0.5) * k)
-    return us[(src >= lo) & (src < hi)]

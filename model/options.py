@@ -78,9 +78,17 @@ def engine_options(values: Mapping[str, Any], **overrides: Any) -> EngineOptions
 # Result groups, in the order they are written and listed, and the files each one writes.
 OutputGroup = Literal["masks", "overlays", "nuclei"]
 OUTPUT_GROUPS: tuple[OutputGroup, ...] = get_args(OutputGroup)
+THUMBNAIL_FILE = "thumbnail.png"
+
+
+def overlay_file(head: str) -> str:
+    """The overlay PNG's name of a head (``semantic``, ``ternary``)."""
+    return f"overlay_{head}.png"
+
+
 GROUP_FILES: dict[str, tuple[str, ...]] = {
     "masks": ("semantic.png", "ternary.png", "semantic.tiff", "ternary.tiff"),
-    "overlays": ("overlay_semantic.png", "overlay_ternary.png", "thumbnail.png"),
+    "overlays": (overlay_file("semantic"), overlay_file("ternary"), THUMBNAIL_FILE),
     "nuclei": ("nuclei.geojson",),
 }
 STATS_FILE = "stats.json"

@@ -1,4 +1,4 @@
-"""Mask files (written on a thread while blocks arrive) hold exactly the argmax of the blended logits."""
+"""Mask and overlay files (written on threads while blocks arrive) hold exactly the argmax of the blended logits."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from model.engine import BlockResult, CollectSink, Engine, EngineOptions, RunContext
 from model.maps import ClassMapSink
 from model.readers import ArrayReader
-from model.writers import MASK_ZLIB_LEVEL, ClassMapStore, write_tiff_from_store
+from model.writers import MASK_ZLIB_LEVEL, ClassMapStore, PngWriter, overlay, write_tiff_from_store
 from tests.helpers.stubs import TrivialNet, loaded
 
 
@@ -68,11 +68,57 @@ def test_mask_files_equal_the_argmax(tmp_path: Path, block: int) -> None:
                                                            "ternary.tiff"]
 
 
-def test_a_failed_run_leaves_no_mask_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlays", [False, True])
+def test_a_failed_run_leaves_no_mask_files(tmp_path: Path, overlays: bool) -> None:
     image = np.random.default_rng(3).integers(0, 256, (700, 500, 3), dtype=np.uint8)
+    sink = ClassMapSink(tmp_path, overlays=overlays, overlay_max_side=200)
     with pytest.raises(RuntimeError, match="sink failed"):
-        _engine(150).run(ArrayReader(image, mpp=0.25), [ClassMapSink(tmp_path, overlays=False), _Fails(5)])
+        _engine(150).run(ArrayReader(image, mpp=0.25), [sink, _Fails(5)])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("max_side", [97, 4096])
+def test_overlays_written_as_rows_arrive_blend_the_thumbnail_with_the_sampled_classes(tmp_path: Path,
+                                                                                      max_side: int) -> None:
+    """Overlay pixel (u, v) shows analysis pixel (floor((u + 0.5) k), floor((v + 0.5) k)); its rows are
+    streamed block row by block row (blocks of 64 px: many rows, most overlay bands cut by one)."""
+    image = np.random.default_rng(4).integers(0, 256, (310, 250, 3), dtype=np.uint8)
+    collect = CollectSink(logits=False)
+    engine = _engine(64)
+    engine.run(ArrayReader(image, mpp=0.25), [ClassMapSink(tmp_path, masks=False, overlay_max_side=max_side),
+                                              collect])
+    assert collect.classes is not None
+    with Image.open(tmp_path / "thumbnail.png") as png:
+        thumb = np.asarray(png.convert("RGB"))
+    k = max(1.0, 310 / max_side)
+    assert thumb.shape == (round(310 / k), round(250 / k), 3)
+    if k == 1.0:
+        np.testing.assert_array_equal(thumb, image)
+    rows = np.floor((np.arange(thumb.shape[0]) + 0.5) * k).astype(int)
+    cols = np.floor((np.arange(thumb.shape[1]) + 0.5) * k).astype(int)
+    heads = {"semantic": engine.card.semantic_colours, "ternary": engine.card.ternary_colours}
+    for i, (name, colours) in enumerate(heads.items()):
+        small = collect.classes[i][np.ix_(rows, cols)]
+        with Image.open(tmp_path / f"overlay_{name}.png") as png:
+            assert png.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(png), overlay(thumb, small, colours))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay_semantic.png", "overlay_ternary.png",
+                                                           "thumbnail.png"]
+
+
+@pytest.mark.parametrize("palette", [None, [(0, 0, 0), (255, 0, 0), (0, 255, 0)]])
+def test_png_rows_written_in_bands_decode_to_the_image(tmp_path: Path, palette: list | None) -> None:
+    """RGB rows are filtered against the row above, across band boundaries too."""
+    rng = np.random.default_rng(5)
+    shape = (41, 37) if palette else (41, 37, 3)
+    image = rng.integers(0, len(palette) if palette else 256, shape, dtype=np.uint8)
+    image[10:20] = image[9]  # runs of equal rows: what the "Up" filter turns into zeros
+    with PngWriter(tmp_path / "x.png", 37, 41, palette) as png:
+        for y0, y1 in ((0, 1), (1, 8), (8, 8), (8, 40), (40, 41)):
+            png.write_rows(image[y0:y1])
+    with Image.open(tmp_path / "x.png") as decoded:
+        assert decoded.mode == ("P" if palette else "RGB")
+        np.testing.assert_array_equal(np.asarray(decoded), image)
 
 
 def test_reduced_pages_encoded_while_rows_arrive_equal_those_written_at_the_end(tmp_path: Path) -> None:
