@@ -69,8 +69,8 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
         return rgba
     out = np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3]
-    see_through = alpha < 255
-    if see_through.any():
+    if alpha.size and alpha.min() < 255:  # one pass, no mask, for the usual opaque region
+        see_through = alpha < 255
         a = alpha[see_through].astype(np.uint16)[:, None]
         rgb = out[see_through].astype(np.uint16)
         out[see_through] = ((rgb * a + WHITE * (255 - a) + 127) // 255).astype(np.uint8)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from model.engine import BlockResult, CollectSink, Engine, EngineOptions, RunContext
-from model.maps import ClassMapSink
+from model.maps import ClassMapSink, class_counts
 from model.readers import ArrayReader
 from model.writers import MASK_ZLIB_LEVEL, ClassMapStore, PngWriter, overlay, write_tiff_from_store
 from tests.helpers.stubs import TrivialNet, loaded
@@ -157,3 +157,9 @@ def test_reduced_pages_encoded_while_rows_arrive_equal_those_written_at_the_end(
             part = img[ty * 256 : (ty + 1) * 256, tx * 256 : (tx + 1) * 256]
             tile[: part.shape[0], : part.shape[1]] = part
             assert raw.read(size) == zlib.compress(tile.tobytes(), MASK_ZLIB_LEVEL)
+
+
+def test_class_counts_equal_bincount_on_strided_maps() -> None:
+    classes = np.random.default_rng(6).integers(0, 7, (2, 300, 200), dtype=np.uint8)
+    inner = classes[1, 10:290, 5:195]  # a block's inner part: not contiguous
+    np.testing.assert_array_equal(class_counts(inner, 5), np.bincount(inner.ravel(), minlength=5)[:5])
