@@ -59,7 +59,8 @@ class OverlayWriter(RowWriter):
         """Overlay rows all of whose samples lie in analysis rows ``[0, y)``."""
         if y >= self.height:
             return total
-        return int(sample_positions(0, y, self.k, total)[-1]) + 1 if y > 0 else 0
+        sampled = sample_positions(0, y, self.k, total)
+        return int(sampled[-1]) + 1 if len(sampled) else 0
 
     def write(self) -> None:
         thumb = self._read_thumbnail()

@@ -77,14 +77,16 @@ def test_a_failed_run_leaves_no_mask_files(tmp_path: Path, overlays: bool) -> No
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("max_side", [97, 4096])
+@pytest.mark.parametrize(("max_side", "block"), [(97, 64), (4096, 64), (12, 8)])
 def test_overlays_written_as_rows_arrive_blend_the_thumbnail_with_the_sampled_classes(tmp_path: Path,
-                                                                                      max_side: int) -> None:
+                                                                                      max_side: int,
+                                                                                      block: int) -> None:
     """Overlay pixel (u, v) shows analysis pixel (floor((u + 0.5) k), floor((v + 0.5) k)); its rows are
-    streamed block row by block row (blocks of 64 px: many rows, most overlay bands cut by one)."""
+    streamed block row by block row (many block rows, most overlay bands cut by one; with k = 25.8
+    the first block row holds no sampled row at all)."""
     image = np.random.default_rng(4).integers(0, 256, (310, 250, 3), dtype=np.uint8)
     collect = CollectSink(logits=False)
-    engine = _engine(64)
+    engine = _engine(block)
     engine.run(ArrayReader(image, mpp=0.25), [ClassMapSink(tmp_path, masks=False, overlay_max_side=max_side),
                                               collect])
     assert collect.classes is not None
