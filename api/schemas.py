@@ -9,7 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.records import JobRecord, ShardState, ShardStatus, Status
 from model.errors import OptionsError
-from model.options import DEFAULTS, OUTPUT_GROUPS, TILE_MULTIPLE, OutputGroup, StainMethod, engine_options
+from model.options import (
+    BATCH_HELP,
+    DEFAULTS,
+    OUTPUT_GROUPS,
+    TILE_MULTIPLE,
+    OutputGroup,
+    StainMethod,
+    engine_options,
+)
 
 
 class JobOptions(BaseModel):
@@ -24,7 +32,7 @@ class JobOptions(BaseModel):
     overlap: int = Field(DEFAULTS.overlap, ge=0, le=1024,
                          description="overlap of neighbouring tiles in px (< tile_size)")
     block_size: int = Field(DEFAULTS.block_size, ge=64, le=16384, description="output block side in px (progress unit)")
-    batch_size: int = Field(DEFAULTS.batch_size, ge=1, le=256, description="tiles per forward pass")
+    batch_size: int | None = Field(DEFAULTS.batch_size, ge=1, le=256, description=BATCH_HELP)
     tissue: bool | None = Field(DEFAULTS.tissue, description="skip tiles without tissue (default: on for WSIs)")
     mpp: float | None = Field(DEFAULTS.mpp, gt=0, le=1000, description="µm/px of level 0, overriding the slide's")
     tta: bool = Field(DEFAULTS.tta, description="average each tile over its four flips: a little more accurate, "

@@ -41,7 +41,7 @@ from core.settings import DEFAULT_MODEL
 from model.checkpoint import LoadedModel, load_model
 from model.device import TileRunner, resolve_device, resolve_precision
 from model.engine import EngineOptions
-from model.options import OUTPUT_GROUPS
+from model.options import OUTPUT_GROUPS, device_batch
 from model.pipeline import predict_reader
 from model.readers import open_slide
 from tests.helpers.samples import sample
@@ -136,12 +136,13 @@ def bare_forward(model: LoadedModel, slide: Path, options: EngineOptions, tiles:
     """Seconds for the network alone over ``tiles`` real tiles (the slide's first rows, on the host)."""
     reader = open_slide(slide)
     try:
-        t, n = options.tile_size, options.batch_size
+        t = options.tile_size
         band = reader.read_region(0, 0, 0, 16 * t, 2 * t)
     finally:
         reader.close()
     pool = np.stack([band[y : y + t, x : x + t] for y in (0, t) for x in range(0, 16 * t, t)])
     engine_device = resolve_device(options.device)
+    n = device_batch(options.batch_size, engine_device.type)  # the engine's
     runner = TileRunner(model.network, model.card, engine_device, resolve_precision(options.precision, engine_device),
                         batch=n)
     batches = [pool[(i * n) % len(pool):][:n] for i in range(-(-tiles // n))]

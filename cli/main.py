@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
-from model.options import DEFAULTS, OUTPUT_GROUPS, STAIN_METHODS, Stats
+from model.options import BATCH_HELP, DEFAULTS, OUTPUT_GROUPS, STAIN_METHODS, Stats
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SLIDE = 0, 1, 2, 3
 
@@ -32,7 +32,7 @@ def _add_predict(subparsers: Any) -> None:
     p.add_argument("--tile", type=int, default=DEFAULTS.tile_size, help="tile size in px (multiple of 32)")
     p.add_argument("--overlap", type=int, default=DEFAULTS.overlap, help="tile overlap in px")
     p.add_argument("--block", type=int, default=DEFAULTS.block_size, help="output block size in px")
-    p.add_argument("--batch", type=int, default=DEFAULTS.batch_size, help="tiles per forward pass")
+    p.add_argument("--batch", type=int, default=DEFAULTS.batch_size, help=BATCH_HELP)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=settings.precision)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=settings.device)
     p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=DEFAULTS.tissue,

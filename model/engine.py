@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,7 +40,7 @@ from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision, torch_threads
 from model.errors import CancelledError, OptionsError
 from model.nuclei_pool import available_cores
-from model.options import EngineOptions
+from model.options import EngineOptions, device_batch
 from model.readers import ArrayReader, SlideReader
 from model.stain import StainTransform, fit_stain
 from model.tilecache import BlockIndex, TileCache
@@ -181,13 +181,15 @@ class Engine:
     """Runs a loaded model over a slide, block by block."""
 
     def __init__(self, model: LoadedModel, options: EngineOptions | None = None) -> None:
-        self.options = options or EngineOptions()
-        self.options.validate(model.network.output_stride)
+        options = options or EngineOptions()
+        options.validate(model.network.output_stride)
         self.card = model.card
-        self.device = resolve_device(self.options.device)
+        self.device = resolve_device(options.device)
+        self.batch_size = device_batch(options.batch_size, str(self.device))
+        self.options = replace(options, batch_size=self.batch_size)  # what ran, for the stats
         self.precision = resolve_precision(self.options.precision, self.device)
         self.runner = TileRunner(model.network, model.card, self.device, self.precision,
-                                 batch=self.options.batch_size, tta=self.options.tta)
+                                 batch=self.batch_size, tta=self.options.tta)
         self.weights = gaussian_weights(self.options.tile_size, self.options.sigma_scale, str(self.device))
         self.network_threads = torch.get_num_threads()  # the forward pass's; blending on a CPU runs on one
 
@@ -305,7 +307,7 @@ class Engine:
         assert job.source is not None
         acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
         cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
-        batches = iter_batches([t for t in job.tiles if t not in cached], self.options.batch_size)
+        batches = iter_batches([t for t in job.tiles if t not in cached], self.batch_size)
         ready: dict[tuple[int, int], torch.Tensor] = {}
         t0, forward = time.perf_counter(), report.timings.get("forward", 0.0)
         for tile in job.tiles:  # one fixed order, whatever was cached: float sums depend on their order

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from model.card import ModelCard
+from model.checkpoint import LoadedModel
 from model.device import TileRunner, inference_network, torch_threads
+from model.engine import Engine, EngineOptions
 from model.network import build_network
+from model.options import DEVICE_BATCH
 
 
 def test_prepared_network_is_reused_until_a_weight_changes() -> None:
@@ -82,3 +86,11 @@ def test_torch_threads_is_per_thread_and_restored() -> None:
     thread.join(30)
     torch.set_num_threads(before)
     assert seen == [1, 2, 2]
+
+
+def test_batch_size_defaults_to_the_devices_and_stats_say_what_ran() -> None:
+    network = build_network("resnet18").eval()
+    model = LoadedModel(network, ModelCard(name="t", encoder="resnet18"), Path("t"), "0" * 64, "test")
+    default = Engine(model, EngineOptions(device="cpu", precision="fp32"))
+    assert default.batch_size == default.runner.batch == default.options.batch_size == DEVICE_BATCH["cpu"]
+    assert Engine(model, EngineOptions(device="cpu", precision="fp32", batch_size=3)).runner.batch == 3
