@@ -81,4 +81,7 @@ class OverlayWriter(RowWriter):
             pass
         finally:
             for png in pngs:
-                png.close() if done == total else png.abort()
+                if done == total:
+                    png.close()
+                else:
+                    png.abort()
