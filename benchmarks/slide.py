@@ -15,7 +15,8 @@ engine's defaults (``auto`` precision: bf16 on a GPU). Printed:
 - b/a, and the time (b) projects for 3.2 Gpx of tissue (a 100,000 x 80,000 px slide with 40 %
   tissue at 0.25 µm/px).
 
-The last line reads ``slide: X Mpx/s end to end, b/a Y, 3.2 Gpx in Z s``.
+``--batch`` sets the engine's batch size (default: the device's, ``model.options.DEVICE_BATCH``),
+for a sweep on a device. The last line reads ``slide: X Mpx/s end to end, b/a Y, 3.2 Gpx in Z s``.
 """
 
 from __future__ import annotations
@@ -168,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--outputs", default=",".join(OUTPUT_GROUPS))
+    parser.add_argument("--batch", type=int, default=None, help="EngineOptions.batch_size (default: the device's)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     slide = write_slide(args.side)
     print(f"# slide {slide.name}: {slide.stat().st_size / 2**20:.0f} MiB, written or found in "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
     model = load_model(args.model)
-    options = EngineOptions(device=args.device, precision=args.precision)
+    options = EngineOptions(device=args.device, precision=args.precision, batch_size=args.batch)
     with tempfile.TemporaryDirectory() as out, measured() as m, GpuSampler() as gpu:
         stats = predict_reader(open_slide(slide), Path(out), model, options,
                                outputs=frozenset(args.outputs.split(",")))
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{mb(m.peak_rss)}{util}", file=sys.stderr)
     print(f"slide: {row['mpx_s']:.2f} Mpx/s end to end, b/a {row['b_over_a']:.2f}, "
           f"3.2 Gpx in {row['projected_3_2_gpx_s']:.0f} s ({mpx:.0f} Mpx in {m.seconds:.1f} s, {stats['device']} "
-          f"{stats['precision']}; bare forward of the same tiles {mpx / forward_s:.2f} Mpx/s)")
+          f"{stats['precision']}, batch {stats['parameters']['batch_size']}; bare forward of the same tiles "
+          f"{mpx / forward_s:.2f} Mpx/s)")
     return 0
 
 
