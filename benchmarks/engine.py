@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         row, argmax = engine_run(model, reader, opts, side)
         fastest.append((row, opts, argmax))
         rows.append(row)
-    kept = _within_agreement(args.model, reader, side, fastest, device)
-    best_opts = max(kept, key=lambda r: r[0].mpx_s)[1]
+    trained = _trained_agreement(args.model, reader, side, fastest, device)
+    best_i = _fastest_within_agreement(fastest, trained)
+    best_opts = fastest[best_i][1]
     bare_opts = EngineOptions(precision=resolve_precision(best_opts.precision, device),
                               tile_size=best_opts.tile_size, overlap=best_opts.overlap)
     a_fast, best = paired(args.repeat, lambda: bare_forward(model, image, bare_opts, device),
@@ -248,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
           + (f", b/c = {b.mpx_s / c.mpx_s:.3f}" if c else "") + (f", b/d = {b.mpx_s / d.mpx_s:.3f}" if d else ""))
     print(f"  fastest ({best.name}): b/a_same_settings = {best.mpx_s / a_fast.mpx_s:.3f}"
           + (f", b/c = {best.mpx_s / c.mpx_s:.3f}" if c else "") + (f", b/d = {best.mpx_s / d.mpx_s:.3f}" if d else ""))
-    _print_agreement(args.model, reader, side, best_opts, argmax_fp32, fastest, device)
+    if trained is None:
+        sem, ter = agreement(argmax_fp32, fastest[best_i][2])
+        print(f"  argmax agreement fastest vs fp32 256/64 (random-init net; near-tied logits): "
+              f"semantic {sem:.4f}, ternary {ter:.4f}")
+    else:
+        sem, ter = trained[1][best_i]
+        print(f"  argmax agreement fastest vs fp32 256/64 ({trained[0]}): semantic {sem:.4f}, ternary {ter:.4f}")
     sides = [int(s) for s in args.memory_sides.split(",") if s]
     if sides:
         print(f"\npeak RSS vs slide size (generated pyramidal TIFF, constant tissue, {args.encoder}, child processes):")
@@ -258,40 +265,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _within_agreement(model_path: Path | None, reader: CropReader, side: int,
-                      fastest: list[tuple[Row, EngineOptions, np.ndarray]],
-                      device: torch.device) -> list[tuple[Row, EngineOptions, np.ndarray]]:
-    """The candidates whose argmax maps agree with fp32 256/64 to ``AGREEMENT`` on the trained model
-    (all of them without one, or when none does)."""
+def _trained_agreement(model_path: Path | None, reader: CropReader, side: int,
+                       fastest: list[tuple[Row, EngineOptions, np.ndarray]],
+                       device: torch.device) -> tuple[str, list[tuple[float, float]]] | None:
+    """The trained model's name and each candidate's argmax agreement (semantic, ternary) with fp32
+    256/64 on it; None without a trained model."""
     if model_path is None:
-        return fastest
+        return None
     trained = load_model(model_path)
     ref = engine_run(trained, reader, EngineOptions(device=device.type, precision="fp32", tissue=False), side)[1]
-    kept = []
-    for row, opts, argmax in fastest:
-        sem, ter = agreement(ref, engine_run(trained, reader, opts, side)[1])
-        ok = min(sem, ter) >= AGREEMENT
-        print(f"  candidate {opts.tile_size}/{opts.overlap}: agreement with fp32 256/64 ({trained.card.name}) "
-              f"semantic {sem:.4f}, ternary {ter:.4f}{'' if ok else f' < {AGREEMENT}: not a default'}")
-        if ok:
-            kept.append((row, opts, argmax))
-    return kept or fastest
+    return trained.card.name, [agreement(ref, engine_run(trained, reader, opts, side)[1]) for _, opts, _ in fastest]
 
 
-def _print_agreement(model_path: Path | None, reader: CropReader, side: int, best: EngineOptions,
-                     argmax_fp32: np.ndarray, fastest: list[tuple[Row, EngineOptions, np.ndarray]],
-                     device: torch.device) -> None:
-    if model_path is None:
-        argmax_best = next(am for r, o, am in fastest if o == best)
-        sem, ter = agreement(argmax_fp32, argmax_best)
-        print(f"  argmax agreement fastest vs fp32 256/64 (random-init net; near-tied logits): "
-              f"semantic {sem:.4f}, ternary {ter:.4f}")
-        return
-    trained = load_model(model_path)
-    ref = engine_run(trained, reader, EngineOptions(device=device.type, precision="fp32", tissue=False), side)[1]
-    fast = engine_run(trained, reader, best, side)[1]
-    sem, ter = agreement(ref, fast)
-    print(f"  argmax agreement fastest vs fp32 256/64 ({trained.card.name}): semantic {sem:.4f}, ternary {ter:.4f}")
+def _fastest_within_agreement(fastest: list[tuple[Row, EngineOptions, np.ndarray]],
+                              trained: tuple[str, list[tuple[float, float]]] | None) -> int:
+    """Index of the fastest candidate that keeps ``AGREEMENT`` in both heads (of all, without a trained
+    model or when none does); prints each candidate's agreement."""
+    kept = list(range(len(fastest)))
+    if trained is not None:
+        name, agreements = trained
+        for (_, opts, _), (sem, ter) in zip(fastest, agreements, strict=True):
+            ok = min(sem, ter) >= AGREEMENT
+            print(f"  candidate {opts.tile_size}/{opts.overlap}: agreement with fp32 256/64 ({name}) "
+                  f"semantic {sem:.4f}, ternary {ter:.4f}{'' if ok else f' < {AGREEMENT}: not a default'}")
+        kept = [i for i in kept if min(agreements[i]) >= AGREEMENT] or kept
+    return max(kept, key=lambda i: fastest[i][0].mpx_s)
 
 
 if __name__ == "__main__":
