@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.options import SEMANTIC_CLASSES
+from training.data.paste import PasteConfig
 
 
 class _Strict(BaseModel):
@@ -64,6 +67,16 @@ class AugmentSection(_Strict):
     noise: float = Field(default=0.0, ge=0, lt=0.5)
 
 
+class PasteSection(_Strict):
+    """Copy-paste of rare cells (``training.data.paste``)."""
+
+    p: float = Field(default=PasteConfig.p, ge=0, le=1)
+    """Share of patches that get pasted cells; 0 turns it off."""
+    max_cells: int = Field(default=PasteConfig.max_cells, ge=1)
+    classes: tuple[Annotated[int, Field(ge=1, le=len(SEMANTIC_CLASSES) - 1)], ...] = PasteConfig.classes
+    """Semantic classes whose cells are pasted (default neutrophil, macrophage)."""
+
+
 class PatchSection(_Strict):
     """Patch sampling."""
 
@@ -76,6 +89,7 @@ class PatchSection(_Strict):
     """Draw probabilities of epithelial, lymphocyte, neutrophil, macrophage for class-centred patches."""
     rotate: bool = False
     """Turn each patch by a random angle (one affine warp with the scale jitter; see ``training.data.patches``)."""
+    paste: PasteSection = Field(default_factory=PasteSection)
     augment: AugmentSection = Field(default_factory=AugmentSection)
 
 

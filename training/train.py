@@ -36,6 +36,7 @@ from model.device import resolve_precision
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES, TwoHeadUnet
 from training.config import SourceConfig, TrainConfig, load_config
 from training.data.augment import AugmentConfig
+from training.data.paste import PasteConfig
 from training.data.patches import PatchConfig, PatchDataset, write_sampling
 from training.data.sample import Sample, open_background
 from training.data.sources import load_instance_folder, load_monusac, load_monuseg
@@ -208,7 +209,8 @@ class Trainer:
         p = self.cfg.patches
         pc = PatchConfig(size=p.size, per_epoch=p.per_epoch, foreground_bias=p.foreground_bias,
                          scale_jitter=p.scale_jitter, class_bias=p.class_bias, class_draw=p.class_draw,
-                         rotate=p.rotate, augment=AugmentConfig(**p.augment.model_dump()))
+                         rotate=p.rotate, paste=PasteConfig(**p.paste.model_dump()),
+                         augment=AugmentConfig(**p.augment.model_dump()))
         return PatchDataset(self.train_samples, pc, seed=self.cfg.seed, weights=weights)
 
     def _warm_start(self, path: str) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from model.options import SEMANTIC_CLASSES
 from training.data.augment import AugmentConfig, augment
+from training.data.paste import CellBank, PasteConfig
 from training.data.sample import BACKGROUND_OR_MACROPHAGE, IGNORE, Sample
 
 CELL_CLASSES = tuple(range(1, len(SEMANTIC_CLASSES)))
@@ -45,6 +46,7 @@ class PatchConfig:
     class_bias: float = 0.0
     class_draw: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
     rotate: bool = False
+    paste: PasteConfig = field(default_factory=PasteConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -95,6 +97,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         self._fg = [np.flatnonzero(s.ternary.ravel() > 0) for s in self.samples]
         self.class_pixels = ClassPixels(self.samples, CELL_CLASSES, cfg.class_draw) if cfg.class_bias else None
         self._labels = [_int16_labels(s) for s in self.samples] if cfg.rotate else []  # converted once, not per patch
+        self.cells = CellBank(self.samples, cfg.paste, cfg.size) if cfg.paste.p else None
 
     def set_epoch(self, epoch: int) -> None:
         """Draw a different, reproducible set of patches next epoch."""
@@ -106,7 +109,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, index))
         i, centre = self.pick(rng)
-        image, sem, ter = self.crop(i, rng, centre)
+        image, sem, ter = self.pasted(self.crop(i, rng, centre), index)
         image, sem, ter = augment(image, sem, ter, rng, self.cfg.augment)
         x = (image.astype(np.float32) - self.mean) / self.std
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(sem), torch.from_numpy(ter)
@@ -116,6 +119,14 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         if self.class_pixels is not None and rng.random() < self.cfg.class_bias:
             return self.class_pixels.draw(rng)
         return int(rng.choice(len(self.samples), p=self.p)), None
+
+    def pasted(self, patch: tuple[np.ndarray, np.ndarray, np.ndarray],
+               index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The patch with copy-pasted cells (``PasteConfig``), drawn from a generator of their own so that
+        the patch and its augmentation are those drawn without pasting."""
+        if self.cells is None:
+            return patch
+        return self.cells.paste(*patch, np.random.default_rng((self.seed, self.epoch, index, 1)))
 
     def crop(self, i: int, rng: np.random.Generator,
              centre: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,7 +226,7 @@ def class_shares(dataset: PatchDataset, n: int = 400) -> dict[str, Any]:
     for index in range(n):
         rng = np.random.default_rng((dataset.seed, 2**32 - 1, index))
         i, centre = dataset.pick(rng)
-        _, sem, _ = dataset.crop(i, rng, centre)
+        _, sem, _ = dataset.pasted(dataset.crop(i, rng, centre), index)
         values, freq = np.unique(sem, return_counts=True)
         for v, f in zip(values.tolist(), freq.tolist(), strict=True):
             counts[v] = counts.get(v, 0) + f
