@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from training.data.augment import flip_rotate
 from training.data.sample import Sample
 
 MIN_CELL_PIXELS = 20
@@ -90,10 +91,4 @@ def _cells(s: Sample, cls: int, size: int) -> list[Cell]:
 
 def _turned(cell: Cell, rng: np.random.Generator) -> Cell:
     """The cell under one of the eight dihedral transforms."""
-    k, flip = int(rng.integers(4)), bool(rng.integers(2))
-
-    def turn(a: np.ndarray) -> np.ndarray:
-        a = np.rot90(a, k, axes=(0, 1))
-        return a[:, ::-1] if flip else a
-
-    return Cell(turn(cell.image), turn(cell.semantic), turn(cell.ternary), turn(cell.mask))
+    return Cell(*flip_rotate([cell.image, cell.semantic, cell.ternary, cell.mask], rng))
