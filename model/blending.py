@@ -40,11 +40,17 @@ class Workspace:
         self.device = device
         self._flat = torch.zeros(0, dtype=torch.float32, device=device)
 
+    def reserve(self, n: int) -> None:
+        """Hold storage for ``n`` floats now (the largest region of a run), so that no later ``take``
+        maps fresh memory: each growth is a new buffer whose pages the system zeroes on first touch."""
+        if n > self._flat.numel():
+            self._flat = torch.empty(0, dtype=torch.float32, device=self.device)  # the old one goes first
+            self._flat = torch.empty(n, dtype=torch.float32, device=self.device)
+
     def take(self, *shape: int) -> torch.Tensor:
         """A zeroed float32 tensor of ``shape`` over this workspace's storage."""
         n = math.prod(shape)
-        if n > self._flat.numel():
-            self._flat = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.reserve(n)
         return self._flat[:n].view(shape).zero_()
 
 

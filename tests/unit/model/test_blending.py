@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.blending import Accumulator, class_maps, gaussian_weights
+from model.blending import Accumulator, Workspace, class_maps, gaussian_weights
 from model.tiling import TileGrid, plan_blocks
 from tests.helpers import numpy_blending
 from tests.unit.model.test_engine_stitching import SIZES, TILE_OVERLAPS
@@ -47,3 +47,15 @@ def test_class_maps_break_ties_towards_the_lower_class_and_zero_the_uncovered() 
     maps = class_maps(values, covered, 5).numpy()
     assert maps.dtype == np.uint8
     assert maps.tolist() == [[[0, 2, 0]], [[0, 0, 0]]]
+
+
+def test_a_reserved_workspace_hands_out_zeroed_views_of_one_buffer() -> None:
+    workspace = Workspace()
+    workspace.reserve(9 * 40 * 50)
+    first = workspace.take(9, 30, 50)
+    first.fill_(3.0)
+    second = workspace.take(9, 40, 50)  # larger, still within the reservation: no new buffer
+    assert second.data_ptr() == first.data_ptr() and second.shape == (9, 40, 50)
+    assert bool((second == 0).all())
+    third = workspace.take(9, 41, 50)  # beyond it: grows, and is still zeroed
+    assert third.shape == (9, 41, 50) and bool((third == 0).all())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.engine import CollectSink, Engine, EngineOptions
+from model.analysis import make_view
+from model.engine import CollectSink, Engine, EngineOptions, read_reflected
 from model.readers import ArrayReader
 from model.tiling import Box, TileGrid, plan_blocks
 from tests.helpers.stubs import TrivialNet, loaded
@@ -115,3 +116,16 @@ def test_tile_cache_runs_each_tile_once_and_changes_nothing(cache_mb: int) -> No
         assert tiles_run == grid, "with room for every shared tile, each grid tile runs exactly once"
     elif cache_mb == 1:
         assert reused > 0 and tiles_run > grid
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (5, 3), (37, 100)])
+def test_reads_past_the_edge_mirror_the_image_as_numpy_reflect(size: tuple[int, int]) -> None:
+    h, w = size
+    image = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    view = make_view(ArrayReader(image, mpp=0.25), 0.25)
+    pad = 2 * max(h, w) + 3  # several mirror images a side where the image is small
+    mirrored = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    for x0, y0, x1, y1 in [(0, 0, w, h), (-1, 0, w, h), (-(w - 1), -(h - 1), w + w - 1, h + h - 1),
+                           (-w, -h, 2 * w, 2 * h), (-pad, 2, w + pad, h + 3), (1, -pad, 2, -pad + 1)]:
+        got = read_reflected(view, Box(x0, y0, x1, y1))
+        np.testing.assert_array_equal(got, mirrored[pad + y0 : pad + y1, pad + x0 : pad + x1])

@@ -32,6 +32,21 @@ def test_alpha_is_flattened_on_white(tmp_path: Path) -> None:
     assert tuple(px[4, 0]) == tuple(composite_on_white(rgba[4:5, :1])[0, 0]) == (177, 152, 127)  # (c*128+255*127)/255
 
 
+
+def test_compositing_is_the_same_for_contiguous_and_strided_pixels() -> None:
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (64, 48, 4), dtype=np.uint8)
+    rgba[:32, :, 3] = 255
+    strided = np.zeros((64, 96, 4), np.uint8)[:, ::2]
+    strided[...] = rgba
+    out = composite_on_white(rgba)
+    assert out.flags.c_contiguous and out.shape == (64, 48, 3)
+    np.testing.assert_array_equal(out, composite_on_white(strided))
+    np.testing.assert_array_equal(out[:32], rgba[:32, :, :3])
+    a = rgba[32:, :, 3:].astype(np.int64)
+    np.testing.assert_array_equal(out[32:], (rgba[32:, :, :3] * a + 255 * (255 - a) + 127) // 255)
+    assert composite_on_white(rgba[:0]).shape == (0, 48, 3)
+
 def test_reads_past_the_edge_are_white() -> None:
     reader = ArrayReader(np.zeros((10, 10, 3), np.uint8))
     px = reader.read_region(0, -2, 5, 6, 8)
