@@ -5,14 +5,16 @@ Run: ``python -m benchmarks.pipeline --network free --side 8192``
 A generated slide of ``side x side`` analysis pixels (``benchmarks.postprocess.SyntheticSlide``:
 H&E-like colours, about 400 nuclei per Mpx, some touching) goes through the real pipeline
 (``predict_reader``) with all outputs (masks, overlays, nuclei, stats). By default the slide is
-rendered once into a tiled, deflate-compressed TIFF (cached under ``.cache/bench``) and read by
-OpenSlide like any slide; ``--source render`` renders it on each read instead (several times slower
-than decoding a file, so then the renderer bounds the run). With ``--network free`` the network is
-``FreeNet`` (per-pixel maps from the colour: the slide draws each nucleus's rim in its own colour; a
-few elementwise torch ops per tile), so the run measures what the host does around the network:
+rendered once into a tiled, deflate-compressed TIFF pyramid (cached under ``.cache/bench``; levels
+down to 1/8, as a scanner writes them, so the overlays' thumbnail comes from a small level;
+``--levels 1`` writes the single full-resolution level of earlier runs) and read by OpenSlide like
+any slide; ``--source render`` renders it on each read instead (several times slower than decoding
+a file, so then the renderer bounds the run). With ``--network free`` the network is ``FreeNet``
+(per-pixel maps from the colour: the slide draws each nucleus's rim in its own colour; one small
+matrix product per batch), so the run measures what the host does around the network:
 reading, blending, argmax, mask files, overlays, nuclei. No device is fast enough to make the engine
 beat this number. The stub runs on one torch thread (``--threads``): it stands for a network on a
-device, and its few elementwise operators split over two busy cores only wait for each other.
+device, and its operators split over two busy cores only wait for each other.
 ``--network colour`` is the older ``ColourNet`` stub (a 5x5 erosion per tile).
 
 The last line reads ``host ceiling: X Mpx/s`` (analysis pixels over the job's wall time).
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 
 from benchmarks.common import machine, mb, stage_text
 from benchmarks.postprocess import SyntheticSlide, run_case
@@ -40,29 +43,58 @@ from model.options import OUTPUT_GROUPS
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
 TILE = 512
+LEVELS = 4  # 8192 px: down to 1024 px, as a scanner's pyramid reaches a thumbnail
 
 
-def write_synthetic(side: int) -> Path:
-    """The rimmed synthetic slide as a single-level tiled TIFF at 0.25 µm/px, written once."""
-    path = CACHE / f"synthetic-{side}-rims.tiff"
+def write_synthetic(side: int, levels: int = LEVELS) -> Path:
+    """The rimmed synthetic slide at 0.25 µm/px as a tiled TIFF of ``levels`` levels (each half the
+    one before, box-averaged, as a scanner writes them), written once."""
+    suffix = "" if levels == 1 else f"-{levels}levels"
+    path = CACHE / f"synthetic-{side}-rims{suffix}.tiff"
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     slide, part = SyntheticSlide(side, rims=True), path.with_suffix(".part")
+    half = np.zeros((-(-side // 2), -(-side // 2), 3), np.uint8) if levels > 1 else None
     with tifffile.TiffWriter(part, bigtiff=True) as tif:
-        tif.write(_tiles(slide, side), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
-                  compression="zlib", compressionargs={"level": 1}, resolution=(1e4 / slide.mpp, 1e4 / slide.mpp),
-                  resolutionunit="CENTIMETER", maxworkers=1)
+        for level in range(levels):
+            n = -(-side // 2**level)
+            tiles = _tiles(slide, side, half) if level == 0 else _array_tiles(_reduced(half, level - 1))
+            res = 1e4 / (slide.mpp * 2**level)
+            tif.write(tiles, shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
+                      compression="zlib", compressionargs={"level": 1}, resolution=(res, res),
+                      resolutionunit="CENTIMETER", subfiletype=0 if level == 0 else 1, maxworkers=1)
     part.rename(path)
     return path
 
 
-def _tiles(slide: SyntheticSlide, side: int) -> Iterator[np.ndarray]:
+def _tiles(slide: SyntheticSlide, side: int, half: np.ndarray | None) -> Iterator[np.ndarray]:
+    """Level-0 tiles, rendered; each also box-averaged by 2 into ``half`` when given."""
     for y in range(0, side, TILE):
         for x in range(0, side, TILE):
             tile = np.full((TILE, TILE, 3), 255, np.uint8)
             h, w = min(TILE, side - y), min(TILE, side - x)
             tile[:h, :w] = slide.read_region(0, x, y, w, h)
+            if half is not None:
+                small = np.asarray(Image.fromarray(tile).reduce(2))
+                part = half[y // 2 : y // 2 + TILE // 2, x // 2 : x // 2 + TILE // 2]
+                part[...] = small[: part.shape[0], : part.shape[1]]
+            yield tile
+
+
+def _reduced(image: np.ndarray | None, times: int) -> np.ndarray:
+    assert image is not None
+    for _ in range(times):
+        image = np.asarray(Image.fromarray(image).reduce(2))
+    return image
+
+
+def _array_tiles(image: np.ndarray) -> Iterator[np.ndarray]:
+    for y in range(0, image.shape[0], TILE):
+        for x in range(0, image.shape[1], TILE):
+            tile = np.full((TILE, TILE, 3), 255, np.uint8)
+            part = image[y : y + TILE, x : x + TILE]
+            tile[: part.shape[0], : part.shape[1]] = part
             yield tile
 
 
@@ -102,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=["file", "render"], default="file",
                         help="read the slide from a cached TIFF (OpenSlide) or render it on each read")
     parser.add_argument("--outputs", default=",".join(OUTPUT_GROUPS))
+    parser.add_argument("--levels", type=int, default=LEVELS,
+                        help="pyramid levels of the cached TIFF (1: a single full-resolution level)")
     parser.add_argument("--cache-mb", type=int, default=512, help="EngineOptions.tile_cache_mb")
     parser.add_argument("--workers", type=int, default=None, help="EngineOptions.workers (default: the cores)")
     parser.add_argument("--threads", type=int, default=None,
@@ -116,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     set_threads(args.threads if args.threads is not None or args.network != "free" else 1)
     extra = {} if args.workers is None else {"workers": args.workers}
-    slide = write_synthetic(args.side) if args.source == "file" and args.network == "free" else None
+    slide = write_synthetic(args.side, args.levels) if args.source == "file" and args.network == "free" else None
     row = run_case("synthetic", args.side, None, frozenset(args.outputs.split(",")), args.cache_mb,
                    free=args.network == "free", slide=slide, **extra)
     print(json.dumps(row), flush=True)
