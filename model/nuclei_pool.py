@@ -3,7 +3,9 @@
 A block's nuclei maps (uint8 ternary argmax and probabilities, 7 bytes per pixel) go to a worker
 through shared memory (one copy, no pickling of the arrays); the worker runs ``block_nuclei`` and
 sends back only the owned nuclei (rings, classes, areas). At most ``workers + 1`` blocks are in
-flight, so memory stays bounded and a slow pool holds the engine back. A worker that dies or
+flight, so memory stays bounded and a slow pool holds the engine back. Segments are reused from
+block to block, and workers keep theirs mapped: a new 33 MB segment a block cost 20 times the copy
+into it, in pages the system zeroes and maps one by one. A worker that dies or
 raises fails the run with ``PostprocessError``; nothing of the blocks still in flight is recorded.
 
 Workers are started with ``spawn`` and import this module only (numpy, scipy, scikit-image,
@@ -52,12 +54,47 @@ class _Maps:
     probs_shape: tuple[int, int, int]
 
 
-def _put(ternary: np.ndarray, probs: np.ndarray) -> tuple[SharedMemory, _Maps]:
-    shm = SharedMemory(create=True, size=ternary.nbytes + probs.nbytes)
-    ter, prob = _views(shm, probs.shape)
-    np.copyto(ter, ternary, casting="no")
-    np.copyto(prob, probs, casting="no")
-    return shm, _Maps(shm.name, probs.shape)
+class _Segments:
+    """Shared-memory segments for blocks in flight, reused: ``take`` one that fits (or a new one, in
+    place of a free one too small), ``give`` it back once its block is done, ``close`` unlinks all."""
+
+    def __init__(self) -> None:
+        self._free: list[SharedMemory] = []
+        self._all: dict[str, SharedMemory] = {}
+
+    def put(self, ternary: np.ndarray, probs: np.ndarray) -> tuple[SharedMemory, _Maps]:
+        """A segment holding a copy of the block's maps, and where they lie in it."""
+        shm = self._take(ternary.nbytes + probs.nbytes)
+        ter, prob = _views(shm, probs.shape)
+        np.copyto(ter, ternary, casting="no")
+        np.copyto(prob, probs, casting="no")
+        return shm, _Maps(shm.name, probs.shape)
+
+    def _take(self, size: int) -> SharedMemory:
+        fits = [shm for shm in self._free if shm.size >= size]
+        if fits:
+            shm = min(fits, key=lambda f: f.size)
+            self._free.remove(shm)
+            return shm
+        if self._free:  # keep the count bounded: a free segment too small makes room for the new one
+            self._drop(min(self._free, key=lambda f: f.size))
+        shm = SharedMemory(create=True, size=size)
+        self._all[shm.name] = shm
+        return shm
+
+    def give(self, shm: SharedMemory) -> None:
+        self._free.append(shm)
+
+    def _drop(self, shm: SharedMemory) -> None:
+        self._free.remove(shm)
+        del self._all[shm.name]
+        _release(shm)
+
+    def close(self) -> None:
+        for shm in self._all.values():
+            _release(shm)
+        self._free.clear()
+        self._all.clear()
 
 
 def _views(shm: SharedMemory, probs_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,16 +116,22 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+_ATTACHED: dict[str, SharedMemory] = {}  # worker side: the segments this process has mapped, newest last
+_KEEP_ATTACHED = 4  # more than a worker meets in turn (workers + 1 segments in flight, rarely one replaced)
+
+
 def _run(place: BlockPlace, maps: _Maps) -> BlockNuclei:
-    """Worker side: attach, post-process, detach (the parent unlinks the segment)."""
-    shm = SharedMemory(name=maps.name)
-    try:
-        ternary, probs = _views(shm, maps.probs_shape)
-        result = block_nuclei(place, ternary, probs)
-        del ternary, probs
-        return result
-    finally:
-        shm.close()
+    """Worker side: post-process a block from its segment (kept mapped; the parent unlinks it)."""
+    ternary, probs = _views(_attach(maps.name), maps.probs_shape)
+    return block_nuclei(place, ternary, probs)
+
+
+def _attach(name: str) -> SharedMemory:
+    shm = _ATTACHED.pop(name, None) or SharedMemory(name=name)
+    _ATTACHED[name] = shm
+    while len(_ATTACHED) > _KEEP_ATTACHED:
+        _ATTACHED.pop(next(iter(_ATTACHED))).close()
+    return shm
 
 
 class NucleiPool:
@@ -100,16 +143,17 @@ class NucleiPool:
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init_worker, initargs=(os.getpid(),))
         self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
+        self._segments = _Segments()
 
     def submit(self, index: int, place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> list[BlockNuclei]:
         """Queue block ``index``; return the leading results done by now (waiting for those over the bound)."""
         done = [self._pop() for _ in range(len(self._pending) - self.limit + 1)]
-        shm, maps = _put(ternary, probs)
+        shm, maps = self._segments.put(ternary, probs)
         try:
             with _without_main():  # the executor starts its processes as blocks are submitted
                 future = self._executor.submit(_run, place, maps)
         except BrokenProcessPool as exc:
-            _release(shm)
+            self._segments.give(shm)
             raise PostprocessError(_DIED.format(when=f"before block {index} was queued")) from exc
         self._pending.append((index, future, shm))
         while self._pending and self._pending[0][1].done():
@@ -131,13 +175,14 @@ class NucleiPool:
             raise PostprocessError(f"nuclei post-processing failed on block {index}: "
                                    f"{type(exc).__name__}: {exc}") from exc
         finally:
-            _release(shm)
+            self._segments.give(shm)
 
     def close(self) -> None:
-        """Stop the workers, without waiting for blocks still in flight (they are forgotten)."""
+        """Stop the workers, without waiting for blocks still in flight (they are forgotten), and
+        unlink every segment."""
         self._executor.shutdown(wait=not self._pending, cancel_futures=True)
-        while self._pending:
-            _release(self._pending.popleft()[2])
+        self._pending.clear()
+        self._segments.close()
 
 
 @contextmanager

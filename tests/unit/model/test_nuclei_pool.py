@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from model.engine import EngineOptions
 from model.errors import OptionsError, PostprocessError
+from model.nuclei_pool import _Segments, _views
 from model.pipeline import predict_reader
 from model.readers import ArrayReader, open_slide
 from tests.helpers.samples import sample
@@ -174,3 +176,22 @@ def test_workers_do_not_run_the_host_programs_main_module(tmp_path: Path) -> Non
     workers, with_torch = (int(v) for v in out.stdout.split())
     assert workers >= 1
     assert with_torch == 0, f"{with_torch} of {workers} workers loaded torch"
+
+
+def test_segments_are_reused_and_all_unlinked_at_close() -> None:
+    before = _segments()
+    segments = _Segments()
+    small, big = np.full((8, 8), 1, np.uint8), np.full((16, 16), 2, np.uint8)
+    first, maps = segments.put(small, np.zeros((6, 8, 8), np.uint8))
+    segments.give(first)
+    again, _ = segments.put(small, np.ones((6, 8, 8), np.uint8))
+    assert again.name == maps.name, "a free segment that fits is reused"
+    ternary, probs = _views(again, (6, 8, 8))
+    assert (ternary == 1).all() and (probs == 1).all()
+    del ternary, probs
+    segments.give(again)
+    _, grown_maps = segments.put(big, np.zeros((6, 16, 16), np.uint8))
+    assert grown_maps.name != maps.name and maps.name not in _segments(), "the one too small is unlinked"
+    assert grown_maps.name in _segments()
+    segments.close()
+    assert _segments() <= before, "shared-memory blocks left behind"
