@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
@@ -55,8 +55,9 @@ class _Maps:
 
 
 class _Segments:
-    """Shared-memory segments for blocks in flight, reused: ``take`` one that fits (or a new one, in
-    place of a free one too small), ``give`` it back once its block is done, ``close`` unlinks all."""
+    """Shared-memory segments for blocks in flight, reused: ``put`` copies a block's maps into a free one
+    that fits (or a new one, in place of a free one too small), ``give`` returns it once its block is
+    done, ``close`` unlinks all."""
 
     def __init__(self) -> None:
         self._free: list[SharedMemory] = []
@@ -130,7 +131,8 @@ def _attach(name: str) -> SharedMemory:
     shm = _ATTACHED.pop(name, None) or SharedMemory(name=name)
     _ATTACHED[name] = shm
     while len(_ATTACHED) > _KEEP_ATTACHED:
-        _ATTACHED.pop(next(iter(_ATTACHED))).close()
+        with suppress(BufferError):  # a view still alive: unmapped when it is collected
+            _ATTACHED.pop(next(iter(_ATTACHED))).close()
     return shm
 
 
