@@ -17,7 +17,9 @@ beat this number. The stub runs on one torch thread (``--threads``): it stands f
 device, and its operators split over two busy cores only wait for each other.
 ``--network colour`` is the older ``ColourNet`` stub (a 5x5 erosion per tile).
 
-The last line reads ``host ceiling: X Mpx/s`` (analysis pixels over the job's wall time).
+The last line reads ``host ceiling: X Mpx/s`` (analysis pixels over the job's wall time), then the
+stages, peak RSS, and the CPU seconds and page faults of the run (the engine's process and its
+nuclei processes): on a shared machine CPU time varies far less than wall time.
 ``--per-nucleus`` instead times one block's post-processing (``block_nuclei``: instances, classes,
 polygons) on one core over ``FreeNet``'s maps of a 2048 px block with its margin, best of five.
 """
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}; source {args.source}", file=sys.stderr)
     print(f"host ceiling: {mpx / row['total_s']:.2f} Mpx/s ({mpx:.1f} Mpx in {row['total_s']:.1f} s; "
           f"{row['nuclei']:,} nuclei, {row['us_per_nucleus']:.0f} µs/nucleus post-processing; stages s: "
-          f"{stages}; peak RSS {mb(row['peak_rss'])})")
+          f"{stages}; peak RSS {mb(row['peak_rss'])}; CPU {row['cpu_s']:.1f} s, "
+          f"{row['minor_faults'] / 1e3:,.0f} k page faults)")
     return 0
 
 
