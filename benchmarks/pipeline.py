@@ -57,12 +57,17 @@ def write_synthetic(side: int, levels: int = LEVELS) -> Path:
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     slide, part = SyntheticSlide(side, rims=True), path.with_suffix(".part")
-    half = np.zeros((-(-side // 2), -(-side // 2), 3), np.uint8) if levels > 1 else None
+    reduced = np.zeros((-(-side // 2), -(-side // 2), 3), np.uint8) if levels > 1 else None
     with tifffile.TiffWriter(part, bigtiff=True) as tif:
         for level in range(levels):
-            n = -(-side // 2**level)
-            tiles = _tiles(slide, side, half) if level == 0 else _array_tiles(_reduced(half, level - 1))
-            res = 1e4 / (slide.mpp * 2**level)
+            if level == 0:
+                tiles = _rendered_tiles(slide, side, reduced)
+            else:
+                assert reduced is not None
+                if level > 1:
+                    reduced = np.asarray(Image.fromarray(reduced).reduce(2))
+                tiles = _array_tiles(reduced)
+            n, res = -(-side // 2**level), 1e4 / (slide.mpp * 2**level)
             tif.write(tiles, shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
                       compression="zlib", compressionargs={"level": 1}, resolution=(res, res),
                       resolutionunit="CENTIMETER", subfiletype=0 if level == 0 else 1, maxworkers=1)
@@ -70,34 +75,29 @@ def write_synthetic(side: int, levels: int = LEVELS) -> Path:
     return path
 
 
-def _tiles(slide: SyntheticSlide, side: int, half: np.ndarray | None) -> Iterator[np.ndarray]:
+def _rendered_tiles(slide: SyntheticSlide, side: int, half: np.ndarray | None) -> Iterator[np.ndarray]:
     """Level-0 tiles, rendered; each also box-averaged by 2 into ``half`` when given."""
     for y in range(0, side, TILE):
         for x in range(0, side, TILE):
-            tile = np.full((TILE, TILE, 3), 255, np.uint8)
-            h, w = min(TILE, side - y), min(TILE, side - x)
-            tile[:h, :w] = slide.read_region(0, x, y, w, h)
+            tile = _white_tile(slide.read_region(0, x, y, min(TILE, side - x), min(TILE, side - y)))
             if half is not None:
                 small = np.asarray(Image.fromarray(tile).reduce(2))
-                part = half[y // 2 : y // 2 + TILE // 2, x // 2 : x // 2 + TILE // 2]
-                part[...] = small[: part.shape[0], : part.shape[1]]
+                target = half[y // 2 : y // 2 + TILE // 2, x // 2 : x // 2 + TILE // 2]
+                target[...] = small[: target.shape[0], : target.shape[1]]
             yield tile
-
-
-def _reduced(image: np.ndarray | None, times: int) -> np.ndarray:
-    assert image is not None
-    for _ in range(times):
-        image = np.asarray(Image.fromarray(image).reduce(2))
-    return image
 
 
 def _array_tiles(image: np.ndarray) -> Iterator[np.ndarray]:
     for y in range(0, image.shape[0], TILE):
         for x in range(0, image.shape[1], TILE):
-            tile = np.full((TILE, TILE, 3), 255, np.uint8)
-            part = image[y : y + TILE, x : x + TILE]
-            tile[: part.shape[0], : part.shape[1]] = part
-            yield tile
+            yield _white_tile(image[y : y + TILE, x : x + TILE])
+
+
+def _white_tile(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` in the top-left corner of a white ``TILE x TILE`` tile."""
+    tile = np.full((TILE, TILE, 3), 255, np.uint8)
+    tile[: pixels.shape[0], : pixels.shape[1]] = pixels
+    return tile
 
 
 def per_nucleus(repeats: int = 5) -> tuple[float, int]:
