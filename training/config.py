@@ -124,6 +124,9 @@ class TrainSection(_Strict):
     time_budget_min: float | None = Field(default=None, gt=0)
     init_from: str | None = None
     """Checkpoint whose weights start a fresh run (a warm start; ignored when resuming)."""
+    ema: float | None = Field(default=None, gt=0, lt=1)
+    """Decay of an exponential average of the weights, kept beside the run and written as ``ema.pt``
+    (``training.average``); None: none."""
 
 
 class CardSection(_Strict):

@@ -2,7 +2,8 @@
 
 AdamW with linear warmup and a cosine schedule (per step), seeded, resumable from
 ``<out_dir>/last.pt`` (automatic unless ``--fresh``), best checkpoint ``best.pt`` by
-``train.best_metric``. Per-epoch logs: ``log.csv``, ``log.json``, ``dashboard.png``.
+``train.best_metric``, and with ``train.ema`` an average of the weights, ``ema.pt``. Per-epoch logs:
+``log.csv``, ``log.json``, ``dashboard.png``.
 
 The cosine runs over ``progress = max(step / planned_steps, wall / time_budget_min)``: with a time
 budget (for shared CPUs whose speed varies) the schedule completes, and training stops, when the
@@ -34,6 +35,7 @@ from model.card import ModelCard, Normalisation
 from model.checkpoint import save_checkpoint
 from model.device import resolve_precision
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES, TwoHeadUnet
+from training.average import WeightAverage
 from training.config import SourceConfig, TrainConfig, load_config
 from training.data.augment import AugmentConfig
 from training.data.paste import PasteConfig
@@ -203,6 +205,7 @@ class Trainer:
             self._resume(self.out / "last.pt")
         elif cfg.train.init_from:
             self._warm_start(cfg.train.init_from)
+        self.average = self._average()
         write_sampling(self.out / "sampling.json", self.dataset)
 
     def _dataset(self, weights: list[float]) -> PatchDataset:
@@ -224,6 +227,16 @@ class Trainer:
         extra = deepen(self.network, source.state_dict())
         self._log(f"weights initialised from {path} ({source.encoder_name} → {self.cfg.encoder}, "
                   f"{len(extra)} residual blocks start as identities)")
+
+    def _average(self) -> WeightAverage[TwoHeadUnet] | None:
+        """The weight average, resumed from ``last.pt`` when it holds one, else starting at the network."""
+        if self.cfg.train.ema is None:
+            return None
+        average = WeightAverage(self.network, self.cfg.train.ema)
+        last = self.out / "last.pt"
+        if self.state.step and not average.restore(torch.load(last, map_location="cpu", weights_only=True)):
+            self._log(f"{last} holds no weight average: it starts at step {self.state.step}")
+        return average
 
     def _resume(self, path: Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -316,6 +329,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optim)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.network)
         self.state.step += 1
         return parts
 
@@ -364,6 +379,11 @@ class Trainer:
         extra = {"optimizer_state": self.optim.state_dict(), "step": self.state.step, "done": self.state.done,
                  "scaler_state": self.scaler.state_dict(), "epoch": self.state.epoch, "best": self.state.best,
                  "wall_s": self.state.wall_s, "history": self.state.history}
+        if self.average is not None:
+            extra |= self.average.state()
+            avg = self.average
+            ema_card = self.card({}, weights=f"exponential average, decay {avg.decay}, {avg.updates} updates")
+            save_checkpoint(avg.network, ema_card, self.out / "ema.pt", epoch=self.state.epoch)
         net = self.network.to(memory_format=torch.contiguous_format)
         save_checkpoint(net, card, self.out / "last.pt", **extra)
         if improved:
@@ -371,15 +391,15 @@ class Trainer:
         if self.cfg.train.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
 
-    def card(self, row: dict[str, Any]) -> ModelCard:
-        """Card with the provenance of this epoch."""
+    def card(self, row: dict[str, Any], **more: Any) -> ModelCard:
+        """Card with the provenance of this epoch (validation figures from ``row``)."""
         val = {k: v for k, v in row.items() if k.startswith("val_") and _finite(v)}
         return make_card(
             self.cfg, command=f"python -m training.train --config {shlex.quote(self.config_path)}",
             config=self.cfg.model_dump(mode="json"), git_commit=self.commit, split=self.split,
             epoch=self.state.epoch, epochs_planned=self.cfg.train.epochs, steps=self.state.step,
             patches_seen=self.state.step * self.cfg.train.batch_size, wall_s=round(self.state.wall_s, 1),
-            val_metrics=val, best_metric=self.cfg.train.best_metric)
+            val_metrics=val, best_metric=self.cfg.train.best_metric, **more)
 
 
 def _finite(v: Any) -> bool:

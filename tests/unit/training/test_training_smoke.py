@@ -27,7 +27,7 @@ def smoke_config(tmp_path: Path, epochs: int) -> Path:
             {"kind": "instance_folder", "name": "synth", "root": str(data),
              "class_map": {0: 0, 1: 0, 2: 2, 3: 1, 4: 0}}]},
         "patches": {"size": 64, "per_epoch": 48, "foreground_bias": 0.7},
-        "train": {"epochs": epochs, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0.2, "threads": 2,
+        "train": {"epochs": epochs, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0.2, "threads": 2, "ema": 0.9,
                   "score_metrics": ["val_synth_nucleus_dice"]},
         "card": {"name": "smoke", "licence": "test"},
     }
@@ -49,7 +49,7 @@ def test_loss_goes_down_and_logs_written(trained: tuple[Path, Path]) -> None:
     history = json.loads((run / "log.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[1]["train_loss"] < history[0]["train_loss"]
-    for name in ("last.pt", "best.pt", "log.csv", "dashboard.png", "split.json"):
+    for name in ("last.pt", "best.pt", "ema.pt", "log.csv", "dashboard.png", "split.json"):
         assert (run / name).is_file(), name
     split = json.loads((run / "split.json").read_text())["synth"]
     assert split["val_groups"] and not set(split["val_groups"]) & set(split["train_groups"])
@@ -66,12 +66,22 @@ def test_checkpoint_loads_with_card(trained: tuple[Path, Path]) -> None:
     assert sem.shape == (1, 5, 64, 64) and ter.shape == (1, 3, 64, 64)
 
 
+def test_weight_average_written_beside_the_network(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    last, ema = load_model(run / "last.pt"), load_model(run / "ema.pt")
+    steps = last.card.model_dump()["training"]["steps"]
+    assert ema.card.model_dump()["training"]["weights"] == f"exponential average, decay 0.9, {steps} updates"
+    key = "base.encoder.conv1.weight"
+    assert not torch.equal(ema.network.state_dict()[key], last.network.state_dict()[key])
+
+
 def test_resume_continues_from_last(trained: tuple[Path, Path]) -> None:
     path, _ = trained
     base = load_config(path)
     cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 3})})
     trainer = Trainer(cfg, config_path=str(path), quiet=True)
     assert trainer.state.epoch == 2 and len(trainer.state.history) == 2 and trainer.state.step > 0
+    assert trainer.average is not None and trainer.average.updates == trainer.state.step
     state = trainer.run()
     assert state.epoch == 3 and [r["epoch"] for r in state.history] == [1, 2, 3]
 
