@@ -75,6 +75,10 @@ class PasteSection(_Strict):
     max_cells: int = Field(default=PasteConfig.max_cells, ge=1)
     classes: tuple[Annotated[int, Field(ge=1, le=len(SEMANTIC_CLASSES) - 1)], ...] = PasteConfig.classes
     """Semantic classes whose cells are pasted (default neutrophil, macrophage)."""
+    scale_jitter: float = Field(default=PasteConfig.scale_jitter, ge=0, lt=0.5)
+    """Each pasted cell scaled by a factor in ``1 ± scale_jitter``."""
+    match_stain: bool = PasteConfig.match_stain
+    """Move each pasted cell's colours by the difference of its image's mean tissue colour and the patch's."""
 
 
 class PatchSection(_Strict):

@@ -109,7 +109,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, index))
         i, centre = self.pick(rng)
-        image, sem, ter = self.pasted(self.crop(i, rng, centre), index)
+        image, sem, ter = self.pasted(self.crop(i, rng, centre), i, index)
         image, sem, ter = augment(image, sem, ter, rng, self.cfg.augment)
         x = (image.astype(np.float32) - self.mean) / self.std
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(sem), torch.from_numpy(ter)
@@ -120,13 +120,13 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
             return self.class_pixels.draw(rng)
         return int(rng.choice(len(self.samples), p=self.p)), None
 
-    def pasted(self, patch: tuple[np.ndarray, np.ndarray, np.ndarray],
+    def pasted(self, patch: tuple[np.ndarray, np.ndarray, np.ndarray], sample: int,
                index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The patch with copy-pasted cells (``PasteConfig``), drawn from a generator of their own so that
-        the patch and its augmentation are those drawn without pasting."""
+        """Patch ``index`` of sample ``sample`` with copy-pasted cells (``PasteConfig``), drawn from a
+        generator of their own so that the patch and its augmentation are those drawn without pasting."""
         if self.cells is None:
             return patch
-        return self.cells.paste(*patch, np.random.default_rng((self.seed, self.epoch, index, 1)))
+        return self.cells.paste(*patch, np.random.default_rng((self.seed, self.epoch, index, 1)), into=sample)
 
     def crop(self, i: int, rng: np.random.Generator,
              centre: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +226,7 @@ def class_shares(dataset: PatchDataset, n: int = 400) -> dict[str, Any]:
     for index in range(n):
         rng = np.random.default_rng((dataset.seed, 2**32 - 1, index))
         i, centre = dataset.pick(rng)
-        _, sem, _ = dataset.pasted(dataset.crop(i, rng, centre), index)
+        _, sem, _ = dataset.pasted(dataset.crop(i, rng, centre), i, index)
         values, freq = np.unique(sem, return_counts=True)
         for v, f in zip(values.tolist(), freq.tolist(), strict=True):
             counts[v] = counts.get(v, 0) + f

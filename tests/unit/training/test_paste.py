@@ -67,3 +67,35 @@ def test_pasting_changes_only_the_pasted_cells(index: int) -> None:
     assert changed.any()
     assert np.isin(s1.numpy()[changed], (NEUTROPHIL, MACROPHAGE)).all()
     assert (x0[:, ~changed] == x1[:, ~changed]).all() and (t0[~changed] == t1[~changed]).all()
+
+
+def test_scaled_cells_keep_their_labels_and_colour() -> None:
+    bank = CellBank([_sample()], PasteConfig(p=1.0, max_cells=1, classes=(MACROPHAGE,), scale_jitter=0.4), size=48)
+    areas = set()
+    for seed in range(40):
+        image = np.full((48, 48, 3), 100, np.uint8)
+        sem, ter = np.zeros((48, 48), np.int64), np.zeros((48, 48), np.int64)
+        out_image, out_sem, out_ter = bank.paste(image, sem, ter, np.random.default_rng(seed))
+        pasted = out_sem == MACROPHAGE
+        assert set(np.unique(out_sem)) <= {0, MACROPHAGE} and (out_ter[pasted] == 1).all()
+        assert (out_image[pasted] == (0, 0, 255)).all()
+        areas.add(int(pasted.sum()))
+    assert min(areas) >= 0.6**2 * 120 - 12 and max(areas) <= 1.4**2 * 120 + 30 and len(areas) > 5
+
+
+def test_matched_stain_moves_the_cell_by_the_images_difference() -> None:
+    from training.data.paste import tissue_lab_mean
+
+    source = _sample()
+    dark = Sample("d", "q", "monusac", np.full((128, 128, 3), (150, 90, 140), np.uint8),
+                  np.zeros((128, 128), np.int64), np.zeros((128, 128), np.int64))
+    bank = CellBank([source, dark], PasteConfig(p=1.0, max_cells=1, classes=(NEUTROPHIL,), match_stain=True), size=48)
+    shift = tissue_lab_mean(dark.image) - tissue_lab_mean(source.image)
+    assert np.abs(shift).max() > 10
+    patch = (np.full((48, 48, 3), (150, 90, 140), np.uint8), np.zeros((48, 48), np.int64), np.zeros((48, 48), np.int64))
+    as_cut = bank.paste(*patch, np.random.default_rng(1), into=0)
+    moved = bank.paste(*patch, np.random.default_rng(1), into=1)
+    cell = as_cut[1] == NEUTROPHIL
+    assert (moved[1] == as_cut[1]).all() and (as_cut[0][cell] == (255, 255, 0)).all()  # same place; as cut
+    lab = tissue_lab_mean(moved[0][cell][None]) - tissue_lab_mean(as_cut[0][cell][None])
+    np.testing.assert_allclose(lab, shift, atol=3)
