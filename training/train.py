@@ -201,11 +201,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "amp")
         self.state = State()
         self._epoch_start = time.perf_counter()
+        resumed: dict[str, Any] = {}
         if not fresh and (self.out / "last.pt").is_file():
-            self._resume(self.out / "last.pt")
+            resumed = self._resume(self.out / "last.pt")
         elif cfg.train.init_from:
             self._warm_start(cfg.train.init_from)
-        self.average = self._average()
+        self.average = self._average(resumed)
         write_sampling(self.out / "sampling.json", self.dataset)
 
     def _dataset(self, weights: list[float]) -> PatchDataset:
@@ -228,24 +229,26 @@ class Trainer:
         self._log(f"weights initialised from {path} ({source.encoder_name} → {self.cfg.encoder}, "
                   f"{len(extra)} residual blocks start as identities)")
 
-    def _average(self) -> WeightAverage[TwoHeadUnet] | None:
-        """The weight average, resumed from ``last.pt`` when it holds one, else starting at the network."""
+    def _average(self, resumed: dict[str, Any]) -> WeightAverage[TwoHeadUnet] | None:
+        """The weight average, restored from the ``resumed`` checkpoint when it holds one, else starting
+        at the network."""
         if self.cfg.train.ema is None:
             return None
         average = WeightAverage(self.network, self.cfg.train.ema)
-        last = self.out / "last.pt"
-        if self.state.step and not average.restore(torch.load(last, map_location="cpu", weights_only=True)):
-            self._log(f"{last} holds no weight average: it starts at step {self.state.step}")
+        if resumed and not average.restore(resumed):
+            self._log(f"the resumed checkpoint holds no weight average: it starts at step {self.state.step}")
         return average
 
-    def _resume(self, path: Path) -> None:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    def _resume(self, path: Path) -> dict[str, Any]:
+        """Restore network, optimiser and state from ``path``; returns the checkpoint."""
+        blob: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         self.network.load_state_dict(blob["model_state"])
         self.optim.load_state_dict(blob["optimizer_state"])
         self.scaler.load_state_dict(blob["scaler_state"])
         self.state = State(epoch=int(blob["epoch"]), step=int(blob["step"]), done=bool(blob["done"]),
                            best=float(blob["best"]), wall_s=float(blob["wall_s"]), history=list(blob["history"]))
         self._log(f"resumed from {path} at epoch {self.state.epoch}")
+        return blob
 
     def _log(self, msg: str) -> None:
         if not self.quiet:
