@@ -87,19 +87,24 @@ class Accumulator:
 
 def class_maps(values: torch.Tensor, covered: torch.Tensor, n_semantic: int) -> torch.Tensor:
     """``(2, h, w)`` uint8: argmax of the semantic and of the ternary logits, 0 where not covered."""
-    return torch.stack([first_argmax(values[:n_semantic]), first_argmax(values[n_semantic:])]).masked_fill_(
-        ~covered, 0)
+    maps = torch.stack([first_argmax(values[:n_semantic]), first_argmax(values[n_semantic:])])
+    return maps.mul_(covered.view(torch.uint8))
 
 
 def first_argmax(planes: torch.Tensor) -> torch.Tensor:
     """uint8 index of the largest of ``(C, h, w)`` planes per pixel; ties go to the lower class, as in
     ``numpy.argmax``. A running maximum over the planes: ``torch.argmax`` over the first dimension is
-    7x slower than this (and than numpy) on the CPU.
+    7x slower than this (and than numpy) on the CPU. Plane ``k`` wins where it beats the best so far,
+    and ``k`` is larger than every index before it, so ``max(index, won * k)`` records it: 4x faster
+    than ``masked_fill_`` on the CPU, where a dense mask is slow.
     """
     best = planes[0].clone()
     index = torch.zeros(planes.shape[1:], dtype=torch.uint8, device=planes.device)
+    won = torch.empty(planes.shape[1:], dtype=torch.bool, device=planes.device)
+    marked = torch.empty_like(index)
     for k in range(1, planes.shape[0]):
-        index.masked_fill_(planes[k] > best, k)
+        torch.gt(planes[k], best, out=won)
+        torch.maximum(index, torch.mul(won.view(torch.uint8), k, out=marked), out=index)
         torch.maximum(best, planes[k], out=best)
     return index
 
@@ -114,7 +119,7 @@ def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True) 
     sem, ter = values[:n_semantic], values[n_semantic:]
     if logits:
         _softmax_(sem)
-        inside = ter.sub_(ter[1].clone()).exp_().sum(0).reciprocal_()  # 1 / sum_k exp(t_k - t_inside)
+        inside = _inside_probability_(ter)
     else:
         inside = ter[1]
     out = torch.empty((n_semantic + 1, *values.shape[1:]), dtype=torch.uint8, device=values.device)
@@ -124,10 +129,20 @@ def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True) 
 
 
 def _softmax_(planes: torch.Tensor) -> None:
-    """Softmax over the first dimension, in place."""
-    top = planes.amax(0)
+    """Softmax over the first dimension, in place (a running maximum: faster than ``amax(0)``)."""
+    top = planes[0].clone()
+    for plane in planes[1:]:
+        torch.maximum(top, plane, out=top)
     planes.sub_(top).exp_()
     planes.div_(planes.sum(0))
+
+
+def _inside_probability_(ter: torch.Tensor) -> torch.Tensor:
+    """p(inside) from ``(3, h, w)`` ternary logits, ``1 / (1 + exp(t_0 - t_1) + exp(t_2 - t_1))``:
+    two exponentials a pixel, not three. Overwrites ``ter``; the result is a view of it."""
+    ter[0].sub_(ter[1]).exp_()
+    ter[2].sub_(ter[1]).exp_()
+    return ter[0].add_(1.0).add_(ter[2]).reciprocal_()
 
 
 def nucleus_inputs(sem: np.ndarray, ter: np.ndarray, *, logits: bool = True,

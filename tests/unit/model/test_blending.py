@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.blending import Accumulator, Workspace, class_maps, gaussian_weights
+from model.blending import Accumulator, Workspace, class_maps, first_argmax, gaussian_weights
 from model.tiling import TileGrid, plan_blocks
 from tests.helpers import numpy_blending
 from tests.unit.model.test_engine_stitching import SIZES, TILE_OVERLAPS
@@ -47,6 +47,16 @@ def test_class_maps_break_ties_towards_the_lower_class_and_zero_the_uncovered() 
     maps = class_maps(values, covered, 5).numpy()
     assert maps.dtype == np.uint8
     assert maps.tolist() == [[[0, 2, 0]], [[0, 0, 0]]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [2, 3, 5, 8])
+def test_first_argmax_equals_numpy_argmax_with_many_ties(device: str, channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    planes = rng.integers(0, 3, (channels, 64, 48)).astype(np.float32)  # most pixels hold a tie
+    index = first_argmax(torch.from_numpy(planes).to(device)).cpu().numpy()
+    assert index.dtype == np.uint8
+    np.testing.assert_array_equal(index, planes.argmax(0))
 
 
 def test_a_reserved_workspace_hands_out_zeroed_views_of_one_buffer() -> None:
