@@ -22,6 +22,9 @@ stages, peak RSS, and the CPU seconds and page faults of the run (the engine's p
 nuclei processes): on a shared machine CPU time varies far less than wall time.
 ``--per-nucleus`` instead times one block's post-processing (``block_nuclei``: instances, classes,
 polygons) on one core over ``FreeNet``'s maps of a 2048 px block with its margin, best of five.
+``--block-maps`` times, on one thread over the same block's eight float32 planes, what the engine
+makes of a blended block (``class_maps``: the two argmax maps; ``nucleus_maps``: the nuclei's uint8
+probabilities), beside numpy's argmax and softmax of the same planes as the baseline.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,24 +103,34 @@ def _white_tile(pixels: np.ndarray) -> np.ndarray:
     return tile
 
 
-def per_nucleus(repeats: int = 5) -> tuple[float, int]:
-    """Best seconds of ``block_nuclei`` on one block of the rimmed synthetic slide, and the nuclei it owns."""
+def _block_logits(block: int = 2048) -> tuple[np.ndarray, np.ndarray, int]:
+    """``FreeNet``'s float32 semantic and ternary maps of one ``block`` px block with the engine's
+    margin, from the rimmed synthetic slide, and that margin."""
     import cv2
     import torch
 
     from benchmarks.postprocess import FreeNet
-    from model.blending import nucleus_inputs
-    from model.postprocess import BlockPlace, PostprocessParams, block_nuclei, engine_margin
-    from model.tiling import Box
+    from model.postprocess import engine_margin
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    margin, block = engine_margin(0.25), 2048
+    margin = engine_margin(0.25)
     side = block + 2 * margin
     pixels = SyntheticSlide(4 * block, rims=True).read_region(0, block - margin, block - margin, side, side)
     with torch.inference_mode():
         sem, ter = FreeNet()(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
-    ternary, probs = nucleus_inputs(sem[0].numpy(), ter[0].numpy())
+    return sem[0].numpy(), ter[0].numpy(), margin
+
+
+def per_nucleus(repeats: int = 5) -> tuple[float, int]:
+    """Best seconds of ``block_nuclei`` on one block of the rimmed synthetic slide, and the nuclei it owns."""
+    from model.blending import nucleus_inputs
+    from model.postprocess import BlockPlace, PostprocessParams, block_nuclei
+    from model.tiling import Box
+
+    block = 2048
+    sem, ter, margin = _block_logits(block)
+    ternary, probs = nucleus_inputs(sem, ter)
     region = Box(block - margin, block - margin, 2 * block + margin, 2 * block + margin)
     place = BlockPlace(region, Box(block, block, 2 * block, 2 * block), Box(0, 0, 4 * block, 4 * block), 0.25, 1.0,
                        PostprocessParams())
@@ -127,6 +140,45 @@ def per_nucleus(repeats: int = 5) -> tuple[float, int]:
         owned = len(block_nuclei(place, ternary, probs).rings)
         best = min(best, time.perf_counter() - started)
     return best, owned
+
+
+def block_maps(repeats: int = 5) -> dict[str, float]:
+    """Best milliseconds, one thread, of what the engine makes of one blended block (the class maps, the
+    nuclei's uint8 maps) and of numpy's argmax and softmax over the same planes, in this process."""
+    import torch
+
+    from model.blending import class_maps, nucleus_maps
+
+    sem, ter, _ = _block_logits()
+    values = np.concatenate((sem, ter))
+    covered = torch.ones(values.shape[1:], dtype=torch.bool)
+
+    def engine_maps() -> None:  # on a copy: the engine's maps overwrite the blended planes
+        class_maps(torch.from_numpy(values.copy()), covered, len(sem))
+
+    def engine_probs() -> None:
+        nucleus_maps(torch.from_numpy(values.copy()), len(sem))
+
+    def numpy_maps() -> None:
+        np.stack([sem.argmax(0), ter.argmax(0)]).astype(np.uint8)
+
+    def numpy_probs() -> None:
+        e = np.exp(sem - sem.max(0))
+        np.round(e / e.sum(0) * 255).astype(np.uint8)
+
+    cases: dict[str, Callable[[], object]] = {"class maps": engine_maps, "nuclei maps": engine_probs,
+                                              "numpy argmax": numpy_maps, "numpy softmax": numpy_probs,
+                                              "copy": values.copy}
+    best = {name: float("inf") for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            started = time.perf_counter()
+            case()
+            best[name] = min(best[name], time.perf_counter() - started)
+    copy = best.pop("copy")
+    best["class maps"] -= copy
+    best["nuclei maps"] -= copy
+    return {"side": values.shape[1], **{name: 1e3 * seconds for name, seconds in best.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for --network free, else torch's)")
     parser.add_argument("--per-nucleus", action="store_true", help="time one block's post-processing instead")
+    parser.add_argument("--block-maps", action="store_true",
+                        help="time the class and nuclei maps of one blended block instead")
     args = parser.parse_args(argv)
+    if args.block_maps:
+        ms = block_maps()
+        print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        print(f"block maps ({ms['side']}² px, one thread, best of 5): class maps {ms['class maps']:.0f} ms "
+              f"(numpy argmax {ms['numpy argmax']:.0f} ms), nuclei maps {ms['nuclei maps']:.0f} ms "
+              f"(numpy softmax of the semantic planes {ms['numpy softmax']:.0f} ms)")
+        return 0
     if args.per_nucleus:
         seconds, owned = per_nucleus()
         print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
