@@ -17,6 +17,9 @@ Per class ``c`` (pooled over all images, as CoNIC's mPQ+):
 
 Also ``nucleus_dice_semantic`` (semantic argmax != background) and ``nucleus_dice_ternary``
 (ternary argmax != background), both against ``mask > 0``.
+
+``GroupIoU`` keeps each cell type's pixel IoU per group of images (MoNuSAC: per patient) with the
+cells it rests on: pooled figures over three patients hide how far one patient is from another.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from scipy.spatial.distance import cdist
 
 from model.metrics import InstanceEvaluator
 from model.options import SEMANTIC_CLASSES
+from training.metrics import Confusion
 
 CELL_TYPES = SEMANTIC_CLASSES[1:]
 """The four cell types: semantic classes 1..4, indexed 0..3 here."""
@@ -124,4 +128,35 @@ class CellTypeEvaluator:
             vals = vals[np.isfinite(vals)]
             out.append([float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals)
                        else [math.nan, math.nan])
+        return out
+
+
+@dataclass
+class GroupIoU:
+    """Per group (MoNuSAC: patient), the semantic confusion and the GT cells of each cell type."""
+
+    confusion: dict[str, Confusion] = field(default_factory=dict)
+    cells: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+
+    def update(self, group: str, sem_pred: np.ndarray, sem_target: np.ndarray, gt_class: dict[int, int]) -> None:
+        """One image of ``group``: semantic argmax and target (negative targets ignored), and its GT
+        cells as ``{id: class index into CELL_TYPES}``."""
+        if group not in self.confusion:
+            self.confusion[group] = Confusion(len(SEMANTIC_CLASSES))
+            self.cells[group] = np.zeros(len(CELL_TYPES), dtype=np.int64)
+            self.images[group] = 0
+        self.confusion[group].update(sem_pred, sem_target)
+        self.cells[group] += np.bincount(np.fromiter(gt_class.values(), dtype=np.int64, count=len(gt_class)),
+                                         minlength=len(CELL_TYPES))
+        self.images[group] += 1
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        """``{group: {"images", "cells": {type: n}, "iou": {type: IoU or NaN}}}``, groups sorted."""
+        out = {}
+        for group in sorted(self.confusion):
+            iou = self.confusion[group].iou()[1:]
+            out[group] = {"images": self.images[group],
+                          "cells": {name: int(n) for name, n in zip(CELL_TYPES, self.cells[group], strict=True)},
+                          "iou": {name: float(v) for name, v in zip(CELL_TYPES, iou, strict=True)}}
         return out

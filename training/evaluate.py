@@ -10,7 +10,7 @@ run never trained on; ``--split-datasets`` names other datasets it should apply 
 ``eval.json`` and ``eval.md``: pixel metrics; instance metrics PQ/DQ/SQ/F1/AJI, aggregated over all
 images of a dataset with ``model.metrics.InstanceEvaluator``, for datasets with instance ground
 truth; for MoNuSAC, per cell type with the number of cells each figure rests on
-(``training.celltypes``).
+(``training.celltypes``), and each cell type's IoU per patient.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from model.checkpoint import LoadedModel, load_model
 from model.metrics import InstanceEvaluator, instance_classes
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES
 from model.options import DEFAULTS, STAIN_METHODS
-from training.celltypes import CELL_TYPES, CellTypeEvaluator
+from training.celltypes import CELL_TYPES, CellTypeEvaluator, GroupIoU
 from training.data.sample import Sample
 from training.data.sources import CONSEP_CLASS_MAP, load_instance_folder, load_monusac, load_monuseg
 from training.metrics import PixelMetrics
@@ -79,15 +79,18 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
     pixel = PixelMetrics(SEMANTIC_CLASSES, TERNARY_CLASSES)
     instances = InstanceEvaluator()
     types = CellTypeEvaluator() if cell_types else None
+    groups = GroupIoU()
     start = time.perf_counter()
     for s in samples:
         sem, ter = engine.predict_array(s.image)
-        pixel.update(sem.argmax(0), ter.argmax(0), s.semantic, s.ternary)
+        sem_argmax = sem.argmax(0)
+        pixel.update(sem_argmax, ter.argmax(0), s.semantic, s.ternary)
         if s.instances is None:
             continue
         nuclei = find_nuclei(*nucleus_inputs(sem, ter), mpp=mpp)
         if types is not None:
-            update_cell_types(types, s, sem, ter, nuclei.labels, nuclei.class_index)
+            gt_class = update_cell_types(types, s, sem_argmax, ter, nuclei.labels, nuclei.class_index)
+            groups.update(s.group, sem_argmax, s.semantic, gt_class)
         else:
             instances.update(s.instances, nuclei.labels)
     out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
@@ -98,12 +101,15 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
         out.update({f"inst_{k}": float(result[k]) for k in INSTANCE_KEYS})
     if types is not None:
         out["cell_types"] = types.result()
+        out["cell_types_by_group"] = groups.result()
         out.update({f"det_f1_{name}": m["det_f1"] for name, m in out["cell_types"]["classes"].items()})
     return out
 
 
-def update_cell_types(types: CellTypeEvaluator, s: Sample, sem: Any, ter: Any, labels: Any, cls: Any) -> None:
-    """Add one class-labelled image: GT cells by class component, predicted nuclei of the four types."""
+def update_cell_types(types: CellTypeEvaluator, s: Sample, sem_argmax: Any, ter: Any, labels: Any,
+                      cls: Any) -> dict[int, int]:
+    """Add one class-labelled image: GT cells by class component, predicted nuclei of the four types.
+    Returns the GT cells' classes, ``{id: index into CELL_TYPES}``."""
     assert s.instances is not None
     gt_class = {i: c - 1 for i, c in instance_classes(s.instances, np.maximum(s.semantic, 0)).items() if c > 0}
     keep = np.concatenate([[False], cls < len(CELL_TYPES)])
@@ -111,7 +117,8 @@ def update_cell_types(types: CellTypeEvaluator, s: Sample, sem: Any, ter: Any, l
     pred_class = {i + 1: int(c) for i, c in enumerate(cls) if c < len(CELL_TYPES)}
     truth = s.semantic > 0
     types.update(s.instances, gt_class, pred, pred_class,
-                 {"semantic": (sem.argmax(0) > 0, truth), "ternary": (ter.argmax(0) > 0, truth)})
+                 {"semantic": (sem_argmax > 0, truth), "ternary": (ter.argmax(0) > 0, truth)})
+    return gt_class
 
 
 def select(samples: list[Sample], kind: str, args: argparse.Namespace) -> list[Sample]:
@@ -164,6 +171,7 @@ def markdown(report: dict[str, Any]) -> str:
     for name in names:
         if "cell_types" in report["datasets"][name]:
             lines += ["", *cell_type_table(name, report["datasets"][name]),
+                      "", *group_table(name, report["datasets"][name]["cell_types_by_group"]),
                       "", *confusion_table(name, report["datasets"][name]["sem_confusion"])]
     if report["targets"]:
         lines += ["", "| target | value | met |", "|---|---|---|"]
@@ -186,6 +194,16 @@ def cell_type_table(name: str, result: dict[str, Any]) -> list[str]:
                      f"{_fmt(m['pq'])} |")
     lines += ["", f"nucleus Dice from the semantic map {_fmt(ct['nucleus_dice_semantic'])}, from the ternary map "
               f"{_fmt(ct['nucleus_dice_ternary'])}; mPQ {_fmt(ct['mpq'])}."]
+    return lines
+
+
+def group_table(name: str, groups: dict[str, dict[str, Any]]) -> list[str]:
+    """Each cell type's pixel IoU per patient, with the GT cells it rests on."""
+    lines = [f"{name}, IoU per patient (GT cells in brackets):", "",
+             "| patient | images | " + " | ".join(CELL_TYPES) + " |", "|---|---|" + "---|" * len(CELL_TYPES)]
+    for group, g in groups.items():
+        cells = [f"{_fmt(g['iou'][t])} ({g['cells'][t]})" for t in CELL_TYPES]
+        lines.append(f"| {group} | {g['images']} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -194,3 +194,26 @@ def test_confusion_table_gives_each_labelled_class_its_shares() -> None:
     assert lines[5] == "| epithelial | 0.250 | 0.750 | 0.000 | 0.000 | 0.000 | 20 |"
     assert lines[7] == "| neutrophil | 0.000 | 0.000 | 0.000 | 0.250 | 0.750 | 4 |"
     assert lines[6].endswith("| 0 |") and "as macrophage" in lines[2]
+
+
+def test_group_iou_keeps_each_patients_iou_and_cells_apart() -> None:
+    from training.celltypes import GroupIoU
+    from training.evaluate import group_table
+
+    groups = GroupIoU()
+    target = np.array([[0, 1, 1, 2], [0, 1, -1, 2]])
+    groups.update("P2", np.array([[0, 1, 0, 2], [0, 1, 3, 0]]), target, {1: 0, 2: 1})
+    groups.update("P1", np.array([[1, 1, 1, 2], [0, 1, 1, 2]]), target, {1: 0, 2: 1, 3: 0})
+    groups.update("P2", target.clip(0), target, {5: 0})
+    result = groups.result()
+    assert list(result) == ["P1", "P2"]
+    assert result["P1"]["images"] == 1 and result["P2"]["images"] == 2
+    assert result["P1"]["cells"] == {"epithelial": 2, "lymphocyte": 1, "neutrophil": 0, "macrophage": 0}
+    assert result["P2"]["cells"]["epithelial"] == 2 and result["P2"]["cells"]["lymphocyte"] == 1
+    # P1: epithelial labelled on 3 pixels, predicted on those and one more (the ignored pixel not counted)
+    assert result["P1"]["iou"]["epithelial"] == 3 / 4 and result["P1"]["iou"]["lymphocyte"] == 1.0
+    # P2: epithelial TP 2 + 3, FN 1; lymphocyte TP 1 + 2, FN 1
+    assert result["P2"]["iou"]["epithelial"] == 5 / 6 and result["P2"]["iou"]["lymphocyte"] == 3 / 4
+    assert np.isnan(result["P2"]["iou"]["macrophage"])  # neither labelled nor predicted
+    lines = group_table("monusac", result)
+    assert lines[4] == "| P1 | 1 | 0.750 (2) | 1.000 (1) | n/a (0) | n/a (0) |"
