@@ -19,7 +19,9 @@ Also ``nucleus_dice_semantic`` (semantic argmax != background) and ``nucleus_dic
 (ternary argmax != background), both against ``mask > 0``.
 
 ``GroupIoU`` keeps each cell type's pixel IoU per group of images (MoNuSAC: per patient) with the
-cells it rests on: pooled figures over three patients hide how far one patient is from another.
+cells it rests on: pooled figures over three patients hide how far one patient is from another. It
+also gives each pooled IoU a 95 % bootstrap interval over images (images of one patient are not
+independent, so the interval is a lower bound on the uncertainty).
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class GroupIoU:
     confusion: dict[str, Confusion] = field(default_factory=dict)
     cells: dict[str, np.ndarray] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
+    per_image: list[np.ndarray] = field(default_factory=list)  # each image's semantic confusion
 
     def update(self, group: str, sem_pred: np.ndarray, sem_target: np.ndarray, gt_class: dict[int, int]) -> None:
         """One image of ``group``: semantic argmax and target (negative targets ignored), and its GT
@@ -146,7 +149,10 @@ class GroupIoU:
             self.confusion[group] = Confusion(len(SEMANTIC_CLASSES))
             self.cells[group] = np.zeros(len(CELL_TYPES), dtype=np.int64)
             self.images[group] = 0
-        self.confusion[group].update(sem_pred, sem_target)
+        image = Confusion(len(SEMANTIC_CLASSES))
+        image.update(sem_pred, sem_target)
+        self.confusion[group].matrix += image.matrix
+        self.per_image.append(image.matrix)
         self.cells[group] += np.bincount(np.fromiter(gt_class.values(), dtype=np.int64, count=len(gt_class)),
                                          minlength=len(CELL_TYPES))
         self.images[group] += 1
@@ -159,4 +165,22 @@ class GroupIoU:
             out[group] = {"images": self.images[group],
                           "cells": {name: int(n) for name, n in zip(CELL_TYPES, self.cells[group], strict=True)},
                           "iou": {name: float(v) for name, v in zip(CELL_TYPES, iou, strict=True)}}
+        return out
+
+    def intervals(self, bootstrap: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+        """Each cell type's pooled IoU, 95 % bootstrap interval over images (resampled with
+        replacement, confusions pooled); NaN where no resample defines it."""
+        if not self.per_image or bootstrap <= 0:
+            return {name: [math.nan, math.nan] for name in CELL_TYPES}
+        stack = np.stack(self.per_image)  # (images, classes, classes)
+        picks = np.random.default_rng(seed).integers(len(stack), size=(bootstrap, len(stack)))
+        pooled = stack[picks].sum(axis=1)
+        tp = np.diagonal(pooled, axis1=1, axis2=2).astype(np.float64)
+        union = pooled.sum(axis=1) + pooled.sum(axis=2) - tp
+        out = {}
+        for c, name in enumerate(CELL_TYPES, start=1):
+            ok = union[:, c] > 0
+            vals = tp[ok, c] / union[ok, c]
+            out[name] = [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals) \
+                else [math.nan, math.nan]
         return out

@@ -102,6 +102,8 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
     if types is not None:
         out["cell_types"] = types.result()
         out["cell_types_by_group"] = groups.result()
+        for name, interval in groups.intervals().items():
+            out["cell_types"]["classes"][name]["iou_ci"] = interval
         out.update({f"det_f1_{name}": m["det_f1"] for name, m in out["cell_types"]["classes"].items()})
     return out
 
@@ -182,16 +184,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def cell_type_table(name: str, result: dict[str, Any]) -> list[str]:
-    """Per cell type: GT cells, pixel IoU/Dice, detection F1 with its interval, PQ."""
+    """Per cell type: GT cells, pixel IoU with its interval, Dice, detection F1 with its interval, PQ."""
     ct = result["cell_types"]
-    lines = [f"{name}, per cell type ({ct['images']} images; cells = connected components of each class):", "",
-             "| class | GT cells | pred cells | IoU | Dice | detection F1 [95 % CI] | PQ |",
+    lines = [f"{name}, per cell type ({ct['images']} images; cells = connected components of each class; "
+             "intervals: 95 % bootstrap over images):", "",
+             "| class | GT cells | pred cells | IoU [95 % CI] | Dice | detection F1 [95 % CI] | PQ |",
              "|---|---|---|---|---|---|---|"]
     for cls, m in ct["classes"].items():
+        iou_lo, iou_hi = m["iou_ci"]
         lo, hi = m["det_f1_ci"]
-        lines.append(f"| {cls} | {m['gt_cells']} | {m['pred_cells']} | {_fmt(result.get(f'sem_iou_{cls}'))} | "
-                     f"{_fmt(result.get(f'sem_dice_{cls}'))} | {_fmt(m['det_f1'])} [{_fmt(lo)}, {_fmt(hi)}] | "
-                     f"{_fmt(m['pq'])} |")
+        lines.append(f"| {cls} | {m['gt_cells']} | {m['pred_cells']} | {_fmt(result.get(f'sem_iou_{cls}'))} "
+                     f"[{_fmt(iou_lo)}, {_fmt(iou_hi)}] | {_fmt(result.get(f'sem_dice_{cls}'))} | "
+                     f"{_fmt(m['det_f1'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(m['pq'])} |")
     lines += ["", f"nucleus Dice from the semantic map {_fmt(ct['nucleus_dice_semantic'])}, from the ternary map "
               f"{_fmt(ct['nucleus_dice_ternary'])}; mPQ {_fmt(ct['mpq'])}."]
     return lines

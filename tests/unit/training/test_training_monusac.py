@@ -217,3 +217,22 @@ def test_group_iou_keeps_each_patients_iou_and_cells_apart() -> None:
     assert np.isnan(result["P2"]["iou"]["macrophage"])  # neither labelled nor predicted
     lines = group_table("monusac", result)
     assert lines[4] == "| P1 | 1 | 0.750 (2) | 1.000 (1) | n/a (0) | n/a (0) |"
+
+
+def test_iou_intervals_hold_the_pooled_iou_and_narrow_with_agreeing_images() -> None:
+    from training.celltypes import GroupIoU
+
+    rng = np.random.default_rng(4)
+    agreeing, mixed = GroupIoU(), GroupIoU()
+    for i in range(12):
+        target = rng.integers(0, 3, (20, 20))
+        wrong = np.where(rng.random((20, 20)) < 0.2, 0, target)  # every image: a fifth of its pixels missed
+        agreeing.update("P", wrong, target, {})
+        mixed.update("P", target if i % 2 else np.zeros_like(target), target, {})  # images all right or all wrong
+    for groups in (agreeing, mixed):
+        pooled = groups.confusion["P"].iou()[1]
+        lo, hi = groups.intervals(bootstrap=500)["epithelial"]
+        assert lo <= pooled <= hi
+    assert np.diff(agreeing.intervals(bootstrap=500)["epithelial"])[0] < 0.05
+    assert np.diff(mixed.intervals(bootstrap=500)["epithelial"])[0] > 0.2
+    assert all(np.isnan(v) for v in agreeing.intervals()["neutrophil"])  # never labelled nor predicted
