@@ -137,10 +137,11 @@ class TileRunner:
         self.flips: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3)) if tta else ((),)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.network = inference_network(network, device, self.dtype)
-        mean = torch.tensor(card.normalisation.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(card.normalisation.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(card.normalisation.mean, device=device)
+        std = torch.tensor(card.normalisation.std, device=device)
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
@@ -148,13 +149,25 @@ class TileRunner:
         n = len(tiles)
         if self.batch is not None and n < self.batch:
             tiles = np.concatenate([tiles, np.zeros((self.batch - n, *tiles.shape[1:]), dtype=tiles.dtype)])
-        batch = torch.from_numpy(tiles).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC = channels_last
-        batch = torch.addcmul(self._shift, batch.float(), self._scale).to(self.dtype)
+        batch = self._normalised(torch.from_numpy(tiles).to(self.device, non_blocking=True)).to(self.dtype)
         batch = batch.contiguous(memory_format=torch.channels_last)
         out = self._forward(batch, n, self.flips[0])
         for dims in self.flips[1:]:
             out += self._forward(batch, n, dims)
         return out / len(self.flips) if len(self.flips) > 1 else out
+
+    def _normalised(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(N, T, T, 3)`` uint8 -> ``(N, 3, T, T)`` float32 ``(rgb/255 - mean)/std``, channels_last.
+
+        Per pixel and channel ``shift_c + x * scale_c``, over each tile's bytes as one flat row with
+        the three channels' constants repeated along it: broadcasting them over an innermost
+        dimension of three made the same operation 3x slower on the CPU."""
+        n, h, w, c = tiles.shape
+        if h * w not in self._rows:
+            self._rows[h * w] = (self._shift.repeat(h * w), self._scale.repeat(h * w))
+        shift, scale = self._rows[h * w]
+        flat = torch.addcmul(shift, tiles.reshape(n, h * w * c).float(), scale)
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def _forward(self, batch: torch.Tensor, n: int, flip: tuple[int, ...]) -> torch.Tensor:
         """float32 logits of the first ``n`` tiles of ``batch`` flipped along ``flip`` (NCHW

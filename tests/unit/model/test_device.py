@@ -56,7 +56,8 @@ def test_bf16_runs_the_arithmetic_of_autocast_with_weights_cast_once() -> None:
     runner = TileRunner(network, card, cpu, "bf16", batch=2)
     assert next(runner.network.parameters()).dtype == torch.bfloat16
     fp32 = TileRunner(network, card, cpu, "fp32", batch=2)
-    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() * fp32._scale + fp32._shift
+    scale, shift = fp32._scale.view(1, 3, 1, 1), fp32._shift.view(1, 3, 1, 1)
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() * scale + shift
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         sem, ter = fp32.network(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(runner(tiles), torch.cat((sem, ter), 1).float(), atol=0, rtol=0)
