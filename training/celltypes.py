@@ -72,6 +72,25 @@ def f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / denom if denom else math.nan
 
 
+def bootstrap_ratio(counts: np.ndarray, k: int, n: int, seed: int) -> list[list[float]]:
+    """95 % bootstrap interval, per class, of ``k TP / (k TP + FP + FN)`` pooled over images resampled
+    with replacement (``k`` 2: F1 or Dice; 1: IoU). ``counts`` is ``(images, classes, 3)``: TP, FP,
+    FN; NaN where no resample defines the ratio."""
+    if not len(counts) or n <= 0:
+        return [[math.nan, math.nan] for _ in range(counts.shape[1])]
+    picks = np.random.default_rng(seed).integers(len(counts), size=(n, len(counts)))
+    sums = counts[picks].sum(axis=1)  # (n, classes, 3)
+    out = []
+    for c in range(counts.shape[1]):
+        tp, fp, fn = sums[:, c, 0], sums[:, c, 1], sums[:, c, 2]
+        denom = k * tp + fp + fn
+        vals = np.divide(k * tp, denom, out=np.full(n, np.nan), where=denom > 0)
+        vals = vals[np.isfinite(vals)]
+        out.append([float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals)
+                   else [math.nan, math.nan])
+    return out
+
+
 @dataclass
 class CellTypeEvaluator:
     """Accumulates per-class instance and detection metrics over images."""
@@ -101,7 +120,8 @@ class CellTypeEvaluator:
         """Per class metrics with cell counts, plus nucleus Dice."""
         inst = self.instances.result()
         total = np.sum(self.per_image, axis=0) if self.per_image else np.zeros((len(CELL_TYPES), 3), int)
-        cis = self._bootstrap(bootstrap, seed)
+        cis = bootstrap_ratio(np.stack(self.per_image) if self.per_image else np.zeros((0, len(CELL_TYPES), 3)),
+                              2, bootstrap, seed)
         classes = {}
         for c, name in enumerate(CELL_TYPES):
             tp, fp, fn = (int(v) for v in total[c])
@@ -115,72 +135,41 @@ class CellTypeEvaluator:
             out[f"nucleus_dice_{name}"] = f1(int(tp), int(fp), int(fn))
         return out
 
-    def _bootstrap(self, n: int, seed: int) -> list[list[float]]:
-        if not self.per_image or n <= 0:
-            return [[math.nan, math.nan] for _ in CELL_TYPES]
-        rng = np.random.default_rng(seed)
-        stack = np.stack(self.per_image)
-        picks = rng.integers(len(stack), size=(n, len(stack)))
-        sums = stack[picks].sum(axis=1)  # (n, classes, 3)
-        out = []
-        for c in range(len(CELL_TYPES)):
-            tp, fp, fn = sums[:, c, 0], sums[:, c, 1], sums[:, c, 2]
-            denom = 2 * tp + fp + fn
-            vals = np.divide(2 * tp, denom, out=np.full(n, np.nan), where=denom > 0)
-            vals = vals[np.isfinite(vals)]
-            out.append([float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals)
-                       else [math.nan, math.nan])
-        return out
-
 
 @dataclass
 class GroupIoU:
-    """Per group (MoNuSAC: patient), the semantic confusion and the GT cells of each cell type."""
+    """Per image: its group (MoNuSAC: patient), each cell type's pixel TP, FP, FN and its GT cells;
+    per-group figures and intervals are pooled from these."""
 
-    confusion: dict[str, Confusion] = field(default_factory=dict)
-    cells: dict[str, np.ndarray] = field(default_factory=dict)
-    images: dict[str, int] = field(default_factory=dict)
-    per_image: list[np.ndarray] = field(default_factory=list)  # each image's semantic confusion
+    groups: list[str] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)  # (cell types, 3): TP, FP, FN
+    cells: list[np.ndarray] = field(default_factory=list)  # (cell types,)
 
     def update(self, group: str, sem_pred: np.ndarray, sem_target: np.ndarray, gt_class: dict[int, int]) -> None:
         """One image of ``group``: semantic argmax and target (negative targets ignored), and its GT
         cells as ``{id: class index into CELL_TYPES}``."""
-        if group not in self.confusion:
-            self.confusion[group] = Confusion(len(SEMANTIC_CLASSES))
-            self.cells[group] = np.zeros(len(CELL_TYPES), dtype=np.int64)
-            self.images[group] = 0
         image = Confusion(len(SEMANTIC_CLASSES))
         image.update(sem_pred, sem_target)
-        self.confusion[group].matrix += image.matrix
-        self.per_image.append(image.matrix)
-        self.cells[group] += np.bincount(np.fromiter(gt_class.values(), dtype=np.int64, count=len(gt_class)),
-                                         minlength=len(CELL_TYPES))
-        self.images[group] += 1
+        self.groups.append(group)
+        self.counts.append(np.stack(image.tp_fp_fn(), axis=1)[1:])
+        self.cells.append(np.bincount(np.fromiter(gt_class.values(), dtype=np.int64, count=len(gt_class)),
+                                      minlength=len(CELL_TYPES)))
 
     def result(self) -> dict[str, dict[str, Any]]:
         """``{group: {"images", "cells": {type: n}, "iou": {type: IoU or NaN}}}``, groups sorted."""
         out = {}
-        for group in sorted(self.confusion):
-            iou = self.confusion[group].iou()[1:]
-            out[group] = {"images": self.images[group],
-                          "cells": {name: int(n) for name, n in zip(CELL_TYPES, self.cells[group], strict=True)},
+        for group in sorted(set(self.groups)):
+            mine = [i for i, g in enumerate(self.groups) if g == group]
+            tp, fp, fn = np.sum([self.counts[i] for i in mine], axis=0).T
+            union = tp + fp + fn
+            iou = np.divide(tp, union, out=np.full(len(CELL_TYPES), math.nan), where=union > 0)
+            cells = np.sum([self.cells[i] for i in mine], axis=0)
+            out[group] = {"images": len(mine),
+                          "cells": {name: int(n) for name, n in zip(CELL_TYPES, cells, strict=True)},
                           "iou": {name: float(v) for name, v in zip(CELL_TYPES, iou, strict=True)}}
         return out
 
     def intervals(self, bootstrap: int = 1000, seed: int = 0) -> dict[str, list[float]]:
-        """Each cell type's pooled IoU, 95 % bootstrap interval over images (resampled with
-        replacement, confusions pooled); NaN where no resample defines it."""
-        if not self.per_image or bootstrap <= 0:
-            return {name: [math.nan, math.nan] for name in CELL_TYPES}
-        stack = np.stack(self.per_image)  # (images, classes, classes)
-        picks = np.random.default_rng(seed).integers(len(stack), size=(bootstrap, len(stack)))
-        pooled = stack[picks].sum(axis=1)
-        tp = np.diagonal(pooled, axis1=1, axis2=2).astype(np.float64)
-        union = pooled.sum(axis=1) + pooled.sum(axis=2) - tp
-        out = {}
-        for c, name in enumerate(CELL_TYPES, start=1):
-            ok = union[:, c] > 0
-            vals = tp[ok, c] / union[ok, c]
-            out[name] = [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))] if len(vals) \
-                else [math.nan, math.nan]
-        return out
+        """Each cell type's pooled IoU, 95 % bootstrap interval over images."""
+        counts = np.stack(self.counts) if self.counts else np.zeros((0, len(CELL_TYPES), 3))
+        return dict(zip(CELL_TYPES, bootstrap_ratio(counts, 1, bootstrap, seed), strict=True))

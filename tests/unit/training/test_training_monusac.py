@@ -230,7 +230,7 @@ def test_iou_intervals_hold_the_pooled_iou_and_narrow_with_agreeing_images() -> 
         agreeing.update("P", wrong, target, {})
         mixed.update("P", target if i % 2 else np.zeros_like(target), target, {})  # images all right or all wrong
     for groups in (agreeing, mixed):
-        pooled = groups.confusion["P"].iou()[1]
+        pooled = groups.result()["P"]["iou"]["epithelial"]
         lo, hi = groups.intervals(bootstrap=500)["epithelial"]
         assert lo <= pooled <= hi
     assert np.diff(agreeing.intervals(bootstrap=500)["epithelial"])[0] < 0.05
