@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import shapely
@@ -14,14 +15,18 @@ from model.postprocess import (
     Nuclei,
     PostprocessParams,
     _boxes,
+    _Components,
     _CropStack,
     _first_pixels,
     _label,
+    _largest_polygon,
     _mitred_offsets,
     _outer_contour,
+    _outer_contours,
     _owned,
     _pixel_edges,
     _ring_geometries,
+    _simplified,
     classify,
     find_nuclei,
     instance_labels,
@@ -179,17 +184,24 @@ def test_pixel_edge_outlines_equal_the_mitred_buffer():
     assert shapely.area(grown[-2]) == 1.0
 
 
+def _random_region_rings(seed: int, count: int, sides: tuple[int, int], blur: tuple[float, float],
+                         spread: float) -> list[np.ndarray]:
+    """Outer contours of the 4-connected regions of ``count`` random fields, smooth and ragged."""
+    rng = np.random.default_rng(seed)
+    rings = []
+    for _ in range(count):
+        side = int(rng.integers(*sides))
+        field = ndimage.gaussian_filter(rng.normal(size=(side, side)), rng.uniform(*blur))
+        labels, n = ndimage.label(np.pad(field > rng.uniform(-spread, spread), 1))
+        boxes = _boxes(labels, n).tolist()
+        rings += [_outer_contour(labels, i, boxes[i]) for i in range(1, n + 1)]
+    return rings
+
+
 def test_offsets_called_exact_are_simple_rings_equal_to_the_buffer():
     """The numpy offsets skip GEOS's validity check: on thousands of random 4-connected regions
     (smooth and ragged), every ring they call exact is a valid polygon equal to the mitred buffer."""
-    rng = np.random.default_rng(3)
-    rings = []
-    for _ in range(1500):
-        side = int(rng.integers(6, 40))
-        field = ndimage.gaussian_filter(rng.normal(size=(side, side)), rng.uniform(0.6, 2.5))
-        labels, n = ndimage.label(np.pad(field > rng.uniform(-0.2, 0.2), 1))
-        boxes = _boxes(labels, n).tolist()
-        rings += [r for i in range(1, n + 1) if len(r := _outer_contour(labels, i, boxes[i])) >= 3]
+    rings = [r for r in _random_region_rings(3, 1500, (6, 40), (0.6, 2.5), 0.2) if len(r) >= 3]
     polys, exact = _mitred_offsets(np.concatenate(rings) + 0.5, np.array([len(r) for r in rings]), 0.5)
     assert exact.sum() > 1000
     assert shapely.is_valid(polys[exact]).all()
@@ -293,3 +305,65 @@ def test_first_pixels_hold_their_label_whatever_the_numbering():
         at = relabelled.ravel()[px]
         first = _first_pixels(at, px, n)
         assert n > 20 and (relabelled.ravel()[first[1:]] == np.arange(1, n + 1)).all()
+
+
+def test_component_statistics_from_row_runs_equal_opencv():
+    """Pixel counts, centroids and boxes from the runs along rows equal OpenCV's statistics pass, to
+    the bit, on ragged masks (one-pixel rows and columns, components touching the edges, none at all)."""
+    rng = np.random.default_rng(11)
+    masks = [np.zeros((4, 6), bool), np.ones((3, 1), bool), np.ones((1, 9), bool)]
+    for _ in range(60):
+        shape = tuple(rng.integers(1, 80, 2))
+        field = ndimage.gaussian_filter(rng.normal(size=shape), rng.uniform(0.3, 2.5))
+        masks.append(field > rng.uniform(-0.3, 0.3))
+    for mask in masks:
+        comps = _Components.of(mask)
+        count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4,
+                                                                            ltype=cv2.CV_32S)
+        x, y, w, h = stats[1:, :4].T
+        assert comps.n == count - 1
+        np.testing.assert_array_equal(comps.labels, labels)
+        np.testing.assert_array_equal(comps.area[1:], stats[1:, cv2.CC_STAT_AREA])
+        np.testing.assert_array_equal(comps.centroid[1:], centroids[1:] + 0.5)
+        np.testing.assert_array_equal(comps.box[1:], np.stack([y, x, y + h, x + w], axis=1))
+
+
+def test_contours_traced_together_equal_those_traced_one_by_one():
+    """The whole-foreground trace gives each nucleus the points of its own trace: nuclei standing
+    apart, touching ones (split components), 4-components meeting at a corner, and a nucleus in
+    another's hole; for all nuclei and for a subset whose boxes leave others out."""
+    ternary, probs = _noisy_maps(7, (200, 240))
+    labels = find_nuclei(ternary, probs, mpp=0.25, params=PostprocessParams(min_area_um2=2.0)).labels
+    n = int(labels.max())
+    labels[150:157, 10:17] = n + 1  # a ring with a nucleus in its hole
+    labels[152:155, 12:15] = n + 2
+    labels[153, 13] = 0
+    labels[150:153, 20:23] = n + 3  # two squares meeting at a corner
+    labels[153:156, 23:26] = n + 4
+    labels[:, 30:32] = np.where(labels[:, 30:32] > 0, labels[:, 30:32], 0)
+    labels, n = labels.astype(np.int32), n + 4
+    boxes = _boxes(labels, n)
+    alone = [_outer_contour(labels, i, boxes[i].tolist()) for i in range(1, n + 1)]
+    ids = np.arange(1, n + 1)
+    for subset in (ids, ids[::3], ids[-4:]):
+        together = _outer_contours(labels, subset, boxes[subset])
+        assert len(together) == len(subset)
+        for i, ring in zip(subset.tolist(), together, strict=True):
+            np.testing.assert_array_equal(ring, alone[i - 1], err_msg=f"label {i}")
+    contours, _ = cv2.findContours((labels > 0).view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    single = sum(len(np.unique(labels[c[:, 0, 1], c[:, 0, 0]])) == 1 for c in contours)
+    assert 20 < single < n - 20  # both ways are taken: many joint traces, many nuclei traced alone
+
+
+@pytest.mark.parametrize("tolerance", [0.5, 1.5])
+def test_simplified_rings_keep_the_points_geos_keeps_for_polygons(tolerance):
+    """Simplifying the exteriors keeps the very points GEOS's polygon simplification keeps, wherever
+    that gives a valid polygon; rings that collapse come back empty (to be redone)."""
+    raw = _pixel_edges(_random_region_rings(5, 800, (4, 40), (0.4, 2.5), 0.3), (300.0, 700.0), 2.0)
+    raw = shapely.polygons(shapely.get_exterior_ring(np.array([_largest_polygon(g) for g in raw])))
+    ours, geos = _simplified(raw, tolerance), shapely.simplify(raw, tolerance, preserve_topology=False)
+    valid = shapely.is_valid(ours) & ~shapely.is_empty(ours)
+    assert all(shapely.equals_identical(a, b) for a, b in zip(ours[valid], geos[valid], strict=True))
+    np.testing.assert_array_equal(shapely.is_empty(ours), shapely.is_empty(geos))
+    assert valid.sum() > 1000 and (tolerance < 1 or (~valid).sum() > 100)
+
