@@ -577,7 +577,9 @@ def _outer_contours(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> l
     one: a contour whose every vertex lies on one label is that label's outer contour, because the
     trace of a whole component, started at its first pixel in raster order, is the trace of its mask
     alone. Nuclei that touch another (split components, or 4-components that meet at a corner, which
-    the 8-connected trace joins) and nuclei inside another's hole are traced alone.
+    the 8-connected trace joins) and nuclei inside another's hole are traced alone, and so is a label
+    seen in several contours (a label in several parts, which ``find_nuclei`` does not make: its
+    nuclei are 4-connected; a part hidden in another's hole would go unseen).
     """
     y0, x0 = (int(v) for v in boxes[:, :2].min(axis=0))
     y1, x1 = (int(v) for v in boxes[:, 2:].max(axis=0))
@@ -592,6 +594,9 @@ def _outer_contours(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> l
         first = np.cumsum(counts) - counts
         alone = np.logical_and.reduceat(owner == np.repeat(owner[first], counts), first)
         found[owner[first][alone]] = np.flatnonzero(alone)
+        parted = np.bincount(owner[first][alone], minlength=len(found)) > 1  # a label in several parts
+        parted[owner[np.repeat(~alone, counts)]] = True
+        found[parted] = -1
     rings = []
     for i, box, k in zip(ids.tolist(), boxes.tolist(), found[ids].tolist(), strict=True):
         rings.append(contours[k].reshape(-1, 2) if k >= 0 else _outer_contour(labels, i, box))

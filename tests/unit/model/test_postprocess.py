@@ -330,18 +330,23 @@ def test_component_statistics_from_row_runs_equal_opencv():
 
 def test_contours_traced_together_equal_those_traced_one_by_one():
     """The whole-foreground trace gives each nucleus the points of its own trace: nuclei standing
-    apart, touching ones (split components), 4-components meeting at a corner, and a nucleus in
-    another's hole; for all nuclei and for a subset whose boxes leave others out."""
+    apart, touching ones (split components), 4-components meeting at a corner, a nucleus in
+    another's hole, labels in two parts; for all nuclei and for subsets whose boxes leave others out."""
     ternary, probs = _noisy_maps(7, (200, 240))
     labels = find_nuclei(ternary, probs, mpp=0.25, params=PostprocessParams(min_area_um2=2.0)).labels
-    n = int(labels.max())
-    labels[150:157, 10:17] = n + 1  # a ring with a nucleus in its hole
-    labels[152:155, 12:15] = n + 2
-    labels[153, 13] = 0
-    labels[150:153, 20:23] = n + 3  # two squares meeting at a corner
-    labels[153:156, 23:26] = n + 4
-    labels[:, 30:32] = np.where(labels[:, 30:32] > 0, labels[:, 30:32], 0)
-    labels, n = labels.astype(np.int32), n + 4
+    labels[:, 30:32] = 0  # cuts some nuclei in two
+    labels = np.pad(labels, ((0, 0), (0, 100)))  # a blank band for the drawn cases
+    n, c = int(labels.max()), 250
+    labels[150:157, c + 10:c + 17] = n + 1  # a ring with a nucleus in its hole
+    labels[152:155, c + 12:c + 15] = n + 2
+    labels[153, c + 13] = 0
+    labels[150:153, c + 20:c + 23] = n + 3  # two squares meeting at a corner
+    labels[153:156, c + 23:c + 26] = n + 4
+    labels[160:165, c + 40:c + 45] = labels[170:176, c + 50:c + 54] = n + 5  # two parts apart: a square ...
+    labels[170:173, c + 50:c + 52] = 0  # ... and a longer outline
+    labels[180:184, c + 60:c + 64] = labels[180:184, c + 70:c + 80] = n + 6  # two parts, one touching n + 7
+    labels[180:184, c + 80:c + 84] = n + 7
+    labels, n = labels.astype(np.int32), n + 7
     boxes = _boxes(labels, n)
     alone = [_outer_contour(labels, i, boxes[i].tolist()) for i in range(1, n + 1)]
     ids = np.arange(1, n + 1)
