@@ -639,15 +639,20 @@ def _mitred_offsets(v: np.ndarray, n: np.ndarray, r: float) -> tuple[np.ndarray,
     GEOS's validity check, about half of the offsets' cost, is not run; tests check it on thousands of
     random regions, and ``nucleus_polygons`` validates what it returns."""
     first = np.cumsum(n) - n
-    start, size = np.repeat(first, n), np.repeat(n, n)
-    pos = np.arange(len(v)) - start
-    nxt, prv = start + (pos + 1) % size, start + (pos - 1) % size
-    d = v[nxt] - v  # edge i runs from point i to the next
-    length = np.hypot(d[:, 0], d[:, 1])
-    area = np.add.reduceat(v[:, 0] * v[nxt, 1] - v[nxt, 0] * v[:, 1], first)  # twice the signed area
-    normal = np.stack([d[:, 1], -d[:, 0]], axis=1) * (np.repeat(np.sign(area), n) / np.maximum(length, 1e-12))[:, None]
-    cos = (normal[prv] * normal).sum(axis=1)
-    grown = v + r * (normal[prv] + normal) / np.maximum(1 + cos, 1e-12)[:, None]
+    last = first + n - 1
+    nxt, prv = np.arange(1, len(v) + 1), np.arange(-1, len(v) - 1)  # the next and previous point of each
+    nxt[last], prv[first] = first, last
+    x, y = np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1])  # 1-D gathers: twice as fast
+    xn, yn = x[nxt], y[nxt]
+    dx, dy = xn - x, yn - y  # edge i runs from point i to the next
+    length = np.hypot(dx, dy)
+    area = np.add.reduceat(x * yn - xn * y, first)  # twice the signed area
+    q = np.repeat(np.sign(area), n) / np.maximum(length, 1e-12)
+    nx, ny = dy * q, -dx * q  # outward unit normals
+    nxp, nyp = nx[prv], ny[prv]
+    cos = nxp * nx + nyp * ny
+    m = np.maximum(1 + cos, 1e-12)
+    grown = np.stack([x + r * (nxp + nx) / m, y + r * (nyp + ny) / m], axis=1)
     polys = shapely.polygons(shapely.linearrings(grown, indices=np.repeat(np.arange(len(n)), n)))
     return polys, np.logical_and.reduceat((cos > -0.5) & (length > 0), first) & (area != 0)
 
