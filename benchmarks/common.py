@@ -1,7 +1,9 @@
-"""Shared benchmark helpers: peak-RSS sampling, timing, a cropped reader, machine description."""
+"""Shared benchmark helpers: peak-RSS sampling, timing, a cropped reader, machine description, a
+count option's type."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import os
@@ -116,3 +118,11 @@ def stage_text(timings: dict[str, float]) -> str:
 
 def mb(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:,.0f} MiB"
+
+
+def count(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1 (how many runs)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import CropReader, machine, mb, measured
+from benchmarks.common import CropReader, count, machine, mb, measured
 from benchmarks.reference import original_loop
 from model.analysis import make_view
 from model.card import ModelCard
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default="resnet18", help="encoder for the memory runs")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-baselines", action="store_true", help="skip (c) and (d)")
-    parser.add_argument("--repeat", type=int, default=3, help="(a, b) pairs run for each ratio (median)")
+    parser.add_argument("--repeat", type=count, default=3, help="(a, b) pairs run for each ratio (median)")
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args.memory_child, args.encoder)

@@ -22,7 +22,7 @@ stages, peak RSS, and the CPU seconds and page faults of the run (the engine's p
 nuclei processes): on a shared machine CPU time varies far less than wall time.
 ``--per-nucleus`` instead times one block's post-processing (``block_nuclei``: instances, classes,
 polygons) on one core over ``FreeNet``'s maps of a 2048 px block with its margin, best of
-``--repeats`` runs (five; more on a noisy machine).
+``--repeat`` runs (five; more on a noisy machine).
 ``--block-maps`` times, on one thread over the same block's eight float32 planes, what the engine
 makes of a blended block (``class_maps``: the two argmax maps; ``nucleus_maps``: the nuclei's uint8
 probabilities), beside numpy's argmax and softmax of the same planes as the baseline.
@@ -42,7 +42,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from benchmarks.common import machine, mb, stage_text
+from benchmarks.common import count, machine, mb, stage_text
 from benchmarks.postprocess import SyntheticSlide, run_case
 from model.engine import set_threads
 from model.options import OUTPUT_GROUPS
@@ -50,7 +50,7 @@ from model.options import OUTPUT_GROUPS
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
 TILE = 512
 LEVELS = 4  # 8192 px: down to 1024 px, as a scanner's pyramid reaches a thumbnail
-REPEATS = 5  # --per-nucleus and --block-maps: the best of this many runs
+REPEAT = 5  # --per-nucleus and --block-maps: the best of this many runs
 
 
 def write_synthetic(side: int, levels: int = LEVELS) -> Path:
@@ -124,7 +124,7 @@ def _block_logits(block: int = 2048) -> tuple[np.ndarray, np.ndarray, int]:
     return sem[0].numpy(), ter[0].numpy(), margin
 
 
-def per_nucleus(repeats: int = REPEATS) -> tuple[float, int]:
+def per_nucleus(repeat: int = REPEAT) -> tuple[float, int]:
     """Best seconds of ``block_nuclei`` on one block of the rimmed synthetic slide, and the nuclei it owns."""
     from model.blending import nucleus_inputs
     from model.postprocess import BlockPlace, PostprocessParams, block_nuclei
@@ -137,14 +137,14 @@ def per_nucleus(repeats: int = REPEATS) -> tuple[float, int]:
     place = BlockPlace(region, Box(block, block, 2 * block, 2 * block), Box(0, 0, 4 * block, 4 * block), 0.25, 1.0,
                        PostprocessParams())
     best, owned = float("inf"), 0
-    for _ in range(repeats):
+    for _ in range(repeat):
         started = time.perf_counter()
         owned = len(block_nuclei(place, ternary, probs).rings)
         best = min(best, time.perf_counter() - started)
     return best, owned
 
 
-def block_maps(repeats: int = REPEATS) -> dict[str, float]:
+def block_maps(repeat: int = REPEAT) -> dict[str, float]:
     """Best milliseconds, one thread, of what the engine makes of one blended block (the class maps, the
     nuclei's uint8 maps) and of numpy's argmax and softmax over the same planes, in this process."""
     import torch
@@ -172,7 +172,7 @@ def block_maps(repeats: int = REPEATS) -> dict[str, float]:
                                               "numpy argmax": numpy_maps, "numpy softmax": numpy_probs,
                                               "copy": values.copy}
     best = {name: float("inf") for name in cases}
-    for _ in range(repeats):
+    for _ in range(repeat):
         for name, case in cases.items():
             started = time.perf_counter()
             case()
@@ -181,13 +181,6 @@ def block_maps(repeats: int = REPEATS) -> dict[str, float]:
     best["class maps"] -= copy
     best["nuclei maps"] -= copy
     return {"side": values.shape[1], **{name: 1e3 * seconds for name, seconds in best.items()}}
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,22 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-nucleus", action="store_true", help="time one block's post-processing instead")
     parser.add_argument("--block-maps", action="store_true",
                         help="time the class and nuclei maps of one blended block instead")
-    parser.add_argument("--repeats", type=_positive, default=REPEATS,
+    parser.add_argument("--repeat", type=count, default=REPEAT,
                         help="--per-nucleus and --block-maps: the best of this many runs (more on a noisy machine)")
     args = parser.parse_args(argv)
     if args.block_maps:
-        ms = block_maps(args.repeats)
+        ms = block_maps(args.repeat)
         print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-        print(f"block maps ({ms['side']}² px, one thread, best of {args.repeats}): "
+        print(f"block maps ({ms['side']}² px, one thread, best of {args.repeat}): "
               f"class maps {ms['class maps']:.0f} ms (numpy argmax {ms['numpy argmax']:.0f} ms), "
               f"nuclei maps {ms['nuclei maps']:.0f} ms "
               f"(numpy softmax of the semantic planes {ms['numpy softmax']:.0f} ms)")
         return 0
     if args.per_nucleus:
-        seconds, owned = per_nucleus(args.repeats)
+        seconds, owned = per_nucleus(args.repeat)
         print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
         print(f"post-processing: {1e6 * seconds / owned:.0f} µs/nucleus ({owned:,} nuclei owned by a 2048 px "
-              f"block, {seconds:.3f} s on one core, best of {args.repeats})")
+              f"block, {seconds:.3f} s on one core, best of {args.repeat})")
         return 0
     set_threads(args.threads if args.threads is not None or args.network != "free" else 1)
     extra = {} if args.workers is None else {"workers": args.workers}

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from benchmarks.common import machine
+from benchmarks.common import count, machine
 from core.settings import DEFAULT_MODEL
 from model.checkpoint import load_model
 from model.readers import open_slide, thumbnail
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint whose card holds the reference")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=count, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     card = load_model(args.model).card

@@ -249,7 +249,7 @@ def _run_stats(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.n
     np.minimum.at(box[:, 1], lab, col)
     np.maximum.at(box[:, 2], lab, row + 1)
     np.maximum.at(box[:, 3], lab, col + length)
-    return area, sums / np.maximum(area, 1)[:, None] + 0.5, box
+    return area, _centroids(sums, area), box
 
 
 def _keep_lut(keep: np.ndarray) -> tuple[np.ndarray, int]:
@@ -442,7 +442,13 @@ def _area_centroid(lab: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) 
     and the whole region give the same centroids to the bit)."""
     area = np.bincount(lab, minlength=n + 1)
     sums = np.stack([np.bincount(lab, cols, n + 1), np.bincount(lab, rows, n + 1)], axis=1)
-    return area, sums / np.maximum(area, 1)[:, None] + 0.5
+    return area, _centroids(sums, area)
+
+
+def _centroids(sums: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Continuous centroids ``(x, y)`` (pixel centres at +0.5) from each label's column and row sums
+    ``(n + 1, 2)`` and pixel counts; 0.5 for empty labels."""
+    return sums / np.maximum(area, 1)[:, None] + 0.5
 
 
 def _boxes(labels: np.ndarray, n: int) -> np.ndarray:
@@ -586,17 +592,19 @@ def _outer_contours(labels: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> l
     window = labels[y0:y1, x0:x1]
     contours, _ = cv2.findContours((window > 0).view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
                                    offset=(x0, y0))
-    found = np.full(int(labels.max(initial=0)) + 1, -1, np.int64)
+    found = np.full(int(ids.max()) + 1, -1, np.int64)  # by label: its own contour, or -1
     if contours:
         counts = np.array([len(c) for c in contours])
         points = np.concatenate(contours).reshape(-1, 2)
         owner = labels[points[:, 1], points[:, 0]]
         first = np.cumsum(counts) - counts
         alone = np.logical_and.reduceat(owner == np.repeat(owner[first], counts), first)
-        found[owner[first][alone]] = np.flatnonzero(alone)
-        parted = np.bincount(owner[first][alone], minlength=len(found)) > 1  # a label in several parts
-        parted[owner[np.repeat(~alone, counts)]] = True
-        found[parted] = -1
+        alone &= owner[first] < len(found)  # labels above the ids are never asked for
+        mine = owner[first][alone]
+        found[mine] = np.flatnonzero(alone)
+        found[mine[np.bincount(mine)[mine] > 1]] = -1  # a label in several parts
+        mixed = owner[np.repeat(~alone, counts)]
+        found[mixed[mixed < len(found)]] = -1  # ... or with a part among other labels
     rings = []
     for i, box, k in zip(ids.tolist(), boxes.tolist(), found[ids].tolist(), strict=True):
         rings.append(contours[k].reshape(-1, 2) if k >= 0 else _outer_contour(labels, i, box))
