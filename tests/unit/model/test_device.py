@@ -10,7 +10,7 @@ import torch
 
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
-from model.device import TileRunner, inference_network, torch_threads
+from model.device import TileRunner, fold_batchnorm, inference_network, torch_threads
 from model.engine import Engine, EngineOptions
 from model.network import build_network
 from model.options import DEVICE_BATCH
@@ -58,8 +58,9 @@ def test_bf16_runs_the_arithmetic_of_autocast_with_weights_cast_once() -> None:
     fp32 = TileRunner(network, card, cpu, "fp32", batch=2)
     scale, shift = fp32._scale.view(1, 3, 1, 1), fp32._shift.view(1, 3, 1, 1)
     x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() * scale + shift
+    folded = fold_batchnorm(network).to(memory_format=torch.channels_last)  # autocast casts nn.Conv2d only
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        sem, ter = fp32.network(x.contiguous(memory_format=torch.channels_last))
+        sem, ter = folded(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(runner(tiles), torch.cat((sem, ter), 1).float(), atol=0, rtol=0)
     assert not torch.equal(runner(tiles), fp32(tiles))
 

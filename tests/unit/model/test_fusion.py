@@ -1,0 +1,68 @@
+"""The inference rewrites of the folded network keep its logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model.device import fold_batchnorm
+from model.fusion import OneDnnConv, fuse_for_inference
+from model.network import build_network
+
+CPU = torch.device("cpu")
+
+
+def _folded(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    network = build_network("resnet18").eval()
+    for m in network.modules():  # BatchNorm statistics away from identity, so folding matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return fold_batchnorm(network)
+
+
+def _logits(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        sem, ter = network(x.contiguous(memory_format=torch.channels_last))
+    return torch.cat((sem, ter), 1).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_network_gives_the_folded_networks_logits(dtype: torch.dtype) -> None:
+    reference = _folded(0).to(CPU, dtype).to(memory_format=torch.channels_last)
+    fused = fuse_for_inference(_folded(0), CPU).to(CPU, dtype).to(memory_format=torch.channels_last)
+    convs = [m for m in fused.modules() if isinstance(m, OneDnnConv)]
+    assert not any(isinstance(m, nn.Conv2d) for m in fused.modules())
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in reference.modules()) - 1  # two heads, one conv
+    assert sum(c.post_op == "relu" for c in convs) == 19  # every conv -> ReLU of resnet18 and the decoder
+    x = torch.randn(2, 3, 64, 96).to(dtype)
+    expected, got = _logits(reference, x), _logits(fused, x)
+    assert got.shape == expected.shape == (2, 8, 64, 96)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_weights_are_reordered_per_input_shape_and_again_after_a_cast() -> None:
+    reference = _folded(1).to(memory_format=torch.channels_last)
+    fused = fuse_for_inference(_folded(1), CPU).to(memory_format=torch.channels_last)
+    first = next(m for m in fused.modules() if isinstance(m, OneDnnConv))
+    sides = [32, 64, 96, 128, 160, 64]
+    for side in sides:
+        x = torch.randn(1, 3, side, side)
+        torch.testing.assert_close(_logits(fused, x), _logits(reference, x), atol=1e-4, rtol=1e-4)
+    assert len(first._packed) == OneDnnConv.SHAPES
+    assert torch.Size((1, 3, 64, 64)) in first._packed  # the oldest shape was dropped, not the others
+    assert torch.Size((1, 3, 32, 32)) not in first._packed
+    fused.to(torch.bfloat16)
+    assert first._packed == {}
+    x = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
+    expected = _logits(reference.to(torch.bfloat16), x)
+    torch.testing.assert_close(_logits(fused, x), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_networks_that_are_not_traced_graphs_are_left_alone() -> None:
+    network = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    assert fuse_for_inference(network, CPU) is network
+    assert isinstance(network[0], nn.Conv2d)
