@@ -28,11 +28,11 @@ class OneDnnConv(nn.Module):
     reordered once per input shape into the blocked layout the kernel reads (measured on the
     shipped network: about 6 % of a forward's time when reordered on every call).
 
-    At most ``SHAPES`` input shapes keep their reordered weights (a worker sees a few tile sizes and
-    batch sizes); the oldest is dropped first.
+    At most ``SHAPES`` input shapes keep their reordered weights, a copy of the weights each (the
+    engine runs one batch shape per tile size); the oldest is dropped first.
     """
 
-    SHAPES = 4
+    SHAPES = 2
 
     def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
         super().__init__()

@@ -48,7 +48,7 @@ def test_weights_are_reordered_per_input_shape_and_again_after_a_cast() -> None:
     reference = _folded(1).to(memory_format=torch.channels_last)
     fused = fuse_for_inference(_folded(1), CPU).to(memory_format=torch.channels_last)
     first = next(m for m in fused.modules() if isinstance(m, OneDnnConv))
-    sides = [32, 64, 96, 128, 160, 64]
+    sides = [32, 64, 96, 64]
     for side in sides:
         x = torch.randn(1, 3, side, side)
         torch.testing.assert_close(_logits(fused, x), _logits(reference, x), atol=1e-4, rtol=1e-4)
