@@ -109,7 +109,7 @@ def inference_network(network: nn.Module, device: torch.device, dtype: torch.dty
         if known is None or known[0] != state:
             folded = fold_batchnorm(network.eval())
             if folded is not network:  # a traced copy of our own: rewrite it in place
-                folded = fuse_for_inference(folded, device)
+                folded = fuse_for_inference(folded, device, dtype)
             ready = folded.to(device, dtype).to(memory_format=torch.channels_last)
             known = per_device[key] = (state, ready)
         return known[1]

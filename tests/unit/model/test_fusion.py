@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from model import fusion
 from model.device import fold_batchnorm
 from model.fusion import OneDnnConv, fuse_for_inference
 from model.network import build_network
@@ -32,7 +33,7 @@ def _logits(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_network_gives_the_folded_networks_logits(dtype: torch.dtype) -> None:
     reference = _folded(0).to(CPU, dtype).to(memory_format=torch.channels_last)
-    fused = fuse_for_inference(_folded(0), CPU).to(CPU, dtype).to(memory_format=torch.channels_last)
+    fused = fuse_for_inference(_folded(0), CPU, dtype).to(CPU, dtype).to(memory_format=torch.channels_last)
     convs = [m for m in fused.modules() if isinstance(m, OneDnnConv)]
     assert not any(isinstance(m, nn.Conv2d) for m in fused.modules())
     assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in reference.modules()) - 1  # two heads, one conv
@@ -46,7 +47,7 @@ def test_fused_network_gives_the_folded_networks_logits(dtype: torch.dtype) -> N
 
 def test_weights_are_reordered_per_input_shape_and_again_after_a_cast() -> None:
     reference = _folded(1).to(memory_format=torch.channels_last)
-    fused = fuse_for_inference(_folded(1), CPU).to(memory_format=torch.channels_last)
+    fused = fuse_for_inference(_folded(1), CPU, torch.float32).to(memory_format=torch.channels_last)
     first = next(m for m in fused.modules() if isinstance(m, OneDnnConv))
     sides = [32, 64, 96, 64]
     for side in sides:
@@ -64,5 +65,18 @@ def test_weights_are_reordered_per_input_shape_and_again_after_a_cast() -> None:
 
 def test_networks_that_are_not_traced_graphs_are_left_alone() -> None:
     network = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-    assert fuse_for_inference(network, CPU) is network
+    assert fuse_for_inference(network, CPU, torch.float32) is network
     assert isinstance(network[0], nn.Conv2d)
+
+
+def test_a_dtype_onednn_cannot_run_keeps_pytorchs_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN has no bf16 (CPUs with AVX2 only), PyTorch's own convolution still runs it."""
+    assert not fusion._onednn_runs(torch.float16)
+    monkeypatch.setattr(fusion, "_onednn_runs", lambda dtype: dtype == torch.float32)
+    fused = fuse_for_inference(_folded(2), CPU, torch.bfloat16).to(torch.bfloat16)
+    assert not any(isinstance(m, OneDnnConv) for m in fused.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 31  # the heads merged all the same
+    reference = _folded(2).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
+    torch.testing.assert_close(_logits(fused.to(memory_format=torch.channels_last), x), _logits(reference, x),
+                               atol=2e-2, rtol=2e-2)
