@@ -261,33 +261,36 @@ class Engine:
     ) -> Iterator[BlockResult]:
         """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
         view = ctx.view
-        jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report) for i in blocks]
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
                            start=blocks.start, stop=blocks.stop)
+        jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report, index) for i in blocks]
         cache = TileCache(self.options.tile_cache_mb << 20)
         workspace = Workspace(self.device)
         workspace.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
-        for job, pixels in _prefetch(jobs, lambda job: self._read(view, job, report, ctx.stain), reader_threads()):
-            yield self._blend(job, pixels, grid, report, index, cache, wants, workspace)
+
+        def read(box: Box | None) -> np.ndarray | None:
+            return None if box is None else self._read(view, box, report, ctx.stain)
+
+        for job, pixels in _prefetch(jobs, lambda job: read(job.source), reader_threads()):
+            yield self._blend(job, _Pixels(job.source, pixels, read), grid, report, index, cache, wants, workspace)
             cache.retire(job.index)
         report.tiles_reused = cache.hits
 
-    def _block_job(
-        self, index: int, inner: Box, view: AnalysisView, grid: TileGrid, tissue: TissueMask, report: RunReport
-    ) -> _BlockJob:
+    def _block_job(self, index: int, inner: Box, view: AnalysisView, grid: TileGrid, tissue: TissueMask,
+                   report: RunReport, blocks: BlockIndex) -> _BlockJob:
+        """The block's tiles, and the pixels to read for them: those of the tiles no earlier block of
+        the run also has (the others' logits are normally in the tile cache by then)."""
         region = inner.expand(self.options.margin, view.bounds)
         touching = grid.tiles_touching(region)
         tiles = [t for t in touching if tissue.any_in(_clip(grid.tile_box(*t), view.bounds))]
         report.tiles_skipped += len(touching) - len(tiles)
-        return _BlockJob(index, inner, region, tiles, grid.union_box(tiles) if tiles else None)
+        new = [t for t in tiles if not blocks.earlier_touches(grid.tile_box(*t), index)]
+        return _BlockJob(index, inner, region, tiles, grid.union_box(new) if new else None)
 
-    def _read(self, view: AnalysisView, job: _BlockJob, report: RunReport,
-              stain: StainTransform | None) -> np.ndarray | None:
-        """A block's pixels (stain-normalised when asked), on a reader thread."""
-        if job.source is None:
-            return None
+    def _read(self, view: AnalysisView, box: Box, report: RunReport, stain: StainTransform | None) -> np.ndarray:
+        """The pixels of ``box`` (stain-normalised when asked), mostly on a reader thread."""
         t0 = time.perf_counter()
-        pixels = read_reflected(view, job.source)
+        pixels = read_reflected(view, box)
         report.clock("read", time.perf_counter() - t0)
         if stain is not None:
             t0 = time.perf_counter()
@@ -296,20 +299,21 @@ class Engine:
         return pixels
 
     @torch.inference_mode()
-    def _blend(self, job: _BlockJob, pixels: np.ndarray | None, grid: TileGrid, report: RunReport,
+    def _blend(self, job: _BlockJob, pixels: _Pixels, grid: TileGrid, report: RunReport,
                index: BlockIndex, cache: TileCache, wants: _Wants, workspace: Workspace) -> BlockResult:
-        if pixels is None or job.source is None:
+        if not job.tiles:
             report.blocks_skipped += 1
             return BlockResult(job.index, job.inner, job.region, None, None)
         with self._host_threads():
             return self._blend_tiles(job, pixels, grid, report, index, cache, wants, workspace)
 
-    def _blend_tiles(self, job: _BlockJob, pixels: np.ndarray, grid: TileGrid, report: RunReport,
+    def _blend_tiles(self, job: _BlockJob, pixels: _Pixels, grid: TileGrid, report: RunReport,
                      index: BlockIndex, cache: TileCache, wants: _Wants, workspace: Workspace) -> BlockResult:
-        assert job.source is not None
         acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
         cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
-        batches = iter_batches([t for t in job.tiles if t not in cached], self.batch_size)
+        to_run = [t for t in job.tiles if t not in cached]
+        pixels.cover([grid.tile_box(*t) for t in to_run])  # tiles the cache no longer holds: read now
+        batches = iter_batches(to_run, self.batch_size)
         ready: dict[tuple[int, int], torch.Tensor] = {}
         t0, forward = time.perf_counter(), report.timings.get("forward", 0.0)
         for tile in job.tiles:  # one fixed order, whatever was cached: float sums depend on their order
@@ -329,16 +333,11 @@ class Engine:
         report.clock("blend", time.perf_counter() - t0)
         return result
 
-    def _forward(self, batch: list[tuple[int, int]], job: _BlockJob, pixels: np.ndarray, grid: TileGrid,
+    def _forward(self, batch: list[tuple[int, int]], job: _BlockJob, pixels: _Pixels, grid: TileGrid,
                  report: RunReport, index: BlockIndex, cache: TileCache) -> dict[tuple[int, int], torch.Tensor]:
         """Run one batch of tiles; offer their logits to the cache."""
-        assert job.source is not None
-        origin, t_size = job.source, self.options.tile_size
         boxes = [grid.tile_box(*t) for t in batch]
-        tiles = np.stack([
-            pixels[b.y0 - origin.y0 : b.y0 - origin.y0 + t_size, b.x0 - origin.x0 : b.x0 - origin.x0 + t_size]
-            for b in boxes
-        ])
+        tiles = np.stack([pixels.cut(b) for b in boxes])
         t0 = time.perf_counter()
         with torch_threads(self.network_threads):
             out = self.runner(tiles)
@@ -364,7 +363,36 @@ class _BlockJob:
     inner: Box
     region: Box
     tiles: list[tuple[int, int]]
-    source: Box | None  # the pixels the tiles cover (None: no tile to run)
+    source: Box | None  # the pixels read ahead: those of the tiles no earlier block has (None: none)
+
+
+class _Pixels:
+    """A block's pixels: the box read ahead, and boxes read later for tiles the cache dropped."""
+
+    def __init__(self, box: Box | None, pixels: np.ndarray | None, read: Callable[[Box], np.ndarray | None]) -> None:
+        self._parts = [(box, pixels)] if box is not None and pixels is not None else []
+        self._read = read
+
+    def cover(self, boxes: list[Box]) -> None:
+        """Read, in one box, the pixels of those ``boxes`` not held yet."""
+        missing = [b for b in boxes if self._holding(b) is None]
+        if missing:
+            box = Box(min(b.x0 for b in missing), min(b.y0 for b in missing),
+                      max(b.x1 for b in missing), max(b.y1 for b in missing))
+            pixels = self._read(box)
+            assert pixels is not None
+            self._parts.append((box, pixels))
+
+    def cut(self, box: Box) -> np.ndarray:
+        """The pixels of ``box`` (a view)."""
+        part = self._holding(box)
+        if part is None:
+            raise KeyError(f"no pixels read for {box}")
+        origin, pixels = part
+        return pixels[box.y0 - origin.y0 : box.y1 - origin.y0, box.x0 - origin.x0 : box.x1 - origin.x0]
+
+    def _holding(self, box: Box) -> tuple[Box, np.ndarray] | None:
+        return next(((o, p) for o, p in self._parts if o.intersect(box) == box), None)
 
 
 def _clip(box: Box, bounds: Box) -> Box:

@@ -35,6 +35,10 @@ class BlockIndex:
         found = [by * self.n_x + bx for by in range(by0, by1 + 1) for bx in range(bx0, bx1 + 1)]
         return found if self.stop is None else [i for i in found if i < self.stop]
 
+    def earlier_touches(self, box: Box, block: int) -> bool:
+        """Whether a block of the run before ``block`` touches the tile (and so ran it first)."""
+        return any(self.start <= i < block for i in self.blocks_touching(box))
+
     def needed_before(self, box: Box) -> bool:
         """Whether a block before ``start`` touches the tile."""
         return self.start > 0 and self._first(box) < self.start

@@ -110,12 +110,44 @@ def test_tile_cache_runs_each_tile_once_and_changes_nothing(cache_mb: int) -> No
 
     base, run0, reused0, grid = run(0)
     sink, tiles_run, reused, _ = run(cache_mb)
+    rgb = (image.astype(np.float32) / 255 * 3 - 1).transpose(2, 0, 1)  # without a cache, every shared
+    np.testing.assert_allclose(base.logits, np.concatenate((rgb, rgb[:2], rgb)), atol=1e-5)  # tile is read again
     np.testing.assert_allclose(sink.logits, base.logits, atol=1e-5, rtol=0)
     assert tiles_run + reused == run0 and reused0 == 0
     if cache_mb == 512:
         assert tiles_run == grid, "with room for every shared tile, each grid tile runs exactly once"
     elif cache_mb == 1:
         assert reused > 0 and tiles_run > grid
+
+
+class _CountingReader(ArrayReader):
+    """Counts the pixels read."""
+
+    pixels = 0
+
+    def read_region(self, level: int, l0_x: int, l0_y: int, w: int, h: int) -> np.ndarray:
+        self.pixels += w * h
+        return super().read_region(level, l0_x, l0_y, w, h)
+
+
+def test_blocks_read_only_the_pixels_of_tiles_no_earlier_block_ran() -> None:
+    """Tiles shared with earlier blocks come from the tile cache: their pixels are not read again."""
+    image = _image(300, 410, seed=6)
+    opts = EngineOptions(tile_size=64, overlap=24, block_size=100, margin=20, precision="fp32", device="cpu",
+                         tissue=False)
+    engine = Engine(loaded(TrivialNet(lambda x: x * 2)), opts)
+    reader = _CountingReader(image, mpp=0.25)
+    sink = CollectSink()
+    report = engine.run(reader, [sink])
+    grid, bounds = TileGrid(64, 24, 410, 300), Box(0, 0, 410, 300)
+    every_tile = 0  # what reading all the tiles of each block's region would cost
+    for block in plan_blocks(410, 300, 100):
+        union = grid.union_box(grid.tiles_touching(block.expand(20, bounds)))
+        every_tile += union.width * union.height
+    assert report.tiles_run == report.grid_tiles
+    assert image.shape[0] * image.shape[1] <= reader.pixels < 0.8 * every_tile
+    rgb = (image.astype(np.float32) / 255 * 2).transpose(2, 0, 1)
+    np.testing.assert_allclose(sink.logits, np.concatenate((rgb, rgb[:2], rgb)), atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 7), (5, 3), (37, 100)])
