@@ -268,10 +268,13 @@ class Engine:
         workspace = Workspace(self.device)
         workspace.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
 
-        def read(box: Box | None) -> np.ndarray | None:
-            return None if box is None else self._read(view, box, report, ctx.stain)
+        def read(box: Box) -> np.ndarray:
+            return self._read(view, box, report, ctx.stain)
 
-        for job, pixels in _prefetch(jobs, lambda job: read(job.source), reader_threads()):
+        def read_ahead(job: _BlockJob) -> np.ndarray | None:
+            return None if job.source is None else read(job.source)
+
+        for job, pixels in _prefetch(jobs, read_ahead, reader_threads()):
             yield self._blend(job, _Pixels(job.source, pixels, read), grid, report, index, cache, wants, workspace)
             cache.retire(job.index)
         report.tiles_reused = cache.hits
@@ -369,7 +372,7 @@ class _BlockJob:
 class _Pixels:
     """A block's pixels: the box read ahead, and boxes read later for tiles the cache dropped."""
 
-    def __init__(self, box: Box | None, pixels: np.ndarray | None, read: Callable[[Box], np.ndarray | None]) -> None:
+    def __init__(self, box: Box | None, pixels: np.ndarray | None, read: Callable[[Box], np.ndarray]) -> None:
         self._parts = [(box, pixels)] if box is not None and pixels is not None else []
         self._read = read
 
@@ -377,11 +380,8 @@ class _Pixels:
         """Read, in one box, the pixels of those ``boxes`` not held yet."""
         missing = [b for b in boxes if self._holding(b) is None]
         if missing:
-            box = Box(min(b.x0 for b in missing), min(b.y0 for b in missing),
-                      max(b.x1 for b in missing), max(b.y1 for b in missing))
-            pixels = self._read(box)
-            assert pixels is not None
-            self._parts.append((box, pixels))
+            box = Box.around(missing)
+            self._parts.append((box, self._read(box)))
 
     def cut(self, box: Box) -> np.ndarray:
         """The pixels of ``box`` (a view)."""
@@ -392,7 +392,7 @@ class _Pixels:
         return pixels[box.y0 - origin.y0 : box.y1 - origin.y0, box.x0 - origin.x0 : box.x1 - origin.x0]
 
     def _holding(self, box: Box) -> tuple[Box, np.ndarray] | None:
-        return next(((o, p) for o, p in self._parts if o.intersect(box) == box), None)
+        return next(((o, p) for o, p in self._parts if o.contains(box)), None)
 
 
 def _clip(box: Box, bounds: Box) -> Box:

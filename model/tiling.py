@@ -35,6 +35,15 @@ class Box:
     def area(self) -> int:
         return max(self.width, 0) * max(self.height, 0)
 
+    @staticmethod
+    def around(boxes: list[Box]) -> Box:
+        """The smallest box holding all ``boxes`` (at least one)."""
+        return Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes),
+                   max(b.x1 for b in boxes), max(b.y1 for b in boxes))
+
+    def contains(self, other: Box) -> bool:
+        return self.x0 <= other.x0 and self.y0 <= other.y0 and other.x1 <= self.x1 and other.y1 <= self.y1
+
     def intersect(self, other: Box) -> Box | None:
         """The overlap of two boxes, or None when they do not overlap."""
         box = Box(max(self.x0, other.x0), max(self.y0, other.y0), min(self.x1, other.x1), min(self.y1, other.y1))
@@ -108,9 +117,7 @@ class TileGrid:
 
     def union_box(self, tiles: list[tuple[int, int]]) -> Box:
         """The smallest box holding all ``tiles``."""
-        boxes = [self.tile_box(tx, ty) for tx, ty in tiles]
-        return Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes),
-                   max(b.x1 for b in boxes), max(b.y1 for b in boxes))
+        return Box.around([self.tile_box(tx, ty) for tx, ty in tiles])
 
 
 def plan_blocks(width: int, height: int, block: int) -> list[Box]:
