@@ -29,6 +29,10 @@ class SourceConfig(_Strict):
     """Train this source's non-nuclear pixels as "background or macrophage" (a partial label): it
     labels nuclei only, so a macrophage's cytoplasm, which MoNuSAC labels macrophage, reads as
     background in it. Training samples only; validation keeps the source's labels."""
+    semantic: bool = True
+    """Whether this source trains the semantic head. A source whose nuclei have no class (MoNuSeg)
+    supervises only background there, which teaches the head that everything in images that look
+    like it is background; off, the source trains the ternary head only. Training samples only."""
 
     @model_validator(mode="after")
     def _needs_map(self) -> SourceConfig:

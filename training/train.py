@@ -40,7 +40,7 @@ from training.config import SourceConfig, TrainConfig, load_config
 from training.data.augment import AugmentConfig
 from training.data.paste import PasteConfig
 from training.data.patches import PatchConfig, PatchDataset, write_sampling
-from training.data.sample import Sample, open_background
+from training.data.sample import Sample, open_background, without_semantic
 from training.data.sources import load_instance_folder, load_monusac, load_monuseg
 from training.data.split import check_no_leak, split_by_group, split_record, write_split
 from training.deepen import deepen
@@ -104,6 +104,8 @@ def load_data(cfg: TrainConfig, pack: Pack | None = None) -> tuple[list[Sample],
         tr, va = split_samples(samples, src.label, cfg)
         if src.open_background:
             tr = [open_background(s) for s in tr]
+        if not src.semantic:
+            tr = [without_semantic(s) for s in tr]
         area = sum(s.semantic.size for s in tr)
         weights += [src.weight * s.semantic.size / area for s in tr]
         train += tr

@@ -54,3 +54,8 @@ def open_background(s: Sample) -> Sample:
     :data:`BACKGROUND_OR_MACROPHAGE`; nuclei, including those labelled background, keep their labels."""
     where = (s.semantic == 0) & (s.ternary == 0)
     return replace(s, semantic=np.where(where, BACKGROUND_OR_MACROPHAGE, s.semantic))
+
+
+def without_semantic(s: Sample) -> Sample:
+    """``s`` with no semantic label (all :data:`IGNORE`): it trains the ternary head only."""
+    return replace(s, semantic=np.full_like(s.semantic, IGNORE))
