@@ -33,6 +33,7 @@ from training.celltypes import CELL_TYPES, CellTypeEvaluator, GroupIoU
 from training.data.sample import Sample
 from training.data.sources import CONSEP_CLASS_MAP, load_instance_folder, load_monusac, load_monuseg
 from training.metrics import PixelMetrics
+from training.nucleus_types import NucleusTypes
 
 # Targets of the shipped model: (dataset, metric, minimum). MoNuSAC: the validation patients.
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -80,11 +81,13 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
     instances = InstanceEvaluator()
     types = CellTypeEvaluator() if cell_types else None
     groups = GroupIoU()
+    typed = NucleusTypes()
     start = time.perf_counter()
     for s in samples:
         sem, ter = engine.predict_array(s.image)
         sem_argmax = sem.argmax(0)
         pixel.update(sem_argmax, ter.argmax(0), s.semantic, s.ternary)
+        typed.update(s, sem)
         if s.instances is None:
             continue
         nuclei = find_nuclei(*nucleus_inputs(sem, ter), mpp=mpp)
@@ -96,6 +99,9 @@ def evaluate_dataset(engine: Any, samples: Sequence[Sample], mpp: float, *, cell
     out: dict[str, Any] = {"images": len(samples), "seconds": round(time.perf_counter() - start, 1)}
     out.update(pixel.summary())
     out["sem_confusion"] = pixel.sem.matrix.tolist()  # pixels, rows: labelled class, columns: predicted
+    if typed.nuclei:
+        out["nucleus_types"] = typed.result()
+        out["typed_other_share"] = out["nucleus_types"]["other_share"]
     if instances.images:
         result = instances.result()
         out.update({f"inst_{k}": float(result[k]) for k in INSTANCE_KEYS})
@@ -163,13 +169,14 @@ def markdown(report: dict[str, Any]) -> str:
              f"precision {report['engine']['precision']}"
              f"{', test-time augmentation (four flips)' if report['engine'].get('tta') else ''}.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    keys = [*TABLE_METRICS, *(f"inst_{k}" for k in INSTANCE_KEYS)]
+    keys = [*TABLE_METRICS, "typed_other_share", *(f"inst_{k}" for k in INSTANCE_KEYS)]
     for key in ["images", *keys]:
         cells = [_fmt(report["datasets"][n].get(key)) for n in names]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if "monuseg" in report["datasets"]:
         lines += ["", "MoNuSeg has no cell-type labels (semantic target ignored on nuclei), so its "
-                  "per-type semantic IoUs only count false positives and read 0."]
+                  "per-type semantic IoUs only count false positives and read 0; `typed_other_share` is "
+                  "the share of its nuclei whose highest mean semantic probability is background."]
     for name in names:
         if "cell_types" in report["datasets"][name]:
             lines += ["", *cell_type_table(name, report["datasets"][name]),
