@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.blending import Accumulator, Workspace, class_maps, first_argmax, gaussian_weights
+from model.blending import Accumulator, Workspace, class_maps, first_argmax, gaussian_weights, nucleus_maps, region_maps
 from model.tiling import TileGrid, plan_blocks
 from tests.helpers import numpy_blending
 from tests.unit.model.test_engine_stitching import SIZES, TILE_OVERLAPS
@@ -69,3 +69,16 @@ def test_a_reserved_workspace_hands_out_zeroed_views_of_one_buffer() -> None:
     assert bool((second == 0).all())
     third = workspace.take(9, 41, 50)  # beyond it: grows, and is still zeroed
     assert third.shape == (9, 41, 50) and bool((third == 0).all())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, None])
+def test_region_maps_in_bands_equal_the_whole_region_maps(rows: int | None) -> None:
+    rng = np.random.default_rng(5)
+    values = torch.from_numpy(rng.normal(0, 3, (8, 45, 31)).astype(np.float32))
+    covered = torch.from_numpy(rng.random((45, 31)) > 0.1)
+    expected_classes = class_maps(values, covered, 5)
+    expected_probs = nucleus_maps(values.clone(), 5)
+    classes, probs = region_maps(values.clone(), covered, 5, probs=True, rows=rows)
+    assert probs is not None and torch.equal(classes, expected_classes) and torch.equal(probs, expected_probs)
+    classes, probs = region_maps(values, covered, 5, probs=False, rows=rows)
+    assert probs is None and torch.equal(classes, expected_classes)
