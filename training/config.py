@@ -31,8 +31,8 @@ class SourceConfig(_Strict):
     background in it. Training samples only; validation keeps the source's labels."""
     semantic: bool = True
     """Whether this source trains the semantic head. A source whose nuclei have no class (MoNuSeg)
-    supervises only background there, which teaches the head that everything in images that look
-    like it is background; off, the source trains the ternary head only. Training samples only."""
+    supervises only background there; off, it trains the ternary head only (measured, not adopted:
+    model card, "Nuclei of unfamiliar tissue"). Training samples only."""
 
     @model_validator(mode="after")
     def _needs_map(self) -> SourceConfig:

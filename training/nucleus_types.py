@@ -1,9 +1,9 @@
 """How the semantic head types labelled nuclei whose class the data does not give (MoNuSeg).
 
-Such data cannot score the types, but it shows a failure no class-labelled set of the same look
-would: a head that calls most nuclei of unfamiliar tissue "other". Each labelled nucleus takes the
-class of highest mean semantic probability over its pixels (the rule the service's GeoJSON uses for
-its nuclei); ``other_share`` is the share whose class is background.
+Such data cannot score the types, but it can show a failure that class-labelled data of the
+training sets' look hides: a head that calls most nuclei of unfamiliar tissue "other". Each labelled nucleus takes the
+class of highest mean semantic probability over its pixels (the rule by which the service's GeoJSON
+types the nuclei it finds); ``other_share`` is the share whose class is background.
 """
 
 from __future__ import annotations
