@@ -97,11 +97,12 @@ in cache from one pass to the next (measured 30 % faster than whole planes), wit
 
 
 def region_maps(values: torch.Tensor, covered: torch.Tensor, n_semantic: int, *, probs: bool,
-                rows: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``class_maps`` and, with ``probs``, ``nucleus_maps`` of a blended region, ``rows`` rows at a time
-    (all at once for None: on a GPU bands only add launches). Overwrites ``values`` where ``probs``."""
+                rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``class_maps`` and, with ``probs``, ``nucleus_maps`` of a blended region, ``rows`` rows at a
+    time (default: ``BAND_ROWS`` on a CPU, the whole region elsewhere, where bands only add kernel
+    launches). Overwrites ``values`` where ``probs``."""
     h, w = values.shape[1:]
-    rows = rows or h
+    rows = rows or (BAND_ROWS if values.device.type == "cpu" else h)
     classes = torch.empty((2, h, w), dtype=torch.uint8, device=values.device)
     nuclei = torch.empty((n_semantic + 1, h, w), dtype=torch.uint8, device=values.device) if probs else None
     for y in range(0, h, rows):

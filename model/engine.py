@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model.analysis import AnalysisView, make_view
-from model.blending import BAND_ROWS, Accumulator, Workspace, gaussian_weights, region_maps
+from model.blending import Accumulator, Workspace, gaussian_weights, region_maps
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision, torch_threads
@@ -330,8 +330,7 @@ class Engine:
         t0 = time.perf_counter()
         values, covered = acc.result()
         host = values.to("cpu", copy=True).numpy() if wants.logits else None  # the workspace is reused
-        rows = BAND_ROWS if self.device.type == "cpu" else None
-        classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs, rows=rows)
+        classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs)
         result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes.cpu().numpy(),
                              None if probs is None else probs.cpu().numpy())
         report.clock("blend", time.perf_counter() - t0)

@@ -71,7 +71,7 @@ def test_a_reserved_workspace_hands_out_zeroed_views_of_one_buffer() -> None:
     assert third.shape == (9, 41, 50) and bool((third == 0).all())
 
 
-@pytest.mark.parametrize("rows", [1, 7, 32, None])
+@pytest.mark.parametrize("rows", [1, 7, 32, 45, None])  # 45: the whole region; None: the CPU default
 def test_region_maps_in_bands_equal_the_whole_region_maps(rows: int | None) -> None:
     rng = np.random.default_rng(5)
     values = torch.from_numpy(rng.normal(0, 3, (8, 45, 31)).astype(np.float32))

@@ -9,29 +9,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.config import TrainConfig
+from tests.helpers.training_sources import two_source_config
 from training.data.patches import PatchConfig, PatchDataset, class_shares
 from training.data.sample import BACKGROUND_OR_MACROPHAGE
 from training.losses import semantic_loss
-from training.synthetic import write_class_mask_folder, write_instance_folder
 from training.train import load_data
-
-CLASS_MAP = {0: 0, 1: 0, 2: 0, 3: 1, 4: 0}  # epithelial; the generated inflammatory nuclei as background
-
-
-def _config(tmp_path: Path, open_background: bool) -> TrainConfig:
-    consep = write_instance_folder(tmp_path / "consep", n_images=6, size=64, n_nuclei=8, seed=3)
-    monusac = write_class_mask_folder(tmp_path / "monusac", patients=2)
-    return TrainConfig.model_validate({"name": "t", "out_dir": str(tmp_path / "run"), "data": {
-        "val_fraction": 0.34,
-        "sources": [{"kind": "instance_folder", "name": "consep", "root": str(consep), "class_map": CLASS_MAP,
-                     "open_background": open_background},
-                    {"kind": "monusac", "root": str(monusac)}]}})
 
 
 def test_only_the_training_background_of_the_named_source_opens(tmp_path: Path) -> None:
-    plain_train, _, plain_val = load_data(_config(tmp_path / "a", False))
-    train, _, val = load_data(_config(tmp_path / "b", True))
+    plain_train, _, plain_val = load_data(two_source_config(tmp_path / "a", open_background=False))
+    train, _, val = load_data(two_source_config(tmp_path / "b", open_background=True))
     for before, after in zip(plain_train, train, strict=True):
         opened = after.semantic == BACKGROUND_OR_MACROPHAGE
         if before.dataset != "consep":
@@ -60,7 +47,7 @@ def test_open_background_is_minus_log_of_background_plus_macrophage() -> None:
 
 
 def test_opened_pixels_are_not_counted_as_nuclei_by_the_sampler(tmp_path: Path) -> None:
-    train, weights, _ = load_data(_config(tmp_path, True))
+    train, weights, _ = load_data(two_source_config(tmp_path, open_background=True))
     shares = class_shares(PatchDataset(train, PatchConfig(size=32, per_epoch=4), seed=0, weights=weights), n=60)
     assert str(BACKGROUND_OR_MACROPHAGE) in shares["labelled_share"]
     assert str(BACKGROUND_OR_MACROPHAGE) not in shares["nuclear_share"]
