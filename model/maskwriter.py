@@ -2,7 +2,7 @@
 
 The engine hands blocks over in row-major order, so once the last block of a block row is stored,
 those rows are final: ``rows_done(y)`` tells the writer thread, which compresses the PNG rows and
-the TIFF's full-resolution tiles up to ``y`` meanwhile (zlib releases the GIL), and the reduced
+the TIFF's full-resolution tiles up to ``y`` meanwhile (the deflate releases the GIL), and the reduced
 pages' tiles whose rows are final (``model.writers.ReducedPages``). ``close`` copies those in.
 """
 

@@ -19,12 +19,14 @@ from types import TracebackType
 
 import numpy as np
 import tifffile
+from isal import isal_zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IDAT_CHUNK = 1 << 18
-# zlib level of the mask PNGs and TIFFs, chosen by measurement (benchmarks/RESULTS.md, "Mask
-# compression"): level 3 compresses class maps 3-4x faster than 6, for files 30-40 % larger.
-MASK_ZLIB_LEVEL = 3
+# Deflate of the mask PNGs and TIFFs (and the overlays' PNGs): ISA-L's (``isal_zlib``, standard zlib
+# streams) at level 1, chosen by measurement (benchmarks/RESULTS.md, "Mask compression"): on class
+# maps about 5x the speed of Python's zlib at level 3, for files 15-35 % larger.
+MASK_DEFLATE_LEVEL = 1
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -50,7 +52,7 @@ class PngWriter:
         self._above = None if palette is not None else np.zeros(3 * width, np.uint8)  # row 0's "above" is 0
         self._rows = 0
         self._fh = path.open("wb")
-        self._deflate = zlib.compressobj(MASK_ZLIB_LEVEL)
+        self._deflate = isal_zlib.compressobj(MASK_DEFLATE_LEVEL)
         self._pending = bytearray()
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 2 if palette is None else 3, 0, 0, 0)
         plte = b"" if palette is None else _chunk(b"PLTE", b"".join(bytes(c) for c in palette))
@@ -196,9 +198,9 @@ def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile:
 
 
 def _deflate_tile(tile: np.ndarray) -> bytes:
-    """One TIFF tile, deflated by Python's zlib: the same bytes whether or not tifffile would have
-    used imagecodecs (whose encoder gives other bytes at the same level)."""
-    return zlib.compress(np.ascontiguousarray(tile).tobytes(), MASK_ZLIB_LEVEL)
+    """One TIFF tile, deflated here (``MASK_DEFLATE_LEVEL``) rather than by tifffile, whose encoder
+    depends on whether imagecodecs is installed."""
+    return isal_zlib.compress(np.ascontiguousarray(tile).tobytes(), MASK_DEFLATE_LEVEL)
 
 
 class ReducedPages:
@@ -273,7 +275,7 @@ def write_tiff_from_store(store: ClassMapStore, path: Path, palette: Sequence[tu
                     tiles = reduced.tiles(k - 1)
                 tif.write(tiles, shape=(height, width), dtype=np.uint8,
                           tile=(tile, tile), photometric="palette", colormap=colormap, compression="zlib",
-                          compressionargs={"level": MASK_ZLIB_LEVEL}, subfiletype=0 if k == 0 else 1, maxworkers=1)
+                          subfiletype=0 if k == 0 else 1, maxworkers=1)
     finally:
         if reduced is not None:
             reduced.close()

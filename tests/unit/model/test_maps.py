@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from isal import isal_zlib
 from PIL import Image
 
 from model.engine import BlockResult, CollectSink, Engine, EngineOptions, RunContext
 from model.maps import ClassMapSink, class_counts
 from model.readers import ArrayReader
-from model.writers import MASK_ZLIB_LEVEL, ClassMapStore, PngWriter, overlay, write_tiff_from_store
+from model.writers import MASK_DEFLATE_LEVEL, ClassMapStore, PngWriter, overlay, write_tiff_from_store
 from tests.helpers.stubs import TrivialNet, loaded
 
 
@@ -146,9 +146,8 @@ def test_reduced_pages_encoded_while_rows_arrive_equal_those_written_at_the_end(
         assert len(end.pages) == len(run.pages) == 5
         for a, b in zip(end.pages, run.pages, strict=True):
             np.testing.assert_array_equal(a.asarray(), b.asarray())
-    # every tile is Python's zlib stream of its pixels, whichever encoder tifffile would have picked
-    # (with imagecodecs installed it deflates with other bytes), so the same map makes the same file
-    # on any machine
+    # every tile is the mask deflate's stream of its pixels, whichever encoder tifffile would have
+    # picked (with imagecodecs installed it deflates with other bytes)
     assert (tmp_path / "end.tiff").read_bytes() == (tmp_path / "run.tiff").read_bytes()
     with tifffile.TiffFile(tmp_path / "run.tiff") as run, open(tmp_path / "run.tiff", "rb") as raw:
         page = run.pages[0]
@@ -158,7 +157,7 @@ def test_reduced_pages_encoded_while_rows_arrive_equal_those_written_at_the_end(
             tile = np.zeros((256, 256), np.uint8)
             part = img[ty * 256 : (ty + 1) * 256, tx * 256 : (tx + 1) * 256]
             tile[: part.shape[0], : part.shape[1]] = part
-            assert raw.read(size) == zlib.compress(tile.tobytes(), MASK_ZLIB_LEVEL)
+            assert raw.read(size) == isal_zlib.compress(tile.tobytes(), MASK_DEFLATE_LEVEL)
 
 
 def test_class_counts_equal_bincount_on_strided_maps() -> None:
