@@ -150,6 +150,8 @@ class ClassMapSink:
         if self._k == 1.0:
             return view.read(view.bounds)
         thumb, _ = thumbnail(view.reader, max(size))
+        if (thumb.shape[1], thumb.shape[0]) == size:  # a pyramid level of the overlay's size
+            return thumb
         return np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.LANCZOS))
 
     def _head_stats(self, head: _Head) -> dict[str, Any]:

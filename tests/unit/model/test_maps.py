@@ -160,6 +160,17 @@ def test_reduced_pages_encoded_while_rows_arrive_equal_those_written_at_the_end(
             assert raw.read(size) == isal_zlib.compress(tile.tobytes(), MASK_DEFLATE_LEVEL)
 
 
+def test_overlay_blends_each_class_colour_over_the_image() -> None:
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (130, 70, 3), dtype=np.uint8)
+    classes = rng.integers(0, 5, (130, 70), dtype=np.uint8)
+    colours = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (12, 34, 250), (255, 255, 0)]
+    alpha = np.float32(0.45)
+    mixed = base.astype(np.float32) * (np.float32(1) - alpha) + np.asarray(colours, np.float32)[classes] * alpha
+    expected = np.where(classes[..., None] > 0, np.clip(mixed + np.float32(0.5), 0, 255).astype(np.uint8), base)
+    np.testing.assert_array_equal(overlay(base, classes, colours), expected)
+
+
 def test_class_counts_equal_bincount_on_strided_maps() -> None:
     classes = np.random.default_rng(6).integers(0, 7, (2, 300, 200), dtype=np.uint8)
     inner = classes[1, 10:290, 5:195]  # a block's inner part: not contiguous
