@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import weakref
@@ -108,8 +109,9 @@ def inference_network(network: nn.Module, device: torch.device, dtype: torch.dty
         known = per_device.get(key)
         if known is None or known[0] != state:
             folded = fold_batchnorm(network.eval())
-            if folded is not network:  # a traced copy of our own: rewrite it in place
-                folded = fuse_for_inference(folded, device, dtype)
+            # a traced copy of our own is rewritten in place; otherwise ``to`` below would convert the
+            # caller's network (and so every other dtype's copy) in place: a copy of it is converted
+            folded = fuse_for_inference(folded, device, dtype) if folded is not network else copy.deepcopy(network)
             ready = folded.to(device, dtype).to(memory_format=torch.channels_last)
             known = per_device[key] = (state, ready)
         return known[1]

@@ -35,6 +35,17 @@ def test_prepared_network_is_reused_until_a_weight_changes() -> None:
         assert not torch.allclose(second(x)[0], before)
 
 
+def test_preparing_a_network_without_batchnorm_leaves_it_and_other_dtypes_alone() -> None:
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval()  # nothing to fold: no traced copy
+    cpu = torch.device("cpu")
+    half = inference_network(network, cpu, torch.bfloat16)
+    full = inference_network(network, cpu, torch.float32)
+    assert half is not network and full is not network
+    assert inference_network(network, cpu, torch.bfloat16) is half
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert next(full.parameters()).dtype == next(network.parameters()).dtype == torch.float32
+
+
 def test_tta_is_the_mean_over_the_four_flips() -> None:
     torch.manual_seed(1)
     network, card, cpu = build_network("resnet18").eval(), ModelCard(), torch.device("cpu")
