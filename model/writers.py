@@ -25,7 +25,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IDAT_CHUNK = 1 << 18
 # Deflate of the mask PNGs and TIFFs (and the overlays' PNGs): ISA-L's (``isal_zlib``, standard zlib
 # streams) at level 1, chosen by measurement (benchmarks/RESULTS.md, "Mask compression"): on class
-# maps about 5x the speed of Python's zlib at level 3, for files 15-35 % larger.
+# maps 5-9x the speed of Python's zlib at level 3, for files 14-36 % larger.
 MASK_DEFLATE_LEVEL = 1
 
 
