@@ -31,14 +31,50 @@ class Measure:
     peak_rss: int = 0
     cpu_seconds: float = 0.0  # user + system, all threads and the child processes ended meanwhile
     minor_faults: int = 0  # likewise
+    thread_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by thread name
+    children_cpu: float = 0.0  # CPU seconds of the child processes ended meanwhile
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _usage() -> tuple[float, int]:
-    """CPU seconds and minor page faults so far of this process and its waited-for children."""
+def _usage() -> tuple[float, float, int]:
+    """CPU seconds so far of this process and of its waited-for children, and their minor page faults."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    return cpu, own.ru_minflt + children.ru_minflt
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime, own.ru_minflt + children.ru_minflt
+
+
+class _ThreadClock:
+    """CPU seconds of the calling thread and of the threads that end while it runs, by thread name
+    with a trailing ``_<n>`` dropped (a pool's threads count as one). Each ending thread reads its
+    own clock (``Thread.run`` is wrapped meanwhile); threads whose class overrides ``run``, and
+    threads still running at the end, are not counted."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._run = threading.Thread.run
+        self._caller = threading.current_thread().name
+        self._caller_start = time.thread_time()
+        clock, original = self, self._run
+
+        def run(thread: threading.Thread) -> None:
+            try:
+                original(thread)
+            finally:
+                clock._add(thread.name, time.thread_time())
+
+        threading.Thread.run = run  # type: ignore[method-assign,assignment]
+
+    def stop(self) -> dict[str, float]:
+        """Stop counting; the totals, largest first."""
+        threading.Thread.run = self._run  # type: ignore[method-assign]
+        self._add(self._caller, time.thread_time() - self._caller_start)
+        return dict(sorted(self.totals.items(), key=lambda kv: -kv[1]))
+
+    def _add(self, name: str, seconds: float) -> None:
+        stem, _, n = name.rpartition("_")
+        key = stem if stem and n.isdigit() else name
+        with self._lock:
+            self.totals[key] = self.totals.get(key, 0.0) + seconds
 
 
 def release_memory() -> None:
@@ -50,31 +86,36 @@ def release_memory() -> None:
 
 @contextmanager
 def measured() -> Iterator[Measure]:
-    """Wall time, peak process RSS (sampled every 5 ms), CPU time and page faults of the enclosed block.
+    """Wall time, peak process RSS (sampled every 5 ms), CPU time and page faults of the enclosed block,
+    and its CPU time by thread and in child processes.
 
     CPU time is far steadier than wall time on a shared machine: an A/B that moves the work a run
-    does shows there first."""
+    does shows there first; by thread it says which part of the pipeline does the work (stage clocks
+    count the time a thread waits for the cores too)."""
     release_memory()
     proc = psutil.Process()
     result = Measure(peak_rss=proc.memory_info().rss)
     stop = threading.Event()
+    clock = _ThreadClock()
 
     def sample() -> None:
         while not stop.is_set():
             result.peak_rss = max(result.peak_rss, proc.memory_info().rss)
             stop.wait(0.005)
 
-    thread = threading.Thread(target=sample, daemon=True)
+    thread = threading.Thread(target=sample, name="benchmark-sampler", daemon=True)
     thread.start()
-    started, (cpu0, faults0) = time.perf_counter(), _usage()
+    started, (own0, children0, faults0) = time.perf_counter(), _usage()
     try:
         yield result
     finally:
         result.seconds = time.perf_counter() - started
-        cpu1, faults1 = _usage()
-        result.cpu_seconds, result.minor_faults = cpu1 - cpu0, faults1 - faults0
+        own1, children1, faults1 = _usage()
+        result.cpu_seconds = own1 - own0 + children1 - children0
+        result.children_cpu, result.minor_faults = children1 - children0, faults1 - faults0
         stop.set()
         thread.join()
+        result.thread_cpu = clock.stop()
         result.peak_rss = max(result.peak_rss, proc.memory_info().rss)
 
 

@@ -19,7 +19,9 @@ device, and its operators split over two busy cores only wait for each other.
 
 The last line reads ``host ceiling: X Mpx/s`` (analysis pixels over the job's wall time), then the
 stages, peak RSS, and the CPU seconds and page faults of the run (the engine's process and its
-nuclei processes): on a shared machine CPU time varies far less than wall time.
+nuclei processes): on a shared machine CPU time varies far less than wall time. Then the CPU seconds
+by thread (``MainThread`` runs the engine: forward and blending) and of the nuclei processes: the
+stage clocks also count the time a thread waits for the two cores, its CPU seconds do not.
 ``--per-nucleus`` instead times one block's post-processing (``block_nuclei``: instances, classes,
 polygons) on one core over ``FreeNet``'s maps of a 2048 px block with its margin, best of
 ``--repeat`` runs (five; more on a noisy machine).
@@ -223,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                    free=args.network == "free", slide=slide, **extra)
     print(json.dumps(row), flush=True)
     stages = stage_text(row["engine_timings_s"])
+    threads = stage_text({name: s for name, s in row["cpu_by_thread_s"].items() if s >= 0.05})
     mpx = args.side * args.side / 1e6
     print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}; source {args.source}", file=sys.stderr)
     print(f"host ceiling: {mpx / row['total_s']:.2f} Mpx/s ({mpx:.1f} Mpx in {row['total_s']:.1f} s; "
           f"{row['nuclei']:,} nuclei, {row['us_per_nucleus']:.0f} µs/nucleus post-processing; stages s: "
           f"{stages}; peak RSS {mb(row['peak_rss'])}; CPU {row['cpu_s']:.1f} s, "
-          f"{row['minor_faults'] / 1e3:,.0f} k page faults)")
+          f"{row['minor_faults'] / 1e3:,.0f} k page faults; CPU s by thread: {threads}, "
+          f"child processes {row['children_cpu_s']:.1f})")
     return 0
 
 

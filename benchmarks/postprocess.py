@@ -199,7 +199,8 @@ def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str],
         "tiles_run": stats["tiles"]["run"], "forward_s_per_tile": timings.get("forward", 0.0) / stats["tiles"]["run"],
         "tiles_grid": stats["tiles"]["grid"], "margin_px": stats["parameters"]["margin"],
         "outputs": sorted(outputs), "tile_cache_mb": cache_mb, "nuclei": nuc["count"], "peak_rss": m.peak_rss,
-        "cpu_s": m.cpu_seconds, "minor_faults": m.minor_faults,
+        "cpu_s": m.cpu_seconds, "cpu_by_thread_s": m.thread_cpu, "children_cpu_s": m.children_cpu,
+        "minor_faults": m.minor_faults,
         "us_per_nucleus": 1e6 * post / max(nuc["count"], 1),
     }
 
