@@ -43,10 +43,10 @@ def _usage() -> tuple[float, float, int]:
 
 
 class _ThreadClock:
-    """CPU seconds of the calling thread and of the threads that end while it runs, by thread name
-    with a trailing ``_<n>`` dropped (a pool's threads count as one). Each ending thread reads its
-    own clock (``Thread.run`` is wrapped meanwhile); threads whose class overrides ``run``, and
-    threads still running at the end, are not counted."""
+    """CPU seconds of the calling thread and of the threads that start and end while it counts, by
+    thread name with a trailing ``_<n>`` dropped (a pool's threads count as one). Each ending thread
+    reads its own clock (``Thread.run`` is wrapped meanwhile); threads started before, still running
+    at the end, or whose class overrides ``run`` are not counted."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
