@@ -328,9 +328,12 @@ class Engine:
             acc.add(grid.tile_box(*tile), tile_logits, self.weights)
         report.clock("blend", time.perf_counter() - t0 - (report.timings.get("forward", 0.0) - forward))
         t0 = time.perf_counter()
-        values, covered = acc.result()
-        host = values.to("cpu", copy=True).numpy() if wants.logits else None  # the workspace is reused
-        classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs)
+        values, weights, covered = acc.sums()
+        host = None
+        if wants.logits:  # the blended logits themselves: divided whole, copied (the workspace is reused)
+            host = values.div_(weights).to("cpu", copy=True).numpy()
+        classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs,
+                                     weights=None if wants.logits else weights)
         result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes.cpu().numpy(),
                              None if probs is None else probs.cpu().numpy())
         report.clock("blend", time.perf_counter() - t0)

@@ -80,5 +80,10 @@ def test_region_maps_in_bands_equal_the_whole_region_maps(rows: int | None) -> N
     expected_probs = nucleus_maps(values.clone(), 5)
     classes, probs = region_maps(values.clone(), covered, 5, probs=True, rows=rows)
     assert probs is not None and torch.equal(classes, expected_classes) and torch.equal(probs, expected_probs)
-    classes, probs = region_maps(values, covered, 5, probs=False, rows=rows)
+    classes, probs = region_maps(values.clone(), covered, 5, probs=False, rows=rows)
     assert probs is None and torch.equal(classes, expected_classes)
+    weights = torch.from_numpy(rng.uniform(0.2, 3.0, (45, 31)).astype(np.float32))  # the sums divided band by band
+    classes, probs = region_maps(values * weights, covered, 5, probs=True, rows=rows, weights=weights)
+    expected_probs = nucleus_maps(values * weights / weights, 5)
+    assert probs is not None and torch.equal(classes, class_maps(values * weights / weights, covered, 5))
+    assert torch.equal(probs, expected_probs)
