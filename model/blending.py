@@ -92,8 +92,18 @@ class Accumulator:
 
 def class_maps(values: torch.Tensor, covered: torch.Tensor, n_semantic: int) -> torch.Tensor:
     """``(2, h, w)`` uint8: argmax of the semantic and of the ternary logits, 0 where not covered."""
-    maps = torch.stack([first_argmax(values[:n_semantic]), first_argmax(values[n_semantic:])])
-    return maps.mul_(covered.view(torch.uint8))
+    maps = torch.empty((2, *values.shape[1:]), dtype=torch.uint8, device=values.device)
+    _class_maps_into(maps, values, covered, n_semantic)
+    return maps
+
+
+def _class_maps_into(maps: torch.Tensor, values: torch.Tensor, covered: torch.Tensor, n_semantic: int) -> torch.Tensor:
+    """``class_maps`` written into ``maps``; returns the semantic logits' maximum."""
+    semantic, top = _argmax_and_max(values[:n_semantic])
+    cover = covered.view(torch.uint8)
+    torch.mul(semantic, cover, out=maps[0])
+    torch.mul(first_argmax(values[n_semantic:]), cover, out=maps[1])
+    return top
 
 
 BAND_ROWS = 32
@@ -115,10 +125,7 @@ def region_maps(values: torch.Tensor, covered: torch.Tensor, n_semantic: int, *,
         band = values[:, y : y + rows]
         if weights is not None:
             band.div_(weights[y : y + rows])
-        cover = covered[y : y + rows].view(torch.uint8)
-        semantic, top = _argmax_and_max(band[:n_semantic])
-        torch.mul(semantic, cover, out=classes[0, y : y + rows])
-        torch.mul(first_argmax(band[n_semantic:]), cover, out=classes[1, y : y + rows])
+        top = _class_maps_into(classes[:, y : y + rows], band, covered[y : y + rows], n_semantic)
         if nuclei is not None:
             nuclei[:, y : y + rows] = nucleus_maps(band, n_semantic, top=top)
     return classes, nuclei
