@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.special import softmax
 from skimage.measure import label as label_components
 
 from model.options import SEMANTIC_CLASSES
+from model.postprocess import classify
 from training.data.sample import IGNORE, Sample
 
 
@@ -30,13 +32,16 @@ def unknown_class_nuclei(s: Sample) -> np.ndarray:
 
 
 def mean_classes(regions: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Per region present in ``regions`` (ascending id), the class of highest mean ``probs`` ``(C, H, W)``."""
+    """Per region present in ``regions`` (ascending id), its semantic class by the service's rule
+    (``model.postprocess.classify``) on its mean ``probs`` ``(C, H, W)``: "other" is background (0)."""
     flat = regions.ravel()
     n = int(flat.max()) + 1
     sums = np.stack([np.bincount(flat, weights=p.ravel(), minlength=n) for p in probs])
-    present = np.flatnonzero(np.bincount(flat, minlength=n))
+    pixels = np.bincount(flat, minlength=n)
+    present = np.flatnonzero(pixels)
     present = present[present > 0]
-    return sums[:, present].argmax(0)
+    cls, _ = classify((sums[:, present] / pixels[present]).T)
+    return np.where(cls == len(probs) - 1, 0, cls + 1)
 
 
 class NucleusTypes:
@@ -50,9 +55,7 @@ class NucleusTypes:
         regions = unknown_class_nuclei(s)
         if not regions.any():
             return
-        z = semantic_logits - semantic_logits.max(0, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(0, keepdims=True)
+        probs = softmax(semantic_logits, axis=0)
         self.counts += np.bincount(mean_classes(regions, probs), minlength=len(SEMANTIC_CLASSES))
 
     @property
