@@ -8,11 +8,12 @@ float32 logits). Because every pixel
 is the weighted mean over the same global tiles, the output does not depend on the block size; and
 since every forward pass has ``batch_size`` tiles (``TileRunner``) and each block adds its tiles in
 one fixed order, it does not depend on which tiles the cache held either, to the last bit.
-Memory is one block of accumulators plus the model, whatever the slide's size.
+Memory is two blocks of accumulators plus the model, whatever the slide's size.
 
 Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei. They run on a
-thread of their own (``_SinkThread``), a block behind the blending, so reading (``reader_threads``),
-the network and the host work overlap; every hand-over is a bounded queue, so a slow stage holds
+thread of their own (``_SinkThread``), a block behind the blending, which also turns each blended
+block into its maps (the accumulator's second workspace), so reading (``reader_threads``), the
+network with the blending, and the host work overlap; every hand-over is a bounded queue, so a slow stage holds
 the others back and memory stays flat.
 """
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 N_SEMANTIC = 5
 N_CHANNELS = 8  # 5 semantic + 3 ternary logits
 MAX_READERS = 4  # block reader threads, at most (fewer on fewer cores)
+WORKSPACES = 2  # accumulators: one being blended, one being turned into maps
 
 
 @dataclass
@@ -232,10 +234,12 @@ class Engine:
         for sink in sinks:
             sink.start(ctx)
         wants = _Wants(any(s.needs_logits for s in sinks), any(s.needs_probs for s in sinks))
-        feeder = _SinkThread(sinks, report, len(blocks), on_progress, should_cancel)
+        spaces = _Workspaces(self.device)
+        feeder = _SinkThread(sinks, report, len(blocks), on_progress, should_cancel,
+                             prepare=lambda blended: self._maps(blended, wants, report, spaces))
         try:
-            for done, result in enumerate(self._blocks(ctx, grid, blocks, report, wants), start=1):
-                feeder.put(done, result)
+            for done, blended in enumerate(self._blocks(ctx, grid, blocks, report, spaces, feeder.check), start=1):
+                feeder.put(done, blended)
             feeder.close()
         except BaseException:
             feeder.abort()
@@ -257,16 +261,16 @@ class Engine:
         return sink.logits[:N_SEMANTIC], sink.logits[N_SEMANTIC:]
 
     def _blocks(
-        self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport, wants: _Wants
-    ) -> Iterator[BlockResult]:
-        """Blend each block, reading the next block's pixels on a helper thread meanwhile."""
+        self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport, spaces: _Workspaces,
+        check: Callable[[], None],
+    ) -> Iterator[_Blended]:
+        """Blend each block, reading the next blocks' pixels on helper threads meanwhile."""
         view = ctx.view
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
                            start=blocks.start, stop=blocks.stop)
         jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report, index) for i in blocks]
         cache = TileCache(self.options.tile_cache_mb << 20)
-        workspace = Workspace(self.device)
-        workspace.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
+        spaces.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
 
         def read(box: Box) -> np.ndarray:
             return self._read(view, box, report, ctx.stain)
@@ -275,7 +279,12 @@ class Engine:
             return None if job.source is None else read(job.source)
 
         for job, pixels in _prefetch(jobs, read_ahead, reader_threads()):
-            yield self._blend(job, _Pixels(job.source, pixels, read), grid, report, index, cache, wants, workspace)
+            if not job.tiles:
+                report.blocks_skipped += 1
+                yield _Blended(job)
+            else:
+                yield self._blend(job, _Pixels(job.source, pixels, read), grid, report, index, cache,
+                                  spaces.take(check))
             cache.retire(job.index)
         report.tiles_reused = cache.hits
 
@@ -303,41 +312,46 @@ class Engine:
 
     @torch.inference_mode()
     def _blend(self, job: _BlockJob, pixels: _Pixels, grid: TileGrid, report: RunReport,
-               index: BlockIndex, cache: TileCache, wants: _Wants, workspace: Workspace) -> BlockResult:
-        if not job.tiles:
-            report.blocks_skipped += 1
-            return BlockResult(job.index, job.inner, job.region, None, None)
+               index: BlockIndex, cache: TileCache, workspace: Workspace) -> _Blended:
+        """The block's tiles run (or taken from the cache) and added into an accumulator over ``workspace``."""
         with self._host_threads():
-            return self._blend_tiles(job, pixels, grid, report, index, cache, wants, workspace)
+            acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
+            cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
+            to_run = [t for t in job.tiles if t not in cached]
+            pixels.cover([grid.tile_box(*t) for t in to_run])  # tiles the cache no longer holds: read now
+            batches = iter_batches(to_run, self.batch_size)
+            ready: dict[tuple[int, int], torch.Tensor] = {}
+            t0, forward = time.perf_counter(), report.timings.get("forward", 0.0)
+            for tile in job.tiles:  # one fixed order, whatever was cached: float sums depend on their order
+                tile_logits = cached.get(tile)
+                if tile_logits is None:
+                    if tile not in ready:
+                        ready = self._forward(next(batches), job, pixels, grid, report, index, cache)
+                    tile_logits = ready.pop(tile)
+                acc.add(grid.tile_box(*tile), tile_logits, self.weights)
+            report.clock("blend", time.perf_counter() - t0 - (report.timings.get("forward", 0.0) - forward))
+        return _Blended(job, acc, workspace)
 
-    def _blend_tiles(self, job: _BlockJob, pixels: _Pixels, grid: TileGrid, report: RunReport,
-                     index: BlockIndex, cache: TileCache, wants: _Wants, workspace: Workspace) -> BlockResult:
-        acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
-        cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
-        to_run = [t for t in job.tiles if t not in cached]
-        pixels.cover([grid.tile_box(*t) for t in to_run])  # tiles the cache no longer holds: read now
-        batches = iter_batches(to_run, self.batch_size)
-        ready: dict[tuple[int, int], torch.Tensor] = {}
-        t0, forward = time.perf_counter(), report.timings.get("forward", 0.0)
-        for tile in job.tiles:  # one fixed order, whatever was cached: float sums depend on their order
-            tile_logits = cached.get(tile)
-            if tile_logits is None:
-                if tile not in ready:
-                    ready = self._forward(next(batches), job, pixels, grid, report, index, cache)
-                tile_logits = ready.pop(tile)
-            acc.add(grid.tile_box(*tile), tile_logits, self.weights)
-        report.clock("blend", time.perf_counter() - t0 - (report.timings.get("forward", 0.0) - forward))
+    @torch.inference_mode()
+    def _maps(self, blended: _Blended, wants: _Wants, report: RunReport, spaces: _Workspaces) -> BlockResult:
+        """What the sinks receive of a blended block (on the sinks' thread); gives its workspace back."""
+        job, acc = blended.job, blended.acc
+        if acc is None or blended.workspace is None:
+            return BlockResult(job.index, job.inner, job.region, None, None)
         t0 = time.perf_counter()
-        values, weights, covered = acc.sums()
-        host = None
-        if wants.logits:  # the blended logits themselves: divided whole, copied (the workspace is reused)
-            host = values.div_(weights).to("cpu", copy=True).numpy()
-        classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs,
-                                     weights=None if wants.logits else weights)
-        result = BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(), classes.cpu().numpy(),
-                             None if probs is None else probs.cpu().numpy())
-        report.clock("blend", time.perf_counter() - t0)
-        return result
+        try:
+            with self._host_threads():
+                values, weights, covered = acc.sums()
+                host = None
+                if wants.logits:  # the blended logits themselves: divided whole, copied (the workspace is reused)
+                    host = values.div_(weights).to("cpu", copy=True).numpy()
+                classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs,
+                                             weights=None if wants.logits else weights)
+                return BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(),
+                                   classes.cpu().numpy(), None if probs is None else probs.cpu().numpy())
+        finally:
+            spaces.give(blended.workspace)
+            report.clock("maps", time.perf_counter() - t0)
 
     def _forward(self, batch: list[tuple[int, int]], job: _BlockJob, pixels: _Pixels, grid: TileGrid,
                  report: RunReport, index: BlockIndex, cache: TileCache) -> dict[tuple[int, int], torch.Tensor]:
@@ -353,6 +367,41 @@ class Engine:
         report.tiles_run += len(batch)
         report.clock("forward", time.perf_counter() - t0)
         return dict(zip(batch, out, strict=True))
+
+
+@dataclass
+class _Blended:
+    """A block added up in an accumulator, whose maps the sinks' thread makes (no tiles: no accumulator)."""
+
+    job: _BlockJob
+    acc: Accumulator | None = None
+    workspace: Workspace | None = None
+
+
+class _Workspaces:
+    """``WORKSPACES`` accumulator workspaces, taken in turn: the engine's thread blends a block into
+    one while the sinks' thread makes the previous block's maps from another. Each is held from
+    ``take`` (blending) to ``give`` (its maps made), so memory stays at that many regions."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._all = [Workspace(device) for _ in range(WORKSPACES)]
+        self._free: queue.Queue[Workspace] = queue.Queue()
+        for workspace in self._all:
+            self._free.put(workspace)
+
+    def reserve(self, n: int) -> None:
+        for workspace in self._all:
+            workspace.reserve(n)
+
+    def take(self, check: Callable[[], None]) -> Workspace:
+        """A free workspace, waiting while all are held; ``check`` raises if the sinks' thread failed."""
+        while True:
+            check()
+            with suppress(queue.Empty):
+                return self._free.get(timeout=0.05)
+
+    def give(self, workspace: Workspace) -> None:
+        self._free.put(workspace)
 
 
 @dataclass(frozen=True)
@@ -458,28 +507,29 @@ def _prefetch(jobs: list[_BlockJob], read: Callable[[_BlockJob], np.ndarray | No
 class _SinkThread:
     """The sinks, on a thread of their own, so that the next block is read, run and blended while
     they work on this one. Blocks reach them in order through a queue of one (a slow sink holds the
-    engine back); progress and cancel are checked after each block; the first error ends the run.
+    engine back); ``prepare`` turns each into the sinks' ``BlockResult`` first (its maps); progress and
+    cancel are checked after each block; the first error ends the run.
     """
 
     def __init__(self, sinks: Sequence[BlockSink], report: RunReport, total: int, on_progress: ProgressFn | None,
-                 should_cancel: CancelFn | None) -> None:
+                 should_cancel: CancelFn | None, prepare: Callable[[_Blended], BlockResult]) -> None:
         self.sinks, self.report, self.total = sinks, report, total
-        self.on_progress, self.should_cancel = on_progress, should_cancel
-        self._queue: queue.Queue[tuple[int, BlockResult] | None] = queue.Queue(1)
+        self.on_progress, self.should_cancel, self.prepare = on_progress, should_cancel, prepare
+        self._queue: queue.Queue[tuple[int, _Blended] | None] = queue.Queue(1)
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="nucseg-sinks", daemon=True)
         self._thread.start()
 
-    def put(self, done: int, result: BlockResult) -> None:
+    def put(self, done: int, blended: _Blended) -> None:
         """Hand over block number ``done`` (1-based), waiting while the sinks are a block behind."""
-        self._offer((done, result))
+        self._offer((done, blended))
 
     def close(self) -> None:
         """Every block handed over: wait until the sinks have taken them all."""
         self._offer(None)
         self._thread.join()
-        self._raise()
+        self.check()
 
     def abort(self) -> None:
         """Stop after the block in the sinks' hands (if any); the sinks are idle when this returns."""
@@ -488,16 +538,17 @@ class _SinkThread:
             self._queue.put_nowait(None)
         self._thread.join()
 
-    def _offer(self, item: tuple[int, BlockResult] | None) -> None:
+    def _offer(self, item: tuple[int, _Blended] | None) -> None:
         while True:
-            self._raise()
+            self.check()
             try:
                 self._queue.put(item, timeout=0.05)
                 return
             except queue.Full:
                 continue
 
-    def _raise(self) -> None:
+    def check(self) -> None:
+        """Raise the sinks' error, if one ended their thread."""
         if self._error is not None:
             raise self._error
 
@@ -508,7 +559,8 @@ class _SinkThread:
         except BaseException as exc:  # handed to the engine's thread
             self._error = exc
 
-    def _add(self, done: int, result: BlockResult) -> None:
+    def _add(self, done: int, blended: _Blended) -> None:
+        result = self.prepare(blended)
         t0 = time.perf_counter()
         for sink in self.sinks:
             sink.add(result)

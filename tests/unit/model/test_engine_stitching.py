@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import numpy as np
 import pytest
 
+import model.engine as engine_module
 from model.analysis import make_view
+from model.blending import region_maps
 from model.engine import CollectSink, Engine, EngineOptions, read_reflected
 from model.readers import ArrayReader
 from model.tiling import Box, TileGrid, plan_blocks
@@ -118,6 +123,29 @@ def test_tile_cache_runs_each_tile_once_and_changes_nothing(cache_mb: int) -> No
         assert tiles_run == grid, "with room for every shared tile, each grid tile runs exactly once"
     elif cache_mb == 1:
         assert reused > 0 and tiles_run > grid
+
+
+def test_slow_maps_on_the_sinks_thread_leave_every_block_intact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block's maps are made on the sinks' thread while the next blocks are blended: maps made
+    slowly (so that blending runs well ahead) give the same logits and class maps as the analytic
+    blend, so no block is blended into a workspace whose maps are still being made."""
+    image = _image(260, 330, seed=8)
+
+    def slow_maps(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return region_maps(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "region_maps", slow_maps)
+    engine = Engine(loaded(TrivialNet(lambda x: x * 2 - 0.5)),
+                    EngineOptions(tile_size=32, overlap=8, block_size=40, margin=5, batch_size=3,
+                                  precision="fp32", device="cpu", tissue=False))
+    sink = CollectSink(logits=False)
+    report = engine.run(ArrayReader(image, mpp=0.25), [sink])
+    assert report.blocks == 63 and report.timings["maps"] >= 63 * 0.02
+    rgb = (image.astype(np.float32) / 255 * 2 - 0.5).transpose(2, 0, 1)
+    expected = np.stack((rgb.argmax(0), rgb.argmax(0)))
+    assert sink.classes is not None
+    np.testing.assert_array_equal(sink.classes, expected)
 
 
 class _CountingReader(ArrayReader):
