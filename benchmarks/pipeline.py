@@ -48,6 +48,7 @@ from benchmarks.common import count, machine, mb, stage_text
 from benchmarks.postprocess import SyntheticSlide, run_case
 from model.engine import set_threads
 from model.options import OUTPUT_GROUPS
+from model.postprocess import BlockPlace
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench"
 TILE = 512
@@ -126,18 +127,26 @@ def _block_logits(block: int = 2048) -> tuple[np.ndarray, np.ndarray, int]:
     return sem[0].numpy(), ter[0].numpy(), margin
 
 
-def per_nucleus(repeat: int = REPEAT) -> tuple[float, int]:
-    """Best seconds of ``block_nuclei`` on one block of the rimmed synthetic slide, and the nuclei it owns."""
+def block_inputs(block: int = 2048) -> tuple[BlockPlace, np.ndarray, np.ndarray]:
+    """What ``block_nuclei`` takes for one ``block`` px block of the rimmed synthetic slide (with the
+    engine's margin): its place, ternary argmax and nuclei maps."""
     from model.blending import nucleus_inputs
-    from model.postprocess import BlockPlace, PostprocessParams, block_nuclei
+    from model.postprocess import PostprocessParams
     from model.tiling import Box
 
-    block = 2048
     sem, ter, margin = _block_logits(block)
     ternary, probs = nucleus_inputs(sem, ter)
     region = Box(block - margin, block - margin, 2 * block + margin, 2 * block + margin)
     place = BlockPlace(region, Box(block, block, 2 * block, 2 * block), Box(0, 0, 4 * block, 4 * block), 0.25, 1.0,
                        PostprocessParams())
+    return place, ternary, probs
+
+
+def per_nucleus(repeat: int = REPEAT) -> tuple[float, int]:
+    """Best seconds of ``block_nuclei`` on one block of the rimmed synthetic slide, and the nuclei it owns."""
+    from model.postprocess import block_nuclei
+
+    place, ternary, probs = block_inputs()
     best, owned = float("inf"), 0
     for _ in range(repeat):
         started = time.perf_counter()

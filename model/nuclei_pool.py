@@ -17,6 +17,8 @@ instead of 0.8 (benchmarks/RESULTS.md, "Host ceiling").
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import sys
@@ -106,7 +108,28 @@ def _views(shm: SharedMemory, probs_shape: tuple[int, int, int]) -> tuple[np.nda
 
 def _init_worker(parent: int) -> None:
     cv2.setNumThreads(1)  # one block per process: the pool is the parallelism
+    _keep_freed_memory()
     threading.Thread(target=_watch_parent, args=(parent,), name="nucseg-parent-watch", daemon=True).start()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: arrays up to this size come from the reused heap
+TRIM_THRESHOLD = 1 << 30  # freed heap kept: one block's arrays, freed, serve the next
+
+
+def _keep_freed_memory() -> None:
+    """Worker side: glibc keeps freed memory for the next block instead of returning it to the system.
+
+    Every block allocates region-sized arrays (labels, casts, masks); returned and mapped again, their
+    pages are zeroed and faulted in one by one: measured 130,000 page faults and 0.3 s of the
+    workers' CPU per 8,192² px slide, about 3 % of the host ceiling. The heap stays at the largest
+    block's working set. Nothing is done where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its own allocator's defaults
+        return
 
 
 def _watch_parent(parent: int) -> None:

@@ -195,3 +195,34 @@ def test_segments_are_reused_and_all_unlinked_at_close() -> None:
     assert grown_maps.name in _segments()
     segments.close()
     assert _segments() <= before, "shared-memory blocks left behind"
+
+
+KEEP_CHILD = r"""
+import resource, sys
+from benchmarks.pipeline import block_inputs
+from model.nuclei_pool import _keep_freed_memory
+from model.postprocess import block_nuclei
+place, ternary, probs = block_inputs()
+if sys.argv[1] == "keep":
+    _keep_freed_memory()
+faults = []
+for _ in range(4):  # the same block, as a worker meets block after block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block_nuclei(place, ternary, probs)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_workers_keep_freed_memory_for_the_next_block() -> None:
+    """A worker's freed arrays serve its next block (measured here: 8,800 pages faulted in again a 2,048 px
+    block without, 0-300 with)."""
+    def faults(mode: str) -> int:
+        proc = subprocess.run([sys.executable, "-c", KEEP_CHILD, mode], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[3], check=True)
+        return int(proc.stdout.strip())
+
+    default, keep = faults("default"), faults("keep")  # pages faulted in by the third and fourth blocks
+    assert default > 1000, "freed memory no longer goes back to the system: the test no longer tells"
+    assert keep < default / 10, (keep, default)
