@@ -217,7 +217,7 @@ print(sum(faults[2:]))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_workers_keep_freed_memory_for_the_next_block() -> None:
     """A worker's freed arrays serve its next block (measured here: 8,800 pages faulted in again a 2,048 px
-    block without, 0-300 with)."""
+    block without, 0-600 with)."""
     def faults(mode: str) -> int:
         proc = subprocess.run([sys.executable, "-c", KEEP_CHILD, mode], capture_output=True, text=True, timeout=120,
                               cwd=Path(__file__).resolve().parents[3], check=True)
