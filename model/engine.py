@@ -11,10 +11,10 @@ one fixed order, it does not depend on which tiles the cache held either, to the
 Memory is two blocks of accumulators plus the model, whatever the slide's size.
 
 Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei. They run on a
-thread of their own (``_SinkThread``), a block behind the blending, which also turns each blended
-block into its maps (the accumulator's second workspace), so reading (``reader_threads``), the
-network with the blending, and the host work overlap; every hand-over is a bounded queue, so a slow stage holds
-the others back and memory stays flat.
+thread of their own (``_SinkThread``), a block behind the blending, which first turns each blended
+block into its maps (from the second of two accumulator workspaces), so reading
+(``reader_threads``), the network with the blending, and the host work overlap; every hand-over
+is a bounded queue, so a slow stage holds the others back and memory stays flat.
 """
 
 from __future__ import annotations
@@ -401,6 +401,7 @@ class _Workspaces:
                 return self._free.get(timeout=0.05)
 
     def give(self, workspace: Workspace) -> None:
+        """``workspace``'s maps are made: it may take the next block."""
         self._free.put(workspace)
 
 
