@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", default=",".join(OUTPUT_GROUPS))
     parser.add_argument("--levels", type=int, default=LEVELS,
                         help="pyramid levels of the cached TIFF (1: a single full-resolution level)")
-    parser.add_argument("--cache-mb", type=int, default=512, help="EngineOptions.tile_cache_mb")
+    parser.add_argument("--cache-mb", type=int, default=None,
+                        help="EngineOptions.tile_cache_mb (default: the device's)")
     parser.add_argument("--workers", type=int, default=None, help="EngineOptions.workers (default: the cores)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for --network free, else torch's)")

@@ -177,7 +177,7 @@ class SyntheticSlide:
         return None
 
 
-def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str], cache_mb: int, *,
+def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str], cache_mb: int | None, *,
              free: bool = False, slide: Path | None = None, **options: Any) -> dict[str, Any]:
     """One pipeline run; its timings, counts and peak RSS. ``free``: a rimmed slide and ``FreeNet``;
     ``slide``: read the synthetic slide from that file (``write_synthetic``) instead of rendering it."""
@@ -263,7 +263,7 @@ def report(rows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> str:
     ]
     if memory:
         sizes = ", ".join(f"{r['analysis_px'][0]} px: {mb(r['peak_rss'])}" for r in memory)
-        lines.append(f"- Peak RSS with nuclei only and `tile_cache_mb=0` (so that the 512 MB tile cache, "
+        lines.append(f"- Peak RSS with nuclei only and `tile_cache_mb=0` (so that the tile cache, "
                      f"which fills more on wider slides, is out of the picture): {sizes}.")
     lines.append("")
     return "\n".join(lines)

@@ -67,7 +67,10 @@ class Accumulator:
         self.values, self.weights = acc[:channels], acc[channels]
 
     def add(self, tile_box: Box, logits: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add one tile's ``(C, T, T)`` logits, weighted by ``(T, T)`` weights, where it overlaps."""
+        """Add one tile's ``(C, T, T)`` logits, weighted by ``(T, T)`` weights, where it overlaps.
+
+        Logits kept in a narrower dtype (the tile cache's bf16) are widened first: the same float32
+        values, added by the same float32 kernel."""
         part = tile_box.intersect(self.region)
         if part is None:
             return
@@ -75,7 +78,7 @@ class Accumulator:
         ry, rx = part.y0 - self.region.y0, part.x0 - self.region.x0
         h, w = part.height, part.width
         wt = weights[ty : ty + h, tx : tx + w]
-        self.values[:, ry : ry + h, rx : rx + w].addcmul_(logits[:, ty : ty + h, tx : tx + w], wt)
+        self.values[:, ry : ry + h, rx : rx + w].addcmul_(logits[:, ty : ty + h, tx : tx + w].float(), wt)
         self.weights[ry : ry + h, rx : rx + w] += wt
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -148,6 +148,7 @@ class TileRunner:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.exact_dtype = torch.float32  # a dtype holding the last batch's logits exactly (the network's output)
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
@@ -181,6 +182,7 @@ class TileRunner:
         if flip:
             batch = torch.flip(batch, flip).contiguous(memory_format=torch.channels_last)
         sem, ter = self.network(batch)
+        self.exact_dtype = sem.dtype if len(self.flips) == 1 and sem.dtype == ter.dtype else torch.float32
         out = torch.empty((n, sem.shape[1] + ter.shape[1], *sem.shape[2:]), dtype=torch.float32, device=sem.device)
         out[:, : sem.shape[1]] = sem[:n]  # contiguous NCHW: blending reads it 3x faster than channels_last
         out[:, sem.shape[1] :] = ter[:n]

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import cv2
@@ -188,8 +188,8 @@ class Engine:
         options.validate(model.network.output_stride)
         self.card = model.card
         self.device = resolve_device(options.device)
-        self.batch_size = device_batch(options.batch_size, str(self.device))
-        self.options = replace(options, batch_size=self.batch_size)  # what ran, for the stats
+        self.options = options.for_device(str(self.device))  # what ran, for the stats
+        self.batch_size = device_batch(self.options.batch_size, str(self.device))
         self.precision = resolve_precision(self.options.precision, self.device)
         self.runner = TileRunner(model.network, model.card, self.device, self.precision,
                                  batch=self.batch_size, tta=self.options.tta)
@@ -269,7 +269,7 @@ class Engine:
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
                            start=blocks.start, stop=blocks.stop)
         jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report, index) for i in blocks]
-        cache = TileCache(self.options.tile_cache_mb << 20)
+        cache = TileCache((self.options.tile_cache_mb or 0) << 20)
         spaces.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
 
         def read(box: Box) -> np.ndarray:
@@ -362,7 +362,7 @@ class Engine:
         with torch_threads(self.network_threads):
             out = self.runner(tiles)
         for tile, box, tile_logits in zip(batch, boxes, out, strict=True):
-            cache.offer(tile, tile_logits, index.blocks_touching(box), job.index)
+            cache.offer(tile, tile_logits, index.blocks_touching(box), job.index, self.runner.exact_dtype)
             report.tiles_shared += index.needed_before(box)
         report.tiles_run += len(batch)
         report.clock("forward", time.perf_counter() - t0)

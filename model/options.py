@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import PurePath
 from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
@@ -39,6 +39,16 @@ def device_batch(batch_size: int | None, device: str) -> int:
 
 
 BATCH_HELP = "tiles per forward pass (default: " + ", ".join(f"{n} on {d}" for d, n in DEVICE_BATCH.items()) + ")"
+# Tile-logit cache budgets (MB) when the options leave it open, by device: enough for every tile
+# that a later block shares on slides up to about 100,000 px wide with bf16 logits (half that width
+# in fp32); smaller budgets run some shared tiles twice: 16 % of all tiles at 100,000 px with
+# 512 MB of fp32 logits (benchmarks/RESULTS.md, "Tile cache").
+DEVICE_CACHE_MB = {"cpu": 2048, "cuda": 4096}
+
+
+def device_cache_mb(tile_cache_mb: int | None, device: str) -> int:
+    """``tile_cache_mb``, or the default of ``device`` when it is None (0 turns the cache off)."""
+    return DEVICE_CACHE_MB[device.split(":")[0]] if tile_cache_mb is None else tile_cache_mb
 StainMethod = Literal["none", "reinhard", "macenko"]
 STAIN_METHODS: tuple[str, ...] = get_args(StainMethod)
 
@@ -57,10 +67,15 @@ class EngineOptions:
     mpp: float | None = None  # overrides the slide's stated resolution
     margin: int = 0  # extra blended pixels around each block, for post-processing
     sigma_scale: float = 0.25
-    tile_cache_mb: int = 512  # logits of tiles shared by neighbouring blocks, kept to run them once
+    tile_cache_mb: int | None = None  # logits of tiles later blocks share, kept to run them once; None: the device's
     workers: int | None = None  # nuclei post-processing processes; None: the cores given, 0: in-process
     tta: bool = False  # average each tile's logits over its four flips (about 4x the network's time)
     stain: StainMethod = "none"  # normalise colours to the training images' first (``model.stain``)
+
+    def for_device(self, device: str) -> EngineOptions:
+        """These options with the defaults ``device`` gives filled in (batch size, tile cache): what runs."""
+        return replace(self, batch_size=device_batch(self.batch_size, device),
+                       tile_cache_mb=device_cache_mb(self.tile_cache_mb, device))
 
     def validate(self, multiple: int = TILE_MULTIPLE) -> None:
         """Raise ``OptionsError`` naming the bad value."""

@@ -28,7 +28,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -41,7 +41,7 @@ from model.engine import BlockResult, Engine, RunContext, RunReport, new_report,
 from model.errors import ShardError
 from model.maps import ClassMapSink
 from model.nuclei import NucleusSink
-from model.options import STATS_FILE, EngineOptions, Stats, device_batch, result_files
+from model.options import STATS_FILE, EngineOptions, Stats, result_files
 from model.partial import PartialFile, write_whole
 from model.pipeline import build_sinks, build_stats, sink_options
 from model.postprocess import BlockNuclei
@@ -131,7 +131,7 @@ def merge_shards(reader: SlideReader, part_dirs: Sequence[Path], out_dir: Path, 
     markers = [_check_part(Path(d), ctx, reader, model, options, outputs) for d in part_dirs]
     _check_cover(markers, len(ctx.blocks))
     report = new_report(ctx, markers[0]["device"], markers[0]["precision"])
-    options = replace(options, batch_size=device_batch(options.batch_size, report.device))  # as the shards ran
+    options = options.for_device(report.device)  # as the shards ran
     report.clock("setup", time.perf_counter() - t0)
     _replay(ctx, [Path(d) for d in part_dirs], [range(*m["blocks"]) for m in markers], sinks, report)
     _add_counters(report, markers)

@@ -49,7 +49,12 @@ class BlockIndex:
 
 
 class TileCache:
-    """Tile logits kept for later blocks, within ``budget_bytes``."""
+    """Tile logits kept for later blocks, within ``budget_bytes``.
+
+    ``offer`` takes the float32 logits with a dtype that holds them exactly (bf16 when the network
+    ran in bf16: its outputs, widened): they are kept in it, in half the bytes, and widened back to
+    the same float32 values where they are added (``Accumulator.add``).
+    """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
@@ -58,25 +63,29 @@ class TileCache:
         self.hits = 0
 
     def get(self, key: TileKey) -> torch.Tensor | None:
+        """The logits kept for ``key``, if any, in the dtype they were kept in."""
         item = self._items.get(key)
         if item is None:
             return None
         self.hits += 1
         return item[0]
 
-    def offer(self, key: TileKey, logits: torch.Tensor, uses: list[int], current: int) -> None:
-        """Keep ``logits`` if a block after ``current`` needs it and it fits (evicting farther uses)."""
+    def offer(self, key: TileKey, logits: torch.Tensor, uses: list[int], current: int,
+              exact: torch.dtype = torch.float32) -> None:
+        """Keep ``logits`` (in ``exact``, a dtype that holds their values) if a block after ``current``
+        needs it and it fits (evicting farther uses)."""
         later = sorted(u for u in uses if u > current)
         self._drop(key)
-        if not later or logits.nbytes > self.budget:
+        size = logits.numel() * exact.itemsize
+        if not later or size > self.budget:
             return
-        while self.used + logits.nbytes > self.budget:
+        while self.used + size > self.budget:
             far_key, (_, far_uses) = max(self._items.items(), key=lambda kv: kv[1][1][0])
             if far_uses[0] <= later[0]:
                 return
             self._drop(far_key)
-        self._items[key] = (logits.clone(), later)
-        self.used += logits.nbytes
+        self._items[key] = (logits.to(exact, copy=True), later)
+        self.used += size
 
     def retire(self, current: int) -> None:
         """After block ``current``: forget tiles no later block needs, advance the others' next use."""

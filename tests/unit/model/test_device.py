@@ -13,7 +13,7 @@ from model.checkpoint import LoadedModel
 from model.device import TileRunner, fold_batchnorm, inference_network, torch_threads
 from model.engine import Engine, EngineOptions
 from model.network import build_network
-from model.options import DEVICE_BATCH
+from model.options import DEVICE_BATCH, DEVICE_CACHE_MB
 
 
 def test_prepared_network_is_reused_until_a_weight_changes() -> None:
@@ -107,3 +107,6 @@ def test_batch_size_defaults_to_the_devices_and_stats_say_what_ran() -> None:
     default = Engine(model, EngineOptions(device="cpu", precision="fp32"))
     assert default.batch_size == default.runner.batch == default.options.batch_size == DEVICE_BATCH["cpu"]
     assert Engine(model, EngineOptions(device="cpu", precision="fp32", batch_size=3)).runner.batch == 3
+    assert default.options.tile_cache_mb == DEVICE_CACHE_MB["cpu"]  # what ran, as the stats say
+    assert Engine(model, EngineOptions(device="cpu", precision="fp32", tile_cache_mb=0)).options.tile_cache_mb == 0
+    assert EngineOptions().for_device("cuda:1").tile_cache_mb == DEVICE_CACHE_MB["cuda"]

@@ -125,6 +125,27 @@ def test_tile_cache_runs_each_tile_once_and_changes_nothing(cache_mb: int) -> No
         assert reused > 0 and tiles_run > grid
 
 
+def test_bf16_logits_are_cached_in_half_the_bytes_and_blend_the_same() -> None:
+    """A network run in bf16 gives logits that bf16 holds exactly: the cache keeps twice as many
+    tiles in a budget, and the blend is the same to the bit whichever tiles it held."""
+    image = _image(300, 410, seed=9)
+
+    def run(mb: int, precision: str) -> tuple[CollectSink, int]:
+        engine = Engine(loaded(TrivialNet(lambda x: x * 3 - 1)),
+                        EngineOptions(tile_size=64, overlap=24, block_size=70, margin=9, precision=precision,
+                                      device="cpu", tissue=False, tile_cache_mb=mb))
+        sink = CollectSink()
+        report = engine.run(ArrayReader(image, mpp=0.25), [sink])
+        return sink, report.tiles_run
+
+    uncached, all_run = run(0, "bf16")
+    cached, bf16_run = run(1, "bf16")  # 1 MB: 16 tiles' bf16 logits, 8 tiles' float32 ones
+    _, fp32_run = run(1, "fp32")
+    assert uncached.logits is not None and cached.logits is not None
+    np.testing.assert_array_equal(cached.logits, uncached.logits)
+    assert bf16_run < fp32_run < all_run
+
+
 def test_slow_maps_on_the_sinks_thread_leave_every_block_intact(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block's maps are made on the sinks' thread while the next blocks are blended: maps made
     slowly (so that blending runs well ahead) give the same logits and class maps as the analytic

@@ -1,0 +1,69 @@
+"""How often the engine runs a tile twice, by slide width and tile-cache budget.
+
+The engine's own block plan, tile grid and tile cache (``model.tilecache``) over a slide of the given
+widths, with logits that take no memory (torch's ``meta`` device): each block runs the tiles that
+touch it (its region with the nuclei margin) unless the cache holds them, offers them to the cache,
+and retires what no later block needs, as ``Engine`` does. A tile shared with the next block row
+must stay cached for a whole row of blocks, so the budget a slide needs grows with its width.
+Prints, per width, budget and logits dtype, the tiles run per grid tile (1.000: every shared tile ran
+once) and the most the cache held.
+
+Usage: ``python -m benchmarks.tilecache [--widths ...] [--budgets-mb ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from model.options import DEVICE_CACHE_MB, EngineOptions
+from model.postprocess import engine_margin
+from model.tilecache import BlockIndex, TileCache
+from model.tiling import Box, TileGrid, plan_blocks
+
+CHANNELS = 8  # semantic and ternary logits
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def simulate(width: int, height: int, budget_mb: int, dtype: torch.dtype,
+             options: EngineOptions = EngineOptions()) -> tuple[float, int]:
+    """Tiles run per grid tile, and the cache's peak bytes, over a ``width`` x ``height`` slide."""
+    grid = TileGrid(options.tile_size, options.overlap, width, height)
+    margin = engine_margin(0.25)
+    blocks = plan_blocks(width, height, options.block_size)
+    index = BlockIndex(width, height, options.block_size, margin)
+    cache = TileCache(budget_mb << 20)
+    logits = torch.empty((CHANNELS, options.tile_size, options.tile_size), device="meta")
+    bounds, run, peak = Box(0, 0, width, height), 0, 0
+    for i, inner in enumerate(blocks):
+        for tile in grid.tiles_touching(inner.expand(margin, bounds)):
+            if cache.get(tile) is None:
+                run += 1
+                cache.offer(tile, logits, index.blocks_touching(grid.tile_box(*tile)), i, dtype)
+                peak = max(peak, cache.used)
+        cache.retire(i)
+    return run / (grid.n_x * grid.n_y), peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[20480, 50000, 100000, 150000])
+    parser.add_argument("--height", type=int, default=8192, help="slide height, px (four block rows)")
+    parser.add_argument("--budgets-mb", type=int, nargs="+",
+                        default=sorted({512, 1024, *DEVICE_CACHE_MB.values()}))
+    args = parser.parse_args(argv)
+    print(f"tiles run per grid tile (peak cache MB); {args.height} px high, 256/64 tiles, 2048 px blocks")
+    print("width".rjust(8) + "".join(f"{f'{mb} MB {name}':>20}" for mb in args.budgets_mb for name in DTYPES))
+    for width in args.widths:
+        cells = []
+        for mb in args.budgets_mb:
+            for dtype in DTYPES.values():
+                ratio, peak = simulate(width, args.height, mb, dtype)
+                cells.append(f"{f'{ratio:.3f} ({peak >> 20})':>20}")
+        print(f"{width:>8}" + "".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
