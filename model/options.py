@@ -41,7 +41,7 @@ def device_batch(batch_size: int | None, device: str) -> int:
 BATCH_HELP = "tiles per forward pass (default: " + ", ".join(f"{n} on {d}" for d, n in DEVICE_BATCH.items()) + ")"
 # Tile-logit cache budgets (MB) when the options leave it open, by device: enough for every tile
 # that a later block shares on slides up to about 100,000 px wide with bf16 logits (half that width
-# in fp32); smaller budgets run some shared tiles twice: 16 % of all tiles at 100,000 px with
+# in fp32); smaller budgets run some shared tiles twice: 18 % of all tiles at 100,000 px with
 # 512 MB of fp32 logits (benchmarks/RESULTS.md, "Tile cache").
 DEVICE_CACHE_MB = {"cpu": 2048, "cuda": 4096}
 
@@ -49,6 +49,8 @@ DEVICE_CACHE_MB = {"cpu": 2048, "cuda": 4096}
 def device_cache_mb(tile_cache_mb: int | None, device: str) -> int:
     """``tile_cache_mb``, or the default of ``device`` when it is None (0 turns the cache off)."""
     return DEVICE_CACHE_MB[device.split(":")[0]] if tile_cache_mb is None else tile_cache_mb
+
+
 StainMethod = Literal["none", "reinhard", "macenko"]
 STAIN_METHODS: tuple[str, ...] = get_args(StainMethod)
 
