@@ -198,7 +198,7 @@ def test_segments_are_reused_and_all_unlinked_at_close() -> None:
 
 
 KEEP_CHILD = r"""
-import resource, sys
+import resource, statistics, sys
 from benchmarks.pipeline import block_inputs
 from model.nuclei_pool import _keep_freed_memory
 from model.postprocess import block_nuclei
@@ -206,23 +206,23 @@ place, ternary, probs = block_inputs()
 if sys.argv[1] == "keep":
     _keep_freed_memory()
 faults = []
-for _ in range(4):  # the same block, as a worker meets block after block
+for _ in range(8):  # the same block, as a worker meets block after block
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block_nuclei(place, ternary, probs)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[2:]))
+print(statistics.median(faults[2:]))  # a block's faults once warm: the median, as the allocator hiccups now and then
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_workers_keep_freed_memory_for_the_next_block() -> None:
-    """A worker's freed arrays serve its next block (measured here: 8,800 pages faulted in again a 2,048 px
-    block without, 0-600 with)."""
-    def faults(mode: str) -> int:
+    """A worker's freed arrays serve its next block (measured: 1,700-9,300 pages faulted in again per 2,048 px
+    block without, varying with the allocator's history; a median of 0-3 with, single blocks up to 800)."""
+    def faults(mode: str) -> float:
         proc = subprocess.run([sys.executable, "-c", KEEP_CHILD, mode], capture_output=True, text=True, timeout=120,
                               cwd=Path(__file__).resolve().parents[3], check=True)
-        return int(proc.stdout.strip())
+        return float(proc.stdout.strip())
 
-    default, keep = faults("default"), faults("keep")  # pages faulted in by the third and fourth blocks
-    assert default > 1000, "freed memory no longer goes back to the system: the test no longer tells"
+    default, keep = faults("default"), faults("keep")
+    assert default > 300, "freed memory no longer goes back to the system: the test no longer tells"
     assert keep < default / 10, (keep, default)
