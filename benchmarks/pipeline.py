@@ -237,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = stage_text(row["engine_timings_s"])
     threads = stage_text({name: s for name, s in row["cpu_by_thread_s"].items() if s >= 0.05})
     mpx = args.side * args.side / 1e6
+    per = row["us_per_nucleus"]
+    nuclei = f"{row['nuclei']:,} nuclei, " + (f"{per:.0f} µs/nucleus post-processing" if per else "no post-processing")
     print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}; source {args.source}", file=sys.stderr)
     print(f"host ceiling: {mpx / row['total_s']:.2f} Mpx/s ({mpx:.1f} Mpx in {row['total_s']:.1f} s; "
           f"{row['tiles_run']:,} tiles run for {row['tiles_grid']:,} grid tiles; "
-          f"{row['nuclei']:,} nuclei, {row['us_per_nucleus']:.0f} µs/nucleus post-processing; stages s: "
+          f"{nuclei}; stages s: "
           f"{stages}; peak RSS {mb(row['peak_rss'])}; CPU {row['cpu_s']:.1f} s, "
           f"{row['minor_faults'] / 1e3:,.0f} k page faults; CPU s by thread: {threads}, "
           f"child processes {row['children_cpu_s']:.1f})")

@@ -187,7 +187,7 @@ def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str],
     opts = EngineOptions(device="cpu", tile_cache_mb=cache_mb, **options)
     with tempfile.TemporaryDirectory() as out, measured() as m:
         stats = predict_reader(reader, Path(out), model, opts, outputs=outputs)
-    nuc = stats["nuclei"]
+    nuc: dict[str, Any] = stats.get("nuclei", {"timings": {}, "count": 0})  # absent without nuclei
     width, height = stats["analysis"]["width"], stats["analysis"]["height"]
     timings = stats["timings_s"]
     post = sum(nuc["timings"].values())
@@ -201,7 +201,7 @@ def run_case(case: str, size: int, encoder: str | None, outputs: frozenset[str],
         "outputs": sorted(outputs), "tile_cache_mb": cache_mb, "nuclei": nuc["count"], "peak_rss": m.peak_rss,
         "cpu_s": m.cpu_seconds, "cpu_by_thread_s": m.thread_cpu, "children_cpu_s": m.children_cpu,
         "minor_faults": m.minor_faults,
-        "us_per_nucleus": 1e6 * post / max(nuc["count"], 1),
+        "us_per_nucleus": 1e6 * post / nuc["count"] if nuc["count"] else None,
     }
 
 
