@@ -42,7 +42,7 @@ from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision, torch_threads
 from model.errors import CancelledError, OptionsError
 from model.nuclei_pool import available_cores
-from model.options import EngineOptions, device_batch
+from model.options import EngineOptions
 from model.readers import ArrayReader, SlideReader
 from model.stain import StainTransform, fit_stain
 from model.tilecache import BlockIndex, TileCache
@@ -189,7 +189,9 @@ class Engine:
         self.card = model.card
         self.device = resolve_device(options.device)
         self.options = options.for_device(str(self.device))  # what ran, for the stats
-        self.batch_size = device_batch(self.options.batch_size, str(self.device))
+        batch, cache_mb = self.options.batch_size, self.options.tile_cache_mb
+        assert batch is not None and cache_mb is not None, "for_device fills both"
+        self.batch_size, self.cache_bytes = batch, cache_mb << 20
         self.precision = resolve_precision(self.options.precision, self.device)
         self.runner = TileRunner(model.network, model.card, self.device, self.precision,
                                  batch=self.batch_size, tta=self.options.tta)
@@ -269,7 +271,7 @@ class Engine:
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
                            start=blocks.start, stop=blocks.stop)
         jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report, index) for i in blocks]
-        cache = TileCache((self.options.tile_cache_mb or 0) << 20)
+        cache = TileCache(self.cache_bytes)
         spaces.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
 
         def read(box: Box) -> np.ndarray:
