@@ -29,17 +29,32 @@ T = TypeVar("T")
 class Measure:
     seconds: float = 0.0
     peak_rss: int = 0
-    cpu_seconds: float = 0.0  # user + system, all threads and the child processes ended meanwhile
+    cpu_seconds: float = 0.0  # user + system, all threads and all descendant processes
     minor_faults: int = 0  # likewise
     thread_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by thread name
-    children_cpu: float = 0.0  # CPU seconds of the child processes ended meanwhile
+    children_cpu: float = 0.0  # CPU seconds of the descendant processes
     extra: dict[str, float] = field(default_factory=dict)
 
 
 def _usage() -> tuple[float, float, int]:
-    """CPU seconds so far of this process and of its waited-for children, and their minor page faults."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime, own.ru_minflt + children.ru_minflt
+    """CPU seconds so far of this process and of all its descendants, ended or running (a fork server's
+    workers are its children, not ours), and their minor page faults."""
+    own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, faults = ended.ru_utime + ended.ru_stime, ended.ru_minflt
+    for proc in psutil.Process().children(recursive=True):
+        with suppress(OSError):  # ended meanwhile: its waiting parent counts it
+            seconds, minflt = _proc_usage(proc.pid)
+            cpu, faults = cpu + seconds, faults + minflt
+    return own.ru_utime + own.ru_stime, cpu, own.ru_minflt + faults
+
+
+def _proc_usage(pid: int) -> tuple[float, int]:
+    """CPU seconds and minor page faults of a running process and of its ended, waited-for children,
+    from ``/proc/<pid>/stat`` (fields 10-11 and 14-17, after the command's closing parenthesis)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    minflt, cminflt, utime, stime, cutime, cstime = (int(fields[i]) for i in (7, 8, 11, 12, 13, 14))
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK"), minflt + cminflt
 
 
 class _ThreadClock:

@@ -8,11 +8,13 @@ block to block, and workers keep theirs mapped: a new 33 MB segment a block cost
 into it, in pages the system zeroes and maps one by one. A worker that dies or
 raises fails the run with ``PostprocessError``; nothing of the blocks still in flight is recorded.
 
-Workers are started with ``spawn`` and import this module only (numpy, scipy, scikit-image,
-OpenCV, shapely; no torch), so they neither inherit the parent's threads nor pay for torch. They
-start without the host program's ``__main__`` module, which ``spawn`` would otherwise run again in
-each of them: for a script that imports torch at its top, two workers spent 8 CPU seconds starting
-instead of 0.8 (benchmarks/RESULTS.md, "Host ceiling").
+Workers are forked from a ``forkserver`` process (``spawn`` where there is none), which imports
+this module once (numpy, scipy, scikit-image, OpenCV, shapely; no torch): a run's workers start in
+milliseconds instead of each importing them (0.5 CPU seconds a worker), and later runs of the same
+process fork from the same server. Workers neither inherit the engine's threads nor pay for torch.
+The server starts without the host program's ``__main__`` module, which ``multiprocessing`` would
+otherwise run again in it: for a script that imports torch at its top, two ``spawn`` workers spent
+8 CPU seconds starting instead of 0.8 (benchmarks/RESULTS.md, "Host ceiling").
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import threading
@@ -106,10 +109,23 @@ def _views(shm: SharedMemory, probs_shape: tuple[int, int, int]) -> tuple[np.nda
     return ternary, probs
 
 
-def _init_worker(parent: int) -> None:
+def _init_worker() -> None:
+    _release_server()
     cv2.setNumThreads(1)  # one block per process: the pool is the parallelism
     _keep_freed_memory()
-    threading.Thread(target=_watch_parent, args=(parent,), name="nucseg-parent-watch", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="nucseg-parent-watch", daemon=True).start()
+
+
+def _release_server() -> None:
+    """Forked by the fork server, a worker holds (as any client of the server does) the pipe end that
+    keeps the server running: closed here, so the server exits with the engine's process, and the
+    workers with the server (``_watch_parent``)."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and fd is not None:
+        with suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -133,8 +149,10 @@ def _keep_freed_memory() -> None:
 
 
 def _watch_parent(parent: int) -> None:
-    """Die with the engine's process, never outlive it. (Not ``PR_SET_PDEATHSIG``: that fires when the
-    *thread* that started the process ends, and the pool is started from the engine's sink thread.)"""
+    """Die with the process that started this one, never outlive it: the engine's process, or the fork
+    server, which exits as soon as the engine's process is gone. (Not ``PR_SET_PDEATHSIG``: that fires
+    when the *thread* that started the process ends, and the pool is started from the engine's sink
+    thread.)"""
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
     os._exit(1)
@@ -165,8 +183,7 @@ class NucleiPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.limit = workers + 1  # each block in flight holds its region's maps in shared memory
-        self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(os.getpid(),))
+        self._executor = ProcessPoolExecutor(workers, mp_context=_start_context(), initializer=_init_worker)
         self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
         self._segments = _Segments()
 
@@ -208,6 +225,15 @@ class NucleiPool:
         self._executor.shutdown(wait=not self._pending, cancel_futures=True)
         self._pending.clear()
         self._segments.close()
+
+
+def _start_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` preloading this module where the platform has it, else ``spawn``."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # takes effect when the server starts
+    return context
 
 
 @contextmanager

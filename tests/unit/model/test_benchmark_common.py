@@ -1,7 +1,9 @@
-"""The benchmarks' measure counts CPU time by thread, a pool's threads as one."""
+"""The benchmarks' measure counts CPU time by thread, a pool's threads as one, and of every descendant process."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -28,3 +30,25 @@ def test_cpu_time_is_counted_by_thread_name() -> None:
     assert m.thread_cpu["busy"] == pytest.approx(1.0, abs=0.05)
     assert m.thread_cpu.get("MainThread", 0.0) < 0.2
     assert threading.Thread.run is run  # unwrapped again
+
+
+GRANDPARENT = r"""
+import subprocess, sys, time
+spin = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+subprocess.run([sys.executable, "-c", spin], check=True)  # a grandchild, waited for by its parent
+print("done", flush=True)
+time.sleep(60)  # the parent lives on: no one has waited for it
+"""
+
+
+def test_cpu_time_of_descendants_counts_those_still_running_and_their_ended_children() -> None:
+    """A fork server's workers are its children: their CPU time counts though this process never waits for them."""
+    with measured() as m:
+        child = subprocess.Popen([sys.executable, "-c", GRANDPARENT], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == "done"
+        finally:
+            child.kill()  # still running when the measure ends
+    child.wait()
+    assert m.children_cpu >= 0.5
+    assert m.cpu_seconds >= m.children_cpu

@@ -73,13 +73,23 @@ def test_worker_counts_give_the_serial_features(region: ArrayReader, tmp_path: P
             {k: v for k, v in serial.items() if k not in ("timings", "workers")}
 
 
-def _kill_a_worker(done: int, total: int) -> None:
-    """Progress callback: after the second block, SIGKILL one pool process (as the OOM killer would)."""
-    if done != 2:
-        return
-    workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
-    assert workers, "no pool process to kill"
-    os.kill(workers[0].pid, signal.SIGKILL)
+def _pool_processes(engine: psutil.Process | None = None) -> list[psutil.Process]:
+    """The engine process's nuclei processes: its fork server's children (or, spawned, its own)."""
+    engine = engine or psutil.Process()
+    children = engine.children()
+    servers = [p for p in children if "forkserver" in " ".join(p.cmdline())]
+    return [w for s in servers for w in s.children()] + [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+
+
+def _killer(seen: list[psutil.Process]) -> Any:
+    def kill_a_worker(done: int, total: int) -> None:
+        """Progress callback: after the second block, SIGKILL one pool process (as the OOM killer would)."""
+        if done != 2:
+            return
+        seen.extend(_pool_processes())
+        assert seen, "no pool process to kill"
+        os.kill(seen[0].pid, signal.SIGKILL)
+    return kill_a_worker
 
 
 def _segments() -> set[str]:
@@ -87,11 +97,13 @@ def _segments() -> set[str]:
 
 
 def test_a_dead_worker_fails_the_run_without_partial_results(region: ArrayReader, tmp_path: Path) -> None:
-    before = _segments()
+    before, workers = _segments(), []
     with pytest.raises(PostprocessError, match="worker process died"):
-        _run(region, tmp_path, workers=2, on_progress=_kill_a_worker)
+        _run(region, tmp_path, workers=2, on_progress=_killer(workers))
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no GeoJSON, partial or not"
-    assert not [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())], "workers left"
+    assert len(workers) == 2
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers left: {alive}"
     assert _segments() <= before, "shared-memory blocks left behind"
 
 
@@ -159,15 +171,16 @@ if __name__ == "__main__":
         pool.submit(index, BlockPlace(box, box, box, 0.25, 1.0, PostprocessParams()),
                     np.zeros((256, 256), np.uint8), np.zeros((6, 256, 256), np.uint8))
     list(pool.drain())
-    workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+    children = psutil.Process().children()  # the fork server (with its workers), or spawned workers
+    workers = children + [w for p in children for w in p.children()]
     print(len(workers), sum(any("libtorch" in m.path for m in p.memory_maps()) for p in workers), flush=True)
     pool.close()
 """
 
 
 def test_workers_do_not_run_the_host_programs_main_module(tmp_path: Path) -> None:
-    """``spawn`` would run a script's ``__main__`` again in each worker: with torch imported there,
-    every worker would load torch (seconds of CPU each) before its first block."""
+    """``multiprocessing`` would run a script's ``__main__`` again in the fork server or in each spawned
+    worker: with torch imported there, every worker would load torch (seconds of CPU each)."""
     script = tmp_path / "host.py"
     script.write_text(MAIN_WITH_TORCH)
     root = Path(__file__).resolve().parents[3]
