@@ -17,7 +17,7 @@ import numpy as np
 from model.engine import BlockResult, RunContext
 from model.errors import OptionsError
 from model.geojson import GeoJSONWriter
-from model.nuclei_pool import NucleiPool, available_cores
+from model.nuclei_pool import NucleiPool, available_cores, start_server
 from model.postprocess import (
     NUCLEUS_MARGIN_UM,
     BlockNuclei,
@@ -117,7 +117,9 @@ class NucleusSink:
         self.oversized = 0
         self._writer = GeoJSONWriter(self.geojson_path) if self.geojson_path is not None else None
         self.workers = nuclei_workers(ctx.options.workers)
-        self._pool = None  # started by the first block to post-process
+        self._pool = None  # started by the first block to post-process, from a server started now
+        if self.workers:
+            start_server()
         if self.instances_path is not None:
             self._instances = self._allocate_instances(ctx.view.width, ctx.view.height)
 

@@ -236,6 +236,14 @@ def _start_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def start_server() -> None:
+    """Start the fork server now, so that it imports its libraries while the engine reads and blends
+    the first block (its workers then fork at once). Nothing to do under ``spawn``, or once started."""
+    if _start_context().get_start_method() == "forkserver":
+        with _without_main():
+            multiprocessing.forkserver.ensure_running()
+
+
 @contextmanager
 def _without_main() -> Iterator[None]:
     """Processes spawned meanwhile do not import this program's ``__main__`` module (``multiprocessing``
