@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,21 @@ def test_cpu_time_of_descendants_counts_those_still_running_and_their_ended_chil
     child.wait()
     assert m.children_cpu >= 0.5
     assert m.cpu_seconds >= m.children_cpu
+
+
+SPIKE = r"""
+import numpy as np
+from benchmarks.common import measured
+with measured() as m:
+    start = m.peak_rss
+    spike = np.ones(400 << 20, np.uint8)  # 400 MiB, touched, freed at once
+    del spike
+print(m.peak_rss - start)
+"""
+
+
+def test_peak_rss_counts_a_short_spike() -> None:
+    """A block's allocations freed before the sampler looks still count (a fresh process's lifetime peak)."""
+    out = subprocess.run([sys.executable, "-c", SPIKE], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert int(out.stdout.strip()) >= 380 << 20
