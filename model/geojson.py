@@ -28,6 +28,7 @@ from types import TracebackType
 import numpy as np
 
 from model.partial import PartialFile
+from model.postprocess import BlockNuclei
 
 _HEADER = '{"type":"FeatureCollection","features":[\n'
 _FOOTER = "\n]}\n"
@@ -44,7 +45,6 @@ class GeoJSONWriter:
         self.count = 0
         base = (id_prefix or uuid.uuid4()).int
         self._id_base = base & ~((1 << _COUNTER_BITS) - 1)
-        self._classes: dict[tuple[str, tuple[int, ...]], str] = {}
         self._write(_HEADER)
 
     def write_detection(
@@ -55,31 +55,17 @@ class GeoJSONWriter:
         measurements: Mapping[str, float],
     ) -> str:
         """Append one detection with exterior ``ring`` (``(k, 2)`` x, y; closed); returns its id."""
+        return self.write_feature(feature_body(ring, name, colour, measurements))
+
+    def write_feature(self, body: str) -> str:
+        """Append one detection whose geometry and properties ``body`` (``feature_body``) holds; returns its id."""
         if self._file.fh is None:
             raise ValueError(f"GeoJSON writer for {str(self.path)!r} is already closed")
-        if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 4:
-            raise ValueError(f"ring must be (k >= 4, 2) x, y coordinates, got shape {ring.shape}")
         fid = str(uuid.UUID(int=self._id_base | (self.count & ((1 << _COUNTER_BITS) - 1))))
-        # the bytes json.dumps writes (floats are their repr), built without it: this runs once per nucleus
-        coords = "[" + ",".join([f"[{x!r},{y!r}]" for x, y in np.round(ring, COORD_DECIMALS).tolist()]) + "]"
-        values = ",".join(f"{_key(k)}:{_number(v)}" for k, v in measurements.items())
-        props = f'{self._classification(name, tuple(colour))},"measurements":{{{values}}}}}'
         sep = ",\n" if self.count else ""
-        self._write(
-            f'{sep}{{"type":"Feature","id":"{fid}","geometry":{{"type":"Polygon","coordinates":[{coords}]}},'
-            f'"properties":{props}}}'
-        )
+        self._write(f'{sep}{{"type":"Feature","id":"{fid}",{body}}}')
         self.count += 1
         return fid
-
-    def _classification(self, name: str, colour: tuple[int, ...]) -> str:
-        """``{"objectType":...,"classification":{...}`` of one class, encoded once."""
-        text = self._classes.get((name, colour))
-        if text is None:
-            classification = {"name": name, "color": [int(c) for c in colour]}
-            text = f'{{"objectType":"detection","classification":{json.dumps(classification, separators=(",", ":"))}'
-            self._classes[(name, colour)] = text
-        return text
 
     def _write(self, text: str) -> None:
         assert self._file.fh is not None
@@ -105,6 +91,31 @@ class GeoJSONWriter:
             self.close()
         else:
             self.abort()
+
+
+def feature_body(ring: np.ndarray, name: str, colour: Sequence[int], measurements: Mapping[str, float]) -> str:
+    """A detection Feature's geometry and properties, the JSON text after its id (the bytes ``json.dumps``
+    writes, floats as their repr, built without it: this runs once per nucleus)."""
+    if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 4:
+        raise ValueError(f"ring must be (k >= 4, 2) x, y coordinates, got shape {ring.shape}")
+    coords = "[" + ",".join([f"[{x!r},{y!r}]" for x, y in np.round(ring, COORD_DECIMALS).tolist()]) + "]"
+    values = ",".join(f"{_key(k)}:{_number(v)}" for k, v in measurements.items())
+    props = f'{_classification(name, tuple(int(c) for c in colour))},"measurements":{{{values}}}}}'
+    return f'"geometry":{{"type":"Polygon","coordinates":[{coords}]}},"properties":{props}'
+
+
+def block_features(nuclei: BlockNuclei, names: Sequence[str], colours: Sequence[Sequence[int]]) -> list[str]:
+    """``feature_body`` of each nucleus a block owns, its class named ``names[k]`` in ``colours[k]``."""
+    return [feature_body(ring, names[k], colours[k], {"area_um2": float(area), "confidence": float(c)})
+            for ring, k, area, c in zip(nuclei.rings, nuclei.class_index, nuclei.area_um2, nuclei.confidence,
+                                        strict=True)]
+
+
+@lru_cache(maxsize=64)
+def _classification(name: str, colour: tuple[int, ...]) -> str:
+    """``{"objectType":...,"classification":{...}`` of one class, encoded once."""
+    classification = {"name": name, "color": list(colour)}
+    return f'{{"objectType":"detection","classification":{json.dumps(classification, separators=(",", ":"))}'
 
 
 def _number(value: float) -> str:

@@ -16,8 +16,8 @@ import numpy as np
 
 from model.engine import BlockResult, RunContext
 from model.errors import OptionsError
-from model.geojson import GeoJSONWriter
-from model.nuclei_pool import NucleiPool, available_cores, start_server
+from model.geojson import GeoJSONWriter, block_features
+from model.nuclei_pool import FeatureStyle, NucleiPool, available_cores, start_server
 from model.postprocess import (
     NUCLEUS_MARGIN_UM,
     BlockNuclei,
@@ -94,7 +94,7 @@ class NucleusSink:
         self._writer: GeoJSONWriter | None = None
         self._instances: np.ndarray | None = None
         self._pool: NucleiPool | None = None
-        self.timings = {"postprocess_s": 0.0, "polygons_s": 0.0, "write_s": 0.0, "handoff_s": 0.0}
+        self.timings = {"postprocess_s": 0.0, "polygons_s": 0.0, "geojson_s": 0.0, "write_s": 0.0, "handoff_s": 0.0}
 
     def start(self, ctx: RunContext) -> None:
         classes = ctx.card.semantic_classes
@@ -140,7 +140,8 @@ class NucleusSink:
             self.record(block_nuclei(place, block.classes[1], block.probs))
             return
         if self._pool is None:
-            self._pool = NucleiPool(self.workers)
+            style = FeatureStyle(self.names, self.colours) if self._writer is not None else None
+            self._pool = NucleiPool(self.workers, style)
         t0 = time.perf_counter()
         done = self._pool.submit(block.index, place, block.classes[1], block.probs)
         self.timings["handoff_s"] += time.perf_counter() - t0
@@ -158,9 +159,11 @@ class NucleusSink:
             self.areas[k].extend(result.area_um2[cls == k])
         first_label = sum(a.size for a in self.areas) - len(cls) + 1
         if self._writer is not None:
-            for ring, k, area, c in zip(result.rings, cls, result.area_um2, result.confidence, strict=True):
-                self._writer.write_detection(ring, self.names[k], self.colours[k],
-                                             {"area_um2": float(area), "confidence": float(c)})
+            features = result.features
+            if features is None:  # post-processed here, or replayed from a record
+                features = block_features(result, self.names, self.colours)
+            for body in features:
+                self._writer.write_feature(body)
         if self._instances is not None and result.labels is not None and result.ids is not None and len(cls):
             self._paint(result.labels, result.ids, first_label, result.region)
         self.timings["write_s"] += time.perf_counter() - t0

@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from model.errors import PostprocessError
+from model.geojson import block_features
 from model.postprocess import BlockNuclei, BlockPlace, block_nuclei
 
 PARENT_POLL_S = 0.5  # how often a worker checks that the engine's process still lives
@@ -162,10 +163,24 @@ _ATTACHED: dict[str, SharedMemory] = {}  # worker side: the segments this proces
 _KEEP_ATTACHED = 4  # more than a worker meets in turn (workers + 1 segments in flight, rarely one replaced)
 
 
-def _run(place: BlockPlace, maps: _Maps) -> BlockNuclei:
-    """Worker side: post-process a block from its segment (kept mapped; the parent unlinks it)."""
+@dataclass(frozen=True)
+class FeatureStyle:
+    """How a run's nuclei are written to GeoJSON: each class index's name and colour."""
+
+    names: tuple[str, ...]
+    colours: tuple[tuple[int, int, int], ...]
+
+
+def _run(place: BlockPlace, maps: _Maps, style: FeatureStyle | None) -> BlockNuclei:
+    """Worker side: post-process a block from its segment (kept mapped; the parent unlinks it), and with a
+    ``style`` write its nuclei's GeoJSON text here too, off the engine's sink thread."""
     ternary, probs = _views(_attach(maps.name), maps.probs_shape)
-    return block_nuclei(place, ternary, probs)
+    result = block_nuclei(place, ternary, probs)
+    if style is not None:
+        t0 = time.perf_counter()
+        result.features = block_features(result, style.names, style.colours)
+        result.timings["geojson_s"] = time.perf_counter() - t0
+    return result
 
 
 def _attach(name: str) -> SharedMemory:
@@ -180,8 +195,8 @@ def _attach(name: str) -> SharedMemory:
 class NucleiPool:
     """``submit`` blocks; their ``BlockNuclei`` come back in submission order."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self, workers: int, style: FeatureStyle | None = None) -> None:
+        self.workers, self.style = workers, style
         self.limit = workers + 1  # each block in flight holds its region's maps in shared memory
         self._executor = ProcessPoolExecutor(workers, mp_context=_start_context(), initializer=_init_worker)
         self._pending: deque[tuple[int, Future[BlockNuclei], SharedMemory]] = deque()
@@ -193,7 +208,7 @@ class NucleiPool:
         shm, maps = self._segments.put(ternary, probs)
         try:
             with _without_main():  # the executor starts its processes as blocks are submitted
-                future = self._executor.submit(_run, place, maps)
+                future = self._executor.submit(_run, place, maps, self.style)
         except BrokenProcessPool as exc:
             self._segments.give(shm)
             raise PostprocessError(_DIED.format(when=f"before block {index} was queued")) from exc

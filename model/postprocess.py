@@ -714,6 +714,7 @@ class BlockNuclei:
     timings: dict[str, float]
     labels: np.ndarray | None = None  # region labels, with ``BlockPlace.keep_labels``
     ids: np.ndarray | None = None  # the owned labels, with ``BlockPlace.keep_labels``
+    features: list[str] | None = None  # each nucleus's GeoJSON text, when made where it was post-processed
 
 
 def block_nuclei(place: BlockPlace, ternary: np.ndarray, probs: np.ndarray) -> BlockNuclei:

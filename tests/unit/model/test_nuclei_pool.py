@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,11 @@ def _run(reader: ArrayReader, out: Path, workers: int, **kwargs: object) -> dict
     return dict(stats["nuclei"])
 
 
+def _text(path: Path) -> str:
+    """The GeoJSON file's bytes, each id's per-file random prefix blanked."""
+    return re.sub(r'"id":"[0-9a-f-]{24}', '"id":"', path.read_text())
+
+
 def _features(path: Path) -> list[dict]:
     features = json.loads(path.read_text())["features"]
     for f in features:
@@ -64,11 +70,13 @@ def test_worker_counts_give_the_serial_features(region: ArrayReader, tmp_path: P
     serial = _run(region, tmp_path / "serial", workers=0)
     assert serial["count"] > 200 and serial["workers"] == 0
     expected = _features(tmp_path / "serial" / "nuclei.geojson")
+    text = _text(tmp_path / "serial" / "nuclei.geojson")
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
         stats = _run(region, out, workers=workers)
         assert stats["workers"] == workers
         assert _features(out / "nuclei.geojson") == expected, f"{workers} workers"
+        assert _text(out / "nuclei.geojson") == text, f"{workers} workers: the same bytes"
         assert {k: v for k, v in stats.items() if k not in ("timings", "workers")} == \
             {k: v for k, v in serial.items() if k not in ("timings", "workers")}
 
