@@ -18,6 +18,7 @@ from model.engine import BlockResult, RunContext
 from model.errors import OptionsError
 from model.geojson import GeoJSONWriter, block_features
 from model.nuclei_pool import FeatureStyle, NucleiPool, available_cores, start_server
+from model.options import EngineOptions
 from model.postprocess import (
     NUCLEUS_MARGIN_UM,
     BlockNuclei,
@@ -96,6 +97,13 @@ class NucleusSink:
         self._pool: NucleiPool | None = None
         self.timings = {"postprocess_s": 0.0, "polygons_s": 0.0, "geojson_s": 0.0, "write_s": 0.0, "handoff_s": 0.0}
 
+    @staticmethod
+    def prepare(options: EngineOptions) -> None:
+        """Before a run: start the fork server its worker processes will fork from, which loads their
+        libraries while the engine opens the slide and finds its tissue."""
+        if nuclei_workers(options.workers):
+            start_server()
+
     def start(self, ctx: RunContext) -> None:
         classes = ctx.card.semantic_classes
         if len(classes) < 2 or len(ctx.card.semantic_colours) != len(classes):
@@ -117,9 +125,7 @@ class NucleusSink:
         self.oversized = 0
         self._writer = GeoJSONWriter(self.geojson_path) if self.geojson_path is not None else None
         self.workers = nuclei_workers(ctx.options.workers)
-        self._pool = None  # started by the first block to post-process, from a server started now
-        if self.workers:
-            start_server()
+        self._pool = None  # started by the first block to post-process
         if self.instances_path is not None:
             self._instances = self._allocate_instances(ctx.view.width, ctx.view.height)
 

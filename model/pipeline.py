@@ -29,6 +29,7 @@ def build_sinks(
     sinks: list[BlockSink] = [ClassMapSink(out_dir, masks="masks" in outputs, overlays="overlays" in outputs)]
     if "nuclei" in outputs:
         sinks.append(NucleusSink(out_dir / GROUP_FILES["nuclei"][0]))
+        NucleusSink.prepare(options)
     return sinks, sink_options(options, outputs, model_mpp=model_mpp)
 
 
