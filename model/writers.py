@@ -75,7 +75,7 @@ class PngWriter:
             filtered[0, 1:] -= self._above
             filtered[1:, 1:] -= flat[:-1]
             self._above = flat[-1].copy()
-        self._pending += self._deflate.compress(filtered.tobytes())
+        self._pending += self._deflate.compress(filtered)  # a contiguous buffer: no copy to bytes
         self._rows += rows.shape[0]
         self._flush(final=False)
 
@@ -214,7 +214,7 @@ def _mask_tiles(store: ClassMapStore, scale: int, width: int, height: int, tile:
 def _deflate_tile(tile: np.ndarray) -> bytes:
     """One TIFF tile, deflated here (``MASK_DEFLATE_LEVEL``) rather than by tifffile, whose encoder
     depends on whether imagecodecs is installed."""
-    return isal_zlib.compress(np.ascontiguousarray(tile).tobytes(), MASK_DEFLATE_LEVEL)
+    return isal_zlib.compress(np.ascontiguousarray(tile), MASK_DEFLATE_LEVEL)
 
 
 class ReducedPages:
