@@ -21,6 +21,7 @@ import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
@@ -104,9 +105,17 @@ def feature_body(ring: np.ndarray, name: str, colour: Sequence[int], measurement
     return f'"geometry":{{"type":"Polygon","coordinates":[{coords}]}},"properties":{props}'
 
 
-def block_features(nuclei: BlockNuclei, names: Sequence[str], colours: Sequence[Sequence[int]]) -> list[str]:
-    """``feature_body`` of each nucleus a block owns, its class named ``names[k]`` in ``colours[k]``."""
-    return [feature_body(ring, names[k], colours[k], {"area_um2": float(area), "confidence": float(c)})
+@dataclass(frozen=True)
+class FeatureStyle:
+    """How a run's nuclei are written: each class index's name and colour."""
+
+    names: tuple[str, ...]
+    colours: tuple[tuple[int, int, int], ...]
+
+
+def block_features(nuclei: BlockNuclei, style: FeatureStyle) -> list[str]:
+    """``feature_body`` of each nucleus a block owns."""
+    return [feature_body(ring, style.names[k], style.colours[k], {"area_um2": float(area), "confidence": float(c)})
             for ring, k, area, c in zip(nuclei.rings, nuclei.class_index, nuclei.area_um2, nuclei.confidence,
                                         strict=True)]
 

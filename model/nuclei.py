@@ -16,8 +16,8 @@ import numpy as np
 
 from model.engine import BlockResult, RunContext
 from model.errors import OptionsError
-from model.geojson import GeoJSONWriter, block_features
-from model.nuclei_pool import FeatureStyle, NucleiPool, available_cores, start_server
+from model.geojson import FeatureStyle, GeoJSONWriter, block_features
+from model.nuclei_pool import NucleiPool, available_cores, start_server
 from model.options import EngineOptions
 from model.postprocess import (
     NUCLEUS_MARGIN_UM,
@@ -120,6 +120,7 @@ class NucleusSink:
             )
         self.names = (*classes[1:], OTHER)
         self.colours = (*ctx.card.semantic_colours[1:], OTHER_COLOUR)
+        self.style = FeatureStyle(self.names, self.colours)
         self.tissue_mm2 = ctx.tissue.area_px() * self.mpp**2 / 1e6
         self.areas = [_Growable() for _ in self.names]
         self.oversized = 0
@@ -146,8 +147,7 @@ class NucleusSink:
             self.record(block_nuclei(place, block.classes[1], block.probs))
             return
         if self._pool is None:
-            style = FeatureStyle(self.names, self.colours) if self._writer is not None else None
-            self._pool = NucleiPool(self.workers, style)
+            self._pool = NucleiPool(self.workers, self.style if self._writer is not None else None)
         t0 = time.perf_counter()
         done = self._pool.submit(block.index, place, block.classes[1], block.probs)
         self.timings["handoff_s"] += time.perf_counter() - t0
@@ -167,7 +167,7 @@ class NucleusSink:
         if self._writer is not None:
             features = result.features
             if features is None:  # post-processed here, or replayed from a record
-                features = block_features(result, self.names, self.colours)
+                features = block_features(result, self.style)
             for body in features:
                 self._writer.write_feature(body)
         if self._instances is not None and result.labels is not None and result.ids is not None and len(cls):

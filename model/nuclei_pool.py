@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from model.errors import PostprocessError
-from model.geojson import block_features
+from model.geojson import FeatureStyle, block_features
 from model.postprocess import BlockNuclei, BlockPlace, block_nuclei
 
 PARENT_POLL_S = 0.5  # how often a worker checks that the engine's process still lives
@@ -120,7 +120,8 @@ def _init_worker() -> None:
 def _release_server() -> None:
     """Forked by the fork server, a worker holds (as any client of the server does) the pipe end that
     keeps the server running: closed here, so the server exits with the engine's process, and the
-    workers with the server (``_watch_parent``)."""
+    workers with the server (``_watch_parent``). The descriptor is ``multiprocessing.forkserver``'s own
+    attribute (CPython 3.11); there is none under ``spawn``."""
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     fd = getattr(server, "_forkserver_alive_fd", None)
     if server is not None and fd is not None:
@@ -163,14 +164,6 @@ _ATTACHED: dict[str, SharedMemory] = {}  # worker side: the segments this proces
 _KEEP_ATTACHED = 4  # more than a worker meets in turn (workers + 1 segments in flight, rarely one replaced)
 
 
-@dataclass(frozen=True)
-class FeatureStyle:
-    """How a run's nuclei are written to GeoJSON: each class index's name and colour."""
-
-    names: tuple[str, ...]
-    colours: tuple[tuple[int, int, int], ...]
-
-
 def _run(place: BlockPlace, maps: _Maps, style: FeatureStyle | None) -> BlockNuclei:
     """Worker side: post-process a block from its segment (kept mapped; the parent unlinks it), and with a
     ``style`` write its nuclei's GeoJSON text here too, off the engine's sink thread."""
@@ -178,7 +171,7 @@ def _run(place: BlockPlace, maps: _Maps, style: FeatureStyle | None) -> BlockNuc
     result = block_nuclei(place, ternary, probs)
     if style is not None:
         t0 = time.perf_counter()
-        result.features = block_features(result, style.names, style.colours)
+        result.features = block_features(result, style)
         result.timings["geojson_s"] = time.perf_counter() - t0
     return result
 

@@ -60,7 +60,7 @@ _SQUARE = np.ones((3, 3), np.uint8)
 
 
 def _close(mask: np.ndarray) -> np.ndarray:
-    """Dilated then eroded twice, nothing outside the image (OpenCV: 3x faster than scipy's closing)."""
+    """Dilated then eroded twice, nothing outside the image."""
     grown = cv2.dilate(mask, _SQUARE, iterations=2, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     return cv2.erode(grown, _SQUARE, iterations=2, borderType=cv2.BORDER_CONSTANT, borderValue=0)
 

@@ -86,7 +86,8 @@ def _pool_processes(engine: psutil.Process | None = None) -> list[psutil.Process
     engine = engine or psutil.Process()
     children = engine.children()
     servers = [p for p in children if "forkserver" in " ".join(p.cmdline())]
-    return [w for s in servers for w in s.children()] + [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    found = [w for s in servers for w in s.children()] + [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    return [p for p in found if p.status() != psutil.STATUS_ZOMBIE]  # an earlier run's, not yet reaped
 
 
 def _killer(seen: list[psutil.Process]) -> Any:
