@@ -245,8 +245,8 @@ def _start_context() -> multiprocessing.context.BaseContext:
 
 
 def start_server() -> None:
-    """Start the fork server now, so that it imports its libraries while the engine reads and blends
-    the first block (its workers then fork at once). Nothing to do under ``spawn``, or once started."""
+    """Start the fork server now, so that it imports its libraries while the engine opens the slide
+    (its workers then fork at once). Nothing to do under ``spawn``, or once started."""
     if _start_context().get_start_method() == "forkserver":
         with _without_main():
             multiprocessing.forkserver.ensure_running()
