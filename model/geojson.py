@@ -101,7 +101,7 @@ def feature_body(ring: np.ndarray, name: str, colour: Sequence[int], measurement
         raise ValueError(f"ring must be (k >= 4, 2) x, y coordinates, got shape {ring.shape}")
     coords = "[" + ",".join([f"[{x!r},{y!r}]" for x, y in np.round(ring, COORD_DECIMALS).tolist()]) + "]"
     values = ",".join(f"{_key(k)}:{_number(v)}" for k, v in measurements.items())
-    props = f'{_classification(name, tuple(int(c) for c in colour))},"measurements":{{{values}}}}}'
+    props = f'{_classification(name, tuple(colour))},"measurements":{{{values}}}}}'
     return f'"geometry":{{"type":"Polygon","coordinates":[{coords}]}},"properties":{props}'
 
 
@@ -123,7 +123,7 @@ def block_features(nuclei: BlockNuclei, style: FeatureStyle) -> list[str]:
 @lru_cache(maxsize=64)
 def _classification(name: str, colour: tuple[int, ...]) -> str:
     """``{"objectType":...,"classification":{...}`` of one class, encoded once."""
-    classification = {"name": name, "color": list(colour)}
+    classification = {"name": name, "color": [int(c) for c in colour]}  # numpy integers hash alike
     return f'{{"objectType":"detection","classification":{json.dumps(classification, separators=(",", ":"))}'
 
 

@@ -119,8 +119,7 @@ class NucleusSink:
                 f"{self.mpp:.4g} µm/px), got {self.margin}"
             )
         self.names = (*classes[1:], OTHER)
-        self.colours = (*ctx.card.semantic_colours[1:], OTHER_COLOUR)
-        self.style = FeatureStyle(self.names, self.colours)
+        self.style = FeatureStyle(self.names, (*ctx.card.semantic_colours[1:], OTHER_COLOUR))
         self.tissue_mm2 = ctx.tissue.area_px() * self.mpp**2 / 1e6
         self.areas = [_Growable() for _ in self.names]
         self.oversized = 0

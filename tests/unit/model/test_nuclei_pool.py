@@ -110,7 +110,7 @@ def test_a_dead_worker_fails_the_run_without_partial_results(region: ArrayReader
     with pytest.raises(PostprocessError, match="worker process died"):
         _run(region, tmp_path, workers=2, on_progress=_killer(workers))
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no GeoJSON, partial or not"
-    assert len(workers) == 2
+    assert workers, "the run had worker processes"  # one or two: the pool starts them as blocks queue up
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"workers left: {alive}"
     assert _segments() <= before, "shared-memory blocks left behind"
