@@ -1,9 +1,10 @@
 """How often the engine runs a tile twice, by slide width and tile-cache budget.
 
-The engine's own block plan, tile grid and tile cache (``model.tilecache``) over a slide of the given
-widths, with logits that take no memory (torch's ``meta`` device): each block runs the tiles that
-touch it (its region with the nuclei margin) unless the cache holds them, offers them to the cache,
-and retires what no later block needs, as ``Engine`` does (a test checks the counts against an
+The engine's own block plan, tile grid and tile cache (``model.blockplan``, ``model.tilecache``) over
+a slide of the given widths, with logits that take no memory (torch's ``meta`` device): each block
+runs the tiles its plan adds (those touching the part of its region, with the nuclei margin, that it
+does not take from its neighbours' maps) unless the cache holds them, offers them to the cache, and
+retires what no later block needs, as ``Engine`` does (a test checks the counts against an
 engine run; on a 32,768 px slide both ran 30,470 tiles with 512 MB). A tile shared with the next block row
 must stay cached for a whole row of blocks, so the budget a slide needs grows with its width.
 Prints, per width, budget and logits dtype, the tiles run per grid tile (1.000: every shared tile ran
@@ -18,9 +19,11 @@ import argparse
 
 import torch
 
+from model.blockplan import BlockJob
+from model.engine import complete_plan
 from model.options import DEVICE_CACHE_MB, EngineOptions
 from model.postprocess import engine_margin
-from model.tilecache import BlockIndex, TileCache
+from model.tilecache import TileCache
 from model.tiling import Box, TileGrid, plan_blocks
 
 CHANNELS = 8  # semantic and ternary logits
@@ -33,18 +36,22 @@ def simulate(width: int, height: int, budget_bytes: int, dtype: torch.dtype,
     tile on tissue (``margin``: the engine's for the nuclei at 0.25 µm/px unless given)."""
     grid = TileGrid(options.tile_size, options.overlap, width, height)
     margin = engine_margin(0.25) if margin is None else margin
-    blocks = plan_blocks(width, height, options.block_size)
-    index = BlockIndex(width, height, options.block_size, margin)
+    bounds = Box(0, 0, width, height)
+    jobs = [BlockJob(i, inner, region, grid.tiles_touching(region))
+            for i, inner in enumerate(plan_blocks(width, height, options.block_size))
+            if (region := inner.expand(margin, bounds))]
+    per_row = -(-width // options.block_size)
+    _, uses = complete_plan(jobs, grid, per_row, width, margin, share=True)
     cache = TileCache(budget_bytes)
     logits = torch.empty((CHANNELS, options.tile_size, options.tile_size), device="meta")
-    bounds, run, peak = Box(0, 0, width, height), 0, 0
-    for i, inner in enumerate(blocks):
-        for tile in grid.tiles_touching(inner.expand(margin, bounds)):
+    run, peak = 0, 0
+    for job in jobs:
+        for tile in job.tiles:
             if cache.get(tile) is None:
                 run += 1
-                cache.offer(tile, logits, index.blocks_touching(grid.tile_box(*tile)), i, dtype)
+                cache.offer(tile, logits, uses.of(tile), job.index, dtype)
                 peak = max(peak, cache.used)
-        cache.retire(i)
+        cache.retire(job.index)
     return run, grid.n_x * grid.n_y, peak
 
 

@@ -114,23 +114,29 @@ BAND_ROWS = 32
 in cache from one pass to the next (measured 30 % faster than whole planes), with the same values."""
 
 
+MapTensors = tuple[torch.Tensor, torch.Tensor | None]
+
+
 def region_maps(values: torch.Tensor, covered: torch.Tensor, n_semantic: int, *, probs: bool, rows: int | None = None,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                weights: torch.Tensor | None = None, out: MapTensors | None = None) -> MapTensors:
     """``class_maps`` and, with ``probs``, ``nucleus_maps`` of a blended region, ``rows`` rows at a
     time (default: ``BAND_ROWS`` on a CPU, the whole region elsewhere, where bands only add kernel
     launches). With ``weights`` (``Accumulator.sums``), ``values`` are weighted sums, divided here a
-    band at a time. Overwrites ``values`` where ``probs`` or ``weights``."""
+    band at a time. Overwrites ``values`` where ``probs`` or ``weights``. ``out``: the two maps'
+    tensors to write (views of larger ones, say), else new ones."""
     h, w = values.shape[1:]
     rows = rows or (BAND_ROWS if values.device.type == "cpu" else h)
-    classes = torch.empty((2, h, w), dtype=torch.uint8, device=values.device)
-    nuclei = torch.empty((n_semantic + 1, h, w), dtype=torch.uint8, device=values.device) if probs else None
+    if out is None:
+        out = (torch.empty((2, h, w), dtype=torch.uint8, device=values.device),
+               torch.empty((n_semantic + 1, h, w), dtype=torch.uint8, device=values.device) if probs else None)
+    classes, nuclei = out
     for y in range(0, h, rows):
         band = values[:, y : y + rows]
         if weights is not None:
             band.div_(weights[y : y + rows])
         top = _class_maps_into(classes[:, y : y + rows], band, covered[y : y + rows], n_semantic)
         if nuclei is not None:
-            nuclei[:, y : y + rows] = nucleus_maps(band, n_semantic, top=top)
+            nucleus_maps(band, n_semantic, top=top, out=nuclei[:, y : y + rows])
     return classes, nuclei
 
 
@@ -158,13 +164,13 @@ def _argmax_and_max(planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True,
-                 top: torch.Tensor | None = None) -> torch.Tensor:
+                 top: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(n_semantic + 1, h, w)`` uint8: the semantic probabilities and p(inside), times ``PROB_SCALE``.
 
     What the nuclei post-processing reads of a blended region besides the ternary argmax: a quarter
     of the float32 logits' bytes, computed where the network runs. ``logits=False`` takes
-    probabilities as they are; ``top``, the semantic logits' maximum, when known. Overwrites ``values``
-    (softmax in place: no region-sized temporaries).
+    probabilities as they are; ``top``, the semantic logits' maximum, when known; ``out``, the
+    tensor to write. Overwrites ``values`` (softmax in place: no region-sized temporaries).
     """
     sem, ter = values[:n_semantic], values[n_semantic:]
     if logits:
@@ -172,7 +178,8 @@ def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True,
         inside = _inside_probability_(ter)
     else:
         inside = ter[1]
-    out = torch.empty((n_semantic + 1, *values.shape[1:]), dtype=torch.uint8, device=values.device)
+    if out is None:
+        out = torch.empty((n_semantic + 1, *values.shape[1:]), dtype=torch.uint8, device=values.device)
     out[:n_semantic] = sem.mul_(PROB_SCALE).round_()
     out[n_semantic] = inside.mul_(PROB_SCALE).round_()
     return out

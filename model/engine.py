@@ -1,14 +1,17 @@
 """The inference engine: blocks over one global tile grid, Gaussian blending, bounded memory.
 
-``Engine.run(reader, sinks)`` walks the analysis level block by block. For each block it runs
-exactly the grid tiles that touch the block (plus an optional margin for post-processing), blends
-them into a block-sized accumulator on the network's device (``model.blending``) and hands every sink
-the block's uint8 class maps (and, to sinks that need them, the uint8 nuclei maps or the blended
-float32 logits). Because every pixel
-is the weighted mean over the same global tiles, the output does not depend on the block size; and
-since every forward pass has ``batch_size`` tiles (``TileRunner``) and each block adds its tiles in
-one fixed order, it does not depend on which tiles the cache held either, to the last bit.
-Memory is two blocks of accumulators plus the model, whatever the slide's size.
+``Engine.run(reader, sinks)`` walks the analysis level block by block. Each block's region is the
+block plus an optional margin for post-processing; for each block it runs exactly the grid tiles
+that touch its region, blends them into a region-sized accumulator on the network's device
+(``model.blending``) and hands every sink the region's uint8 class maps (and, to sinks that need
+them, the uint8 nuclei maps or the blended float32 logits). Because every pixel is the weighted mean
+over the same global tiles, the output does not depend on the block size; and since every forward
+pass has ``batch_size`` tiles (``TileRunner``) and each block adds its tiles in one fixed order, it
+does not depend on which tiles the cache held either, to the last bit. So the parts of a region
+that the block to its left and the block above already made are taken from their maps, not blended
+again (``model.seams``; not when a sink wants the logits themselves). Memory is two blocks of
+accumulators, a block row's strip of maps (held only while it is smaller than one of them) and the
+model, whatever the slide's size.
 
 Sinks (``BlockSink``) do everything after blending: masks, overlays, stats, nuclei. They run on a
 thread of their own (``_SinkThread``), a block behind the blending, which first turns each blended
@@ -37,6 +40,7 @@ import torch
 
 from model.analysis import AnalysisView, make_view
 from model.blending import Accumulator, Workspace, gaussian_weights, region_maps
+from model.blockplan import BlockJob, TileUses, add_sources, share_maps, strip_bytes
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
 from model.device import TileRunner, resolve_device, resolve_precision, torch_threads
@@ -44,6 +48,7 @@ from model.errors import CancelledError, OptionsError
 from model.nuclei_pool import available_cores
 from model.options import EngineOptions
 from model.readers import ArrayReader, SlideReader
+from model.seams import SharedMaps
 from model.stain import StainTransform, fit_stain
 from model.tilecache import BlockIndex, TileCache
 from model.tiling import Box, TileGrid, iter_batches, plan_blocks
@@ -145,6 +150,7 @@ class RunReport:
     tiles_reused: int = 0
     tiles_skipped: int = 0
     tiles_shared: int = 0  # tiles run here that blocks before the run's first block also need (shards)
+    px_shared: int = 0  # region pixels whose maps a block took from its neighbours (``model.seams``)
     grid_tiles: int = 0
     blocks: int = 0
     blocks_skipped: int = 0
@@ -236,11 +242,13 @@ class Engine:
         for sink in sinks:
             sink.start(ctx)
         wants = _Wants(any(s.needs_logits for s in sinks), any(s.needs_probs for s in sinks))
-        spaces = _Workspaces(self.device)
+        spaces, held = _Workspaces(self.device), SharedMaps()
         feeder = _SinkThread(sinks, report, len(blocks), on_progress, should_cancel,
-                             prepare=lambda blended: self._maps(blended, wants, report, spaces))
+                             prepare=lambda blended: self._maps(blended, wants, report, spaces, held))
+        share = not wants.logits  # the blended logits of every region pixel: nothing shared
         try:
-            for done, blended in enumerate(self._blocks(ctx, grid, blocks, report, spaces, feeder.check), start=1):
+            for done, blended in enumerate(self._blocks(ctx, grid, blocks, report, spaces, feeder.check, share),
+                                           start=1):
                 feeder.put(done, blended)
             feeder.close()
         except BaseException:
@@ -264,20 +272,23 @@ class Engine:
 
     def _blocks(
         self, ctx: RunContext, grid: TileGrid, blocks: range, report: RunReport, spaces: _Workspaces,
-        check: Callable[[], None],
+        check: Callable[[], None], share: bool,
     ) -> Iterator[_Blended]:
-        """Blend each block, reading the next blocks' pixels on helper threads meanwhile."""
+        """Blend each block, reading the next blocks' pixels on helper threads meanwhile; with
+        ``share``, the parts of its region that blocks before it hold are not blended again."""
         view = ctx.view
         index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
                            start=blocks.start, stop=blocks.stop)
-        jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report, index) for i in blocks]
-        cache = TileCache(self.cache_bytes)
-        spaces.reserve(max((j.region.height * j.region.width for j in jobs), default=0) * (N_CHANNELS + 1))
+        jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report) for i in blocks]
+        shared, uses = complete_plan(jobs, grid, index.n_x, view.width, self.options.margin, share=share)
+        report.px_shared += shared
+        tiles = _Tiles(grid, index, uses, TileCache(self.cache_bytes))
+        spaces.reserve(_workspace_floats(jobs))
 
         def read(box: Box) -> np.ndarray:
             return self._read(view, box, report, ctx.stain)
 
-        def read_ahead(job: _BlockJob) -> np.ndarray | None:
+        def read_ahead(job: BlockJob) -> np.ndarray | None:
             return None if job.source is None else read(job.source)
 
         for job, pixels in _prefetch(jobs, read_ahead, reader_threads()):
@@ -285,21 +296,18 @@ class Engine:
                 report.blocks_skipped += 1
                 yield _Blended(job)
             else:
-                yield self._blend(job, _Pixels(job.source, pixels, read), grid, report, index, cache,
-                                  spaces.take(check))
-            cache.retire(job.index)
-        report.tiles_reused = cache.hits
+                yield self._blend(job, _Pixels(job.source, pixels, read), tiles, report, spaces.take(check))
+            tiles.cache.retire(job.index)
+        report.tiles_reused = tiles.cache.hits
 
     def _block_job(self, index: int, inner: Box, view: AnalysisView, grid: TileGrid, tissue: TissueMask,
-                   report: RunReport, blocks: BlockIndex) -> _BlockJob:
-        """The block's tiles, and the pixels to read for them: those of the tiles no earlier block of
-        the run also has (the others' logits are normally in the tile cache by then)."""
+                   report: RunReport) -> BlockJob:
+        """The block with the tissue tiles its region touches (``model.blockplan`` completes its plan)."""
         region = inner.expand(self.options.margin, view.bounds)
         touching = grid.tiles_touching(region)
         tiles = [t for t in touching if tissue.any_in(_clip(grid.tile_box(*t), view.bounds))]
         report.tiles_skipped += len(touching) - len(tiles)
-        new = [t for t in tiles if not blocks.earlier_touches(grid.tile_box(*t), index)]
-        return _BlockJob(index, inner, region, tiles, grid.union_box(new) if new else None)
+        return BlockJob(index, inner, region, tiles)
 
     def _read(self, view: AnalysisView, box: Box, report: RunReport, stain: StainTransform | None) -> np.ndarray:
         """The pixels of ``box`` (stain-normalised when asked), mostly on a reader thread."""
@@ -313,11 +321,12 @@ class Engine:
         return pixels
 
     @torch.inference_mode()
-    def _blend(self, job: _BlockJob, pixels: _Pixels, grid: TileGrid, report: RunReport,
-               index: BlockIndex, cache: TileCache, workspace: Workspace) -> _Blended:
+    def _blend(self, job: BlockJob, pixels: _Pixels, tiles: _Tiles, report: RunReport,
+               workspace: Workspace) -> _Blended:
         """The block's tiles run (or taken from the cache) and added into an accumulator over ``workspace``."""
+        grid, cache = tiles.grid, tiles.cache
         with self._host_threads():
-            acc = Accumulator(job.region, N_CHANNELS, self.device, workspace)
+            acc = Accumulator(job.share.own_part(job.region), N_CHANNELS, self.device, workspace)
             cached = {t: hit for t in job.tiles if (hit := cache.get(t)) is not None}  # held: offers may evict
             to_run = [t for t in job.tiles if t not in cached]
             pixels.cover([grid.tile_box(*t) for t in to_run])  # tiles the cache no longer holds: read now
@@ -328,15 +337,18 @@ class Engine:
                 tile_logits = cached.get(tile)
                 if tile_logits is None:
                     if tile not in ready:
-                        ready = self._forward(next(batches), job, pixels, grid, report, index, cache)
+                        ready = self._forward(next(batches), job, pixels, tiles, report)
                     tile_logits = ready.pop(tile)
                 acc.add(grid.tile_box(*tile), tile_logits, self.weights)
             report.clock("blend", time.perf_counter() - t0 - (report.timings.get("forward", 0.0) - forward))
         return _Blended(job, acc, workspace)
 
     @torch.inference_mode()
-    def _maps(self, blended: _Blended, wants: _Wants, report: RunReport, spaces: _Workspaces) -> BlockResult:
-        """What the sinks receive of a blended block (on the sinks' thread); gives its workspace back."""
+    def _maps(self, blended: _Blended, wants: _Wants, report: RunReport, spaces: _Workspaces,
+              held: SharedMaps) -> BlockResult:
+        """What the sinks receive of a blended block (on the sinks' thread); gives its workspace back.
+        The parts of its region that blocks before it made come from ``held``; those that blocks
+        after it take are kept there."""
         job, acc = blended.job, blended.acc
         if acc is None or blended.workspace is None:
             return BlockResult(job.index, job.inner, job.region, None, None)
@@ -347,35 +359,48 @@ class Engine:
                 host = None
                 if wants.logits:  # the blended logits themselves: divided whole, copied (the workspace is reused)
                     host = values.div_(weights).to("cpu", copy=True).numpy()
-                classes, probs = region_maps(values, covered, N_SEMANTIC, probs=wants.probs,
-                                             weights=None if wants.logits else weights)
-                return BlockResult(job.index, job.inner, job.region, host, covered.cpu().numpy(),
-                                   classes.cpu().numpy(), None if probs is None else probs.cpu().numpy())
+                maps = _region_maps(job.region, wants.probs, self.device)  # classes, covered[, probs]
+                held.fill(job.region, job.share, maps)
+                own = [m[..., job.share.rows :, job.share.cols :] for m in maps]
+                region_maps(values, covered, N_SEMANTIC, probs=wants.probs, weights=None if wants.logits else weights,
+                            out=(own[0], own[2] if wants.probs else None))
+                own[1].copy_(covered)
+                held.keep(job.region, job.lent_cols, job.lent_rows, maps)
+                classes, whole, *probs = (m.cpu().numpy() for m in maps)
+                return BlockResult(job.index, job.inner, job.region, host, whole, classes, probs[0] if probs else None)
         finally:
             spaces.give(blended.workspace)
             report.clock("maps", time.perf_counter() - t0)
 
-    def _forward(self, batch: list[tuple[int, int]], job: _BlockJob, pixels: _Pixels, grid: TileGrid,
-                 report: RunReport, index: BlockIndex, cache: TileCache) -> dict[tuple[int, int], torch.Tensor]:
+    def _forward(self, batch: list[tuple[int, int]], job: BlockJob, pixels: _Pixels, tiles: _Tiles,
+                 report: RunReport) -> dict[tuple[int, int], torch.Tensor]:
         """Run one batch of tiles; offer their logits to the cache."""
-        boxes = [grid.tile_box(*t) for t in batch]
-        tiles = np.stack([pixels.cut(b) for b in boxes])
+        boxes = [tiles.grid.tile_box(*t) for t in batch]
+        stacked = np.stack([pixels.cut(b) for b in boxes])
         t0 = time.perf_counter()
         with torch_threads(self.network_threads):
-            out = self.runner(tiles)
+            out = self.runner(stacked)
         for tile, box, tile_logits in zip(batch, boxes, out, strict=True):
-            cache.offer(tile, tile_logits, index.blocks_touching(box), job.index, self.runner.exact_dtype)
-            report.tiles_shared += index.needed_before(box)
+            tiles.cache.offer(tile, tile_logits, tiles.uses.of(tile), job.index, self.runner.exact_dtype)
+            report.tiles_shared += tiles.index.needed_before(box)
         report.tiles_run += len(batch)
         report.clock("forward", time.perf_counter() - t0)
         return dict(zip(batch, out, strict=True))
+
+
+def _region_maps(region: Box, probs: bool, device: torch.device) -> list[torch.Tensor]:
+    """Empty uint8 class maps ``(2, h, w)``, covered mask ``(h, w)`` and, with ``probs``, uint8
+    nuclei maps ``(N_SEMANTIC + 1, h, w)`` of ``region``."""
+    shape = (region.height, region.width)
+    planes = [((2, *shape), torch.uint8), (shape, torch.bool)] + [((N_SEMANTIC + 1, *shape), torch.uint8)] * probs
+    return [torch.empty(size, dtype=dtype, device=device) for size, dtype in planes]
 
 
 @dataclass
 class _Blended:
     """A block added up in an accumulator, whose maps the sinks' thread makes (no tiles: no accumulator)."""
 
-    job: _BlockJob
+    job: BlockJob
     acc: Accumulator | None = None
     workspace: Workspace | None = None
 
@@ -415,13 +440,33 @@ class _Wants:
     probs: bool
 
 
-@dataclass
-class _BlockJob:
-    index: int
-    inner: Box
-    region: Box
-    tiles: list[tuple[int, int]]
-    source: Box | None  # the pixels read ahead: those of the tiles no earlier block has (None: none)
+def complete_plan(jobs: list[BlockJob], grid: TileGrid, per_row: int, width: int, margin: int, *,
+                  share: bool) -> tuple[int, TileUses]:
+    """Complete the plan of a run's ``jobs`` (``model.blockplan``): with ``share``, what each block takes
+    of its neighbours' maps (the rows above too, while a block row's strip of maps fits in one more
+    accumulator workspace), then what each reads ahead and which blocks add each tile. Returns the
+    region pixels shared and the tiles' uses."""
+    shared = 0
+    if share:
+        rows = strip_bytes(width, margin, per_row) <= _workspace_floats(jobs) * 4
+        shared = share_maps(jobs, grid, per_row, rows=rows)
+    add_sources(jobs, grid)
+    return shared, TileUses(jobs)
+
+
+def _workspace_floats(jobs: list[BlockJob]) -> int:
+    """The floats of one accumulator workspace: every channel and the weights over the largest region."""
+    return max((job.region.area for job in jobs), default=0) * (N_CHANNELS + 1)
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """The tile grid of a run, which blocks need each tile, and the tiles' logits kept for them."""
+
+    grid: TileGrid
+    index: BlockIndex  # the blocks before a shard's first (``BlockIndex.needed_before``)
+    uses: TileUses
+    cache: TileCache
 
 
 class _Pixels:
@@ -484,15 +529,15 @@ def reader_threads() -> int:
     return min(MAX_READERS, available_cores())
 
 
-def _prefetch(jobs: list[_BlockJob], read: Callable[[_BlockJob], np.ndarray | None],
-              threads: int = 1) -> Iterator[tuple[_BlockJob, np.ndarray | None]]:
+def _prefetch(jobs: list[BlockJob], read: Callable[[BlockJob], np.ndarray | None],
+              threads: int = 1) -> Iterator[tuple[BlockJob, np.ndarray | None]]:
     """Yield ``(job, read(job))`` in order, reading up to ``threads`` blocks ahead, one per thread.
 
     Bounded: a slow consumer holds the readers back (at most ``threads`` blocks read ahead of it).
     On exit every read still running is waited for, so the slide may be closed afterwards.
     """
     pool = ThreadPoolExecutor(threads, thread_name_prefix="nucseg-block-reader")
-    pending: deque[tuple[_BlockJob, Future[np.ndarray | None]]] = deque()
+    pending: deque[tuple[BlockJob, Future[np.ndarray | None]]] = deque()
     todo = iter(jobs)
     try:
         for job in itertools.islice(todo, threads):

@@ -17,27 +17,13 @@ TileKey = tuple[int, int]
 
 
 class BlockIndex:
-    """Maps a tile's box to the row-major indices of the blocks whose regions it touches.
-
-    ``start`` and ``stop`` are the blocks a run processes (a shard of the slide): blocks from
-    ``stop`` on are left out, and ``needed_before`` tells a tile that blocks before ``start`` need too.
-    """
+    """The row-major block grid of a run over blocks ``start`` to ``stop`` (a shard of the slide):
+    ``needed_before`` tells a tile that blocks before ``start`` need too."""
 
     def __init__(self, width: int, height: int, block: int, margin: int, *, start: int = 0,
                  stop: int | None = None) -> None:
         self.block, self.margin, self.start, self.stop = block, margin, start, stop
         self.n_x, self.n_y = -(-width // block), -(-height // block)
-
-    def blocks_touching(self, box: Box) -> list[int]:
-        b, m = self.block, self.margin
-        bx0, bx1 = max(0, (box.x0 - m) // b), min(self.n_x - 1, (box.x1 - 1 + m) // b)
-        by0, by1 = max(0, (box.y0 - m) // b), min(self.n_y - 1, (box.y1 - 1 + m) // b)
-        found = [by * self.n_x + bx for by in range(by0, by1 + 1) for bx in range(bx0, bx1 + 1)]
-        return found if self.stop is None else [i for i in found if i < self.stop]
-
-    def earlier_touches(self, box: Box, block: int) -> bool:
-        """Whether a block of the run before ``block`` touches the tile (and so ran it first)."""
-        return any(self.start <= i < block for i in self.blocks_touching(box))
 
     def needed_before(self, box: Box) -> bool:
         """Whether a block before ``start`` touches the tile."""

@@ -210,3 +210,68 @@ def test_reads_past_the_edge_mirror_the_image_as_numpy_reflect(size: tuple[int, 
                            (-w, -h, 2 * w, 2 * h), (-pad, 2, w + pad, h + 3), (1, -pad, 2, -pad + 1)]:
         got = read_reflected(view, Box(x0, y0, x1, y1))
         np.testing.assert_array_equal(got, mirrored[pad + y0 : pad + y1, pad + x0 : pad + x1])
+
+
+class _RecordSink:
+    """Keeps every block's region maps as the engine hands them over."""
+
+    needs_probs = True
+
+    def __init__(self, *, logits: bool) -> None:
+        self.needs_logits = logits
+        self.blocks: dict[int, tuple[Box, np.ndarray | None, np.ndarray | None, np.ndarray | None]] = {}
+
+    def start(self, ctx: Any) -> None:
+        pass
+
+    def add(self, block: Any) -> None:
+        self.blocks[block.index] = (block.region, block.classes, block.covered, block.probs)
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+    def abort(self) -> None:
+        pass
+
+
+def _regions(width: int, height: int, block: int, margin: int) -> list[Box]:
+    bounds = Box(0, 0, width, height)
+    return [b.expand(margin, bounds) for b in plan_blocks(width, height, block)]
+
+
+@pytest.mark.parametrize(("size", "block", "margin", "tissue"),
+                         [((230, 310), 70, 9, False), ((230, 310), 64, 30, False), ((230, 500), 90, 12, True),
+                          ((90, 3000), 40, 15, False), ((300, 130), 40, 45, False)])
+def test_parts_shared_with_the_blocks_before_are_the_maps_they_would_have_made(
+        size: tuple[int, int], block: int, margin: int, tissue: bool) -> None:
+    """A block takes the parts of its region that the block to its left and the block above hold
+    from their maps (``model.seams``): every block's class maps, covered mask and nuclei maps are the
+    bytes it makes blending its whole region (as when a sink wants the logits, which shares nothing).
+    Without tissue to skip, the parts blended are the image, once; a block row's strip wider than a
+    workspace is not held, and then only the columns are shared. With tissue, a block whose own part
+    has no tissue tiles blends its whole region; with a margin wider than a block, regions clipped at
+    the image's edge overlap more than their neighbours' (and are blended whole)."""
+    height, width = size
+    image = _image(height, width, seed=11)
+    if tissue:  # a white band (no tissue) between tissue: some tiles skipped, one block has only shared ones
+        image[:, 160:400] = 255
+    engine = Engine(loaded(TrivialNet(lambda x: x * 3 - 1)),
+                    EngineOptions(tile_size=64, overlap=24, block_size=block, margin=margin, precision="fp32",
+                                  device="cpu", tissue=tissue, batch_size=3))
+    shared, whole = _RecordSink(logits=False), _RecordSink(logits=True)
+    report = engine.run(ArrayReader(image, mpp=0.25), [shared])
+    assert engine.run(ArrayReader(image, mpp=0.25), [whole]).px_shared == 0
+    regions = _regions(width, height, block, margin)
+    rows_held = width < 1000
+    blended = width * height if rows_held else sum(r.height * width for r in regions if r.x0 == 0)
+    if tissue or margin > block:
+        assert 0 < report.px_shared < sum(r.area for r in regions) - blended
+    else:
+        assert report.px_shared == sum(r.area for r in regions) - blended
+    assert shared.blocks.keys() == whole.blocks.keys()
+    for index, (region, *maps) in whole.blocks.items():
+        assert shared.blocks[index][0] == region
+        for got, expected in zip(shared.blocks[index][1:], maps, strict=True):
+            assert (got is None) == (expected is None), index
+            if expected is not None:
+                np.testing.assert_array_equal(got, expected, err_msg=f"block {index}")

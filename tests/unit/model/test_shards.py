@@ -134,7 +134,9 @@ def test_merged_shards_equal_the_single_run(k: int, reader: SlideReader, model: 
     tiles, recomputed = stats["tiles"], stats["shards"]["tiles_recomputed"]
     assert stats["shards"]["count"] == k and (recomputed > 0) == (k > 1)
     assert tiles["run"] == single_stats["tiles"]["run"] + recomputed
-    assert tiles["run"] + tiles["reused"] == single_stats["tiles"]["run"] + single_stats["tiles"]["reused"]
+    added, single_added = (t["run"] + t["reused"] for t in (tiles, single_stats["tiles"]))
+    assert added >= single_added and (k > 1 or added == single_added)  # a shard's first block row blends the
+    # rows it shares with the row above itself (``model.seams``), so it adds their tiles too
     assert (tiles["skipped"], tiles["grid"]) == (single_stats["tiles"]["skipped"], single_stats["tiles"]["grid"])
 
 
