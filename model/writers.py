@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+import cv2
 import numpy as np
 import tifffile
 from isal import isal_zlib
@@ -124,8 +125,8 @@ class ClassMapStore:
     def write_block(self, x0: int, y0: int, values: np.ndarray) -> None:
         """Store ``values`` (``(h, w)`` uint8) with its top-left corner at ``(x0, y0)``."""
         values = np.ascontiguousarray(values, dtype=np.uint8)
-        for row in range(values.shape[0]):
-            os.pwrite(self._fd, values[row].tobytes(), (y0 + row) * self.width + x0)
+        for row in range(values.shape[0]):  # each row as it is (a buffer): a copy to bytes doubled the time
+            os.pwrite(self._fd, values[row], (y0 + row) * self.width + x0)
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``[y0, y1)`` as ``(y1 - y0, width)`` uint8."""
@@ -151,17 +152,16 @@ def overlay(base: np.ndarray, classes: np.ndarray, colours: Sequence[tuple[int, 
             alpha: float = 0.45) -> np.ndarray:
     """Blend class colours (all but class 0) over an RGB image of the same size: each pixel
     ``round((1 - alpha) * rgb + alpha * colour)`` in float32, looked up in a table of every class and
-    byte value (a gather per byte, in row bands, instead of arithmetic on the masked pixels)."""
-    flat = _blend_table(colours, alpha).reshape(-1)
-    out = np.empty_like(base)
-    channel = np.arange(3, dtype=np.int32)
-    for y in range(0, base.shape[0], 64):
-        rows = slice(y, y + 64)
-        index = base[rows].astype(np.int32)
-        index *= 3
-        index += channel
-        index += classes[rows].astype(np.int32)[..., None] * (256 * 3)
-        np.take(flat, index, out=out[rows])
+    byte value: per class, OpenCV's table lookup over the image, copied where the class is (twice the
+    speed of one gather of every pixel's entry)."""
+    out = base.copy()
+    if not out.size:
+        return out
+    table = _blend_table(colours, alpha)
+    for k in range(1, len(colours)):
+        where = np.equal(classes, k).view(np.uint8)
+        if where.any():
+            cv2.copyTo(cv2.LUT(base, table[k].reshape(256, 1, 3)), where, out)
     return out
 
 
