@@ -168,32 +168,36 @@ def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True,
     """``(n_semantic + 1, h, w)`` uint8: the semantic probabilities and p(inside), times ``PROB_SCALE``.
 
     What the nuclei post-processing reads of a blended region besides the ternary argmax: a quarter
-    of the float32 logits' bytes, computed where the network runs. ``logits=False`` takes
+    of the float32 logits' bytes, computed where the network runs, each rounded half up.
+    ``logits=False`` takes
     probabilities as they are; ``top``, the semantic logits' maximum, when known; ``out``, the
     tensor to write. Overwrites ``values`` (softmax in place: no region-sized temporaries).
     """
     sem, ter = values[:n_semantic], values[n_semantic:]
-    if logits:
-        _softmax_(sem, top)
+    half = torch.full((), 0.5, device=values.device)
+    if logits:  # exp(l - top) / sum, times PROB_SCALE, plus a half: one multiply-add
+        torch.addcmul(half, sem, _exp_shifted_(sem, top), value=PROB_SCALE, out=sem)
         inside = _inside_probability_(ter)
     else:
+        sem.mul_(PROB_SCALE).add_(half)
         inside = ter[1]
     if out is None:
         out = torch.empty((n_semantic + 1, *values.shape[1:]), dtype=torch.uint8, device=values.device)
-    out[:n_semantic] = sem.mul_(PROB_SCALE).round_()
-    out[n_semantic] = inside.mul_(PROB_SCALE).round_()
+    out[:n_semantic] = sem  # float to uint8 truncates: floor(p * PROB_SCALE + 0.5)
+    out[n_semantic] = inside.mul_(PROB_SCALE).add_(half)
     return out
 
 
-def _softmax_(planes: torch.Tensor, top: torch.Tensor | None = None) -> None:
-    """Softmax over the first dimension, in place; ``top``, the planes' maximum, when known (else a
-    running maximum: faster than ``amax(0)``)."""
+def _exp_shifted_(planes: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+    """The numerators of a softmax over the first dimension, ``exp(x - max)``, in place; returns
+    the reciprocal of their sum. ``top``, the planes' maximum, when known (else a running maximum:
+    faster than ``amax(0)``)."""
     if top is None:
         top = planes[0].clone()
         for plane in planes[1:]:
             torch.maximum(top, plane, out=top)
     planes.sub_(top).exp_()
-    planes.div_(planes.sum(0))
+    return planes.sum(0).reciprocal_()
 
 
 def _inside_probability_(ter: torch.Tensor) -> torch.Tensor:
