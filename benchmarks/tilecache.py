@@ -5,8 +5,8 @@ a slide of the given widths, with logits that take no memory (torch's ``meta`` d
 runs the tiles its plan adds (those touching the part of its region, with the nuclei margin, that it
 does not take from its neighbours' maps) unless the cache holds them, offers them to the cache, and
 retires what no later block needs, as ``Engine`` does (a test checks the counts against an
-engine run; on a 32,768 px slide both ran 30,470 tiles with 512 MB). A tile shared with the next block row
-must stay cached for a whole row of blocks, so the budget a slide needs grows with its width.
+engine run). A tile shared with the next block row must stay cached for a whole row of blocks, so
+the budget a slide needs grows with its width.
 Prints, per width, budget and logits dtype, the tiles run per grid tile (1.000: every shared tile ran
 once) and the most the cache held.
 
