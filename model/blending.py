@@ -81,11 +81,12 @@ class Accumulator:
         self.values[:, ry : ry + h, rx : rx + w].addcmul_(logits[:, ty : ty + h, tx : tx + w].float(), wt)
         self.weights[ry : ry + h, rx : rx + w] += wt
 
-    def sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weighted sums ``(C, h, w)``, the weights' sums ``(h, w)`` (1 where nothing covered, so
-        that sums divided by them are 0 there) and the covered mask ``(h, w)``."""
-        covered = self.weights > 0
-        return self.values, self.weights.masked_fill_(~covered, 1.0), covered
+    def sums(self, covered: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weighted sums ``(C, h, w)``, the weights' sums ``(h, w)`` (raised from 0 to the smallest
+        normal float where nothing covered, so that sums divided by them are 0 there; a covered pixel's
+        weight is far above it) and the covered mask ``(h, w)``, written into ``covered`` if given."""
+        covered = torch.gt(self.weights, 0, out=covered) if covered is not None else self.weights > 0
+        return self.values, self.weights.clamp_(min=torch.finfo(torch.float32).tiny), covered
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Blended logits ``(C, h, w)`` (0 where nothing covered) and the covered mask ``(h, w)``."""

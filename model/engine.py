@@ -67,7 +67,8 @@ class BlockResult:
 
     ``classes`` (uint8, semantic then ternary argmax, 0 where not covered) always comes back from
     the device; ``probs`` (uint8 ``nucleus_maps``) and the float32 ``logits`` only when a sink needs
-    them (``BlockSink.needs_probs``, ``BlockSink.needs_logits``).
+    them (``BlockSink.needs_probs``, ``BlockSink.needs_logits``). On a CPU ``classes``, ``covered``
+    and ``probs`` lie in storage the next block's maps reuse: valid while the sinks take this block.
     """
 
     index: int
@@ -134,7 +135,8 @@ class BlockSink(Protocol):
 
     def start(self, ctx: RunContext) -> None: ...
 
-    def add(self, block: BlockResult) -> None: ...
+    def add(self, block: BlockResult) -> None:
+        """Take a block; its arrays are valid until this returns (copy what is kept)."""
 
     def finish(self) -> dict[str, Any]: ...
 
@@ -242,9 +244,9 @@ class Engine:
         for sink in sinks:
             sink.start(ctx)
         wants = _Wants(any(s.needs_logits for s in sinks), any(s.needs_probs for s in sinks))
-        spaces, held = _Workspaces(self.device), SharedMaps()
+        spaces, held, storage = _Workspaces(self.device), SharedMaps(), _MapStorage(self.device)
         feeder = _SinkThread(sinks, report, len(blocks), on_progress, should_cancel,
-                             prepare=lambda blended: self._maps(blended, wants, report, spaces, held))
+                             prepare=lambda blended: self._maps(blended, wants, report, spaces, held, storage))
         share = not wants.logits  # the blended logits of every region pixel: nothing shared
         try:
             for done, blended in enumerate(self._blocks(ctx, grid, blocks, report, spaces, feeder.check, share),
@@ -345,26 +347,25 @@ class Engine:
 
     @torch.inference_mode()
     def _maps(self, blended: _Blended, wants: _Wants, report: RunReport, spaces: _Workspaces,
-              held: SharedMaps) -> BlockResult:
-        """What the sinks receive of a blended block (on the sinks' thread); gives its workspace back.
-        The parts of its region that blocks before it made come from ``held``; those that blocks
-        after it take are kept there."""
+              held: SharedMaps, storage: _MapStorage) -> BlockResult:
+        """What the sinks receive of a blended block (on the sinks' thread, in ``storage``); gives its
+        workspace back. The parts of its region that blocks before it made come from ``held``; those
+        that blocks after it take are kept there."""
         job, acc = blended.job, blended.acc
         if acc is None or blended.workspace is None:
             return BlockResult(job.index, job.inner, job.region, None, None)
         t0 = time.perf_counter()
         try:
             with self._host_threads():
-                values, weights, covered = acc.sums()
+                maps = storage.take(job.region, wants.probs)  # classes, covered[, probs]
+                held.fill(job.region, job.share, maps)
+                own = [m[..., job.share.rows :, job.share.cols :] for m in maps]
+                values, weights, covered = acc.sums(own[1])
                 host = None
                 if wants.logits:  # the blended logits themselves: divided whole, copied (the workspace is reused)
                     host = values.div_(weights).to("cpu", copy=True).numpy()
-                maps = _region_maps(job.region, wants.probs, self.device)  # classes, covered[, probs]
-                held.fill(job.region, job.share, maps)
-                own = [m[..., job.share.rows :, job.share.cols :] for m in maps]
                 region_maps(values, covered, N_SEMANTIC, probs=wants.probs, weights=None if wants.logits else weights,
                             out=(own[0], own[2] if wants.probs else None))
-                own[1].copy_(covered)
                 held.keep(job.region, job.lent_cols, job.lent_rows, maps)
                 classes, whole, *probs = (m.cpu().numpy() for m in maps)
                 return BlockResult(job.index, job.inner, job.region, host, whole, classes, probs[0] if probs else None)
@@ -388,12 +389,25 @@ class Engine:
         return dict(zip(batch, out, strict=True))
 
 
-def _region_maps(region: Box, probs: bool, device: torch.device) -> list[torch.Tensor]:
-    """Empty uint8 class maps ``(2, h, w)``, covered mask ``(h, w)`` and, with ``probs``, uint8
-    nuclei maps ``(N_SEMANTIC + 1, h, w)`` of ``region``."""
-    shape = (region.height, region.width)
-    planes = [((2, *shape), torch.uint8), (shape, torch.bool)] + [((N_SEMANTIC + 1, *shape), torch.uint8)] * probs
-    return [torch.empty(size, dtype=dtype, device=device) for size, dtype in planes]
+class _MapStorage:
+    """One block's maps at a time in storage kept from block to block: uint8 class maps
+    ``(2, h, w)``, the covered mask ``(h, w)`` and, with ``probs``, uint8 nuclei maps
+    ``(N_SEMANTIC + 1, h, w)``. Fresh maps for each block were a fifth of a run's page faults, each
+    page of them touched for the first time (the sinks copy what they keep: ``BlockSink.add``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._flat = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def take(self, region: Box, probs: bool) -> list[torch.Tensor]:
+        """Views for ``region``'s maps over the storage (its earlier views are overwritten)."""
+        h, w = region.height, region.width
+        planes = 2 + 1 + (N_SEMANTIC + 1) * probs
+        if self._flat.numel() < planes * h * w:
+            self._flat = torch.empty(planes * h * w, dtype=torch.uint8, device=self._flat.device)
+        maps = [self._flat[: 2 * h * w].view(2, h, w), self._flat[2 * h * w : 3 * h * w].view(torch.bool).view(h, w)]
+        if probs:
+            maps.append(self._flat[3 * h * w : planes * h * w].view(N_SEMANTIC + 1, h, w))
+        return maps
 
 
 @dataclass

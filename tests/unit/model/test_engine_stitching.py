@@ -224,8 +224,9 @@ class _RecordSink:
     def start(self, ctx: Any) -> None:
         pass
 
-    def add(self, block: Any) -> None:
-        self.blocks[block.index] = (block.region, block.classes, block.covered, block.probs)
+    def add(self, block: Any) -> None:  # the arrays are valid during ``add`` only: copied
+        self.blocks[block.index] = (block.region, *(None if a is None else a.copy()
+                                                    for a in (block.classes, block.covered, block.probs)))
 
     def finish(self) -> dict[str, Any]:
         return {}
