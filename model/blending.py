@@ -170,9 +170,9 @@ def nucleus_maps(values: torch.Tensor, n_semantic: int, *, logits: bool = True,
 
     What the nuclei post-processing reads of a blended region besides the ternary argmax: a quarter
     of the float32 logits' bytes, computed where the network runs, each rounded half up.
-    ``logits=False`` takes
-    probabilities as they are; ``top``, the semantic logits' maximum, when known; ``out``, the
-    tensor to write. Overwrites ``values`` (softmax in place: no region-sized temporaries).
+    ``logits=False`` takes probabilities as they are; ``top``, the semantic logits' maximum, when
+    known; ``out``, the tensor to write. Overwrites ``values`` (softmax in place: no region-sized
+    temporaries).
     """
     sem, ter = values[:n_semantic], values[n_semantic:]
     half = torch.full((), 0.5, device=values.device)

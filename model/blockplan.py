@@ -11,7 +11,6 @@ from model.seams import Share, shared_columns, shared_rows
 from model.tiling import Box, TileGrid
 
 TileKey = tuple[int, int]
-MAP_BYTES_PER_PX = 2 + 1 + 6  # class maps, covered mask and nuclei maps, as ``SharedMaps`` holds them
 
 
 @dataclass
@@ -63,9 +62,9 @@ def share_maps(jobs: Sequence[BlockJob], grid: TileGrid, per_row: int, *, rows: 
     return total
 
 
-def strip_bytes(width: int, margin: int, per_row: int) -> int:
+def strip_bytes(width: int, margin: int, per_row: int, bytes_per_px: int) -> int:
     """The bytes of the maps a block row lends the next: its regions' last ``2 x margin`` rows."""
-    return 2 * margin * (width + 2 * margin * per_row) * MAP_BYTES_PER_PX
+    return 2 * margin * (width + 2 * margin * per_row) * bytes_per_px
 
 
 def add_sources(jobs: Sequence[BlockJob], grid: TileGrid) -> None:

@@ -57,6 +57,7 @@ from model.tissue import TissueMask, detect_tissue, full_tissue, slide_thumbnail
 log = logging.getLogger(__name__)
 N_SEMANTIC = 5
 N_CHANNELS = 8  # 5 semantic + 3 ternary logits
+MAP_PLANES = 2 + 1 + N_SEMANTIC + 1  # uint8 planes of a block's maps: class maps, covered mask, nuclei maps
 MAX_READERS = 4  # block reader threads, at most (fewer on fewer cores)
 WORKSPACES = 2  # accumulators: one being blended, one being turned into maps
 
@@ -402,7 +403,7 @@ class _MapStorage:
     def take(self, region: Box, probs: bool) -> list[torch.Tensor]:
         """Views for ``region``'s maps over the storage (its earlier views are overwritten)."""
         h, w = region.height, region.width
-        planes = 2 + 1 + (N_SEMANTIC + 1) * probs
+        planes = MAP_PLANES if probs else 2 + 1
         if self._flat.numel() < planes * h * w:
             self._flat = torch.empty(planes * h * w, dtype=torch.uint8, device=self._flat.device)
         maps = [self._flat[: 2 * h * w].view(2, h, w), self._flat[2 * h * w : 3 * h * w].view(torch.bool).view(h, w)]
@@ -463,7 +464,7 @@ def complete_plan(jobs: list[BlockJob], grid: TileGrid, per_row: int, width: int
     region pixels shared and the tiles' uses."""
     shared = 0
     if share:
-        rows = strip_bytes(width, margin, per_row) <= _workspace_floats(jobs) * 4
+        rows = strip_bytes(width, margin, per_row, MAP_PLANES) <= _workspace_floats(jobs) * 4
         shared = share_maps(jobs, grid, per_row, rows=rows)
     add_sources(jobs, grid)
     return shared, TileUses(jobs)

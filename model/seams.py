@@ -59,8 +59,8 @@ class SharedMaps:
             for target, part in zip(maps, parts, strict=True):
                 target[..., : share.cols] = part
         if share.rows:
-            parts = self._take(self._above.pop((region.x0, region.x1), None),
-                                    Box(region.x0, region.y0, region.x1, region.y0 + share.rows))
+            needed = Box(region.x0, region.y0, region.x1, region.y0 + share.rows)
+            parts = self._take(self._above.pop((region.x0, region.x1), None), needed)
             for target, part in zip(maps, parts, strict=True):
                 target[..., : share.rows, share.cols :] = part[..., share.cols :]
 
@@ -78,4 +78,4 @@ class SharedMaps:
                       [m[..., -cols:].clone() for m in maps]) if cols else None
         if rows:
             self._above[region.x0, region.x1] = (Box(region.x0, region.y1 - rows, region.x1, region.y1),
-                                      [m[..., -rows:, :].clone() for m in maps])
+                                                  [m[..., -rows:, :].clone() for m in maps])
