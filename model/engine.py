@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -57,7 +58,6 @@ from model.tissue import TissueMask, detect_tissue, full_tissue, slide_thumbnail
 log = logging.getLogger(__name__)
 N_SEMANTIC = 5
 N_CHANNELS = 8  # 5 semantic + 3 ternary logits
-MAP_PLANES = 2 + 1 + N_SEMANTIC + 1  # uint8 planes of a block's maps: class maps, covered mask, nuclei maps
 MAX_READERS = 4  # block reader threads, at most (fewer on fewer cores)
 WORKSPACES = 2  # accumulators: one being blended, one being turned into maps
 
@@ -153,7 +153,7 @@ class RunReport:
     tiles_reused: int = 0
     tiles_skipped: int = 0
     tiles_shared: int = 0  # tiles run here that blocks before the run's first block also need (shards)
-    px_shared: int = 0  # region pixels whose maps a block took from its neighbours (``model.seams``)
+    px_shared: int = 0  # region pixels whose maps a block took from its neighbours (``model.seams``; this run's)
     grid_tiles: int = 0
     blocks: int = 0
     blocks_skipped: int = 0
@@ -280,8 +280,7 @@ class Engine:
         """Blend each block, reading the next blocks' pixels on helper threads meanwhile; with
         ``share``, the parts of its region that blocks before it hold are not blended again."""
         view = ctx.view
-        index = BlockIndex(view.width, view.height, self.options.block_size, self.options.margin,
-                           start=blocks.start, stop=blocks.stop)
+        index = BlockIndex(view.width, self.options.block_size, self.options.margin, start=blocks.start)
         jobs = [self._block_job(i, ctx.blocks[i], view, grid, ctx.tissue, report) for i in blocks]
         shared, uses = complete_plan(jobs, grid, index.n_x, view.width, self.options.margin, share=share)
         report.px_shared += shared
@@ -402,14 +401,18 @@ class _MapStorage:
 
     def take(self, region: Box, probs: bool) -> list[torch.Tensor]:
         """Views for ``region``'s maps over the storage (its earlier views are overwritten)."""
-        h, w = region.height, region.width
-        planes = MAP_PLANES if probs else 2 + 1
-        if self._flat.numel() < planes * h * w:
-            self._flat = torch.empty(planes * h * w, dtype=torch.uint8, device=self._flat.device)
-        maps = [self._flat[: 2 * h * w].view(2, h, w), self._flat[2 * h * w : 3 * h * w].view(torch.bool).view(h, w)]
-        if probs:
-            maps.append(self._flat[3 * h * w : planes * h * w].view(N_SEMANTIC + 1, h, w))
+        shapes = _map_shapes(region.height, region.width, probs)
+        sizes = [math.prod(shape) for shape in shapes]
+        if self._flat.numel() < sum(sizes):
+            self._flat = torch.empty(sum(sizes), dtype=torch.uint8, device=self._flat.device)
+        maps = [part.view(shape) for part, shape in zip(self._flat[: sum(sizes)].split(sizes), shapes, strict=True)]
+        maps[1] = maps[1].view(torch.bool)
         return maps
+
+
+def _map_shapes(h: int, w: int, probs: bool) -> list[tuple[int, ...]]:
+    """A block's uint8 maps: class maps, covered mask and, with ``probs``, nuclei maps."""
+    return [(2, h, w), (h, w)] + [(N_SEMANTIC + 1, h, w)] * probs
 
 
 @dataclass
@@ -464,7 +467,8 @@ def complete_plan(jobs: list[BlockJob], grid: TileGrid, per_row: int, width: int
     region pixels shared and the tiles' uses."""
     shared = 0
     if share:
-        rows = strip_bytes(width, margin, per_row, MAP_PLANES) <= _workspace_floats(jobs) * 4
+        map_bytes = sum(math.prod(shape) for shape in _map_shapes(1, 1, probs=True))
+        rows = strip_bytes(width, margin, per_row, map_bytes) <= _workspace_floats(jobs) * 4
         shared = share_maps(jobs, grid, per_row, rows=rows)
     add_sources(jobs, grid)
     return shared, TileUses(jobs)

@@ -53,7 +53,7 @@ MARKER = "shard.json"
 CLASSES = "classes.rec"
 NUCLEI = "nuclei.rec"
 _LEN = struct.Struct("<Q")
-_COUNTERS = ("tiles_run", "tiles_reused", "tiles_skipped", "tiles_shared", "px_shared", "blocks_skipped")
+_COUNTERS = ("tiles_run", "tiles_reused", "tiles_skipped", "tiles_shared", "blocks_skipped")
 _UNCHECKED_OPTIONS = ("workers", "tile_cache_mb")  # change neither pixels nor nuclei
 
 
@@ -348,7 +348,7 @@ def _next_nuclei(found: Iterator[tuple[int, dict[str, Any], dict[str, np.ndarray
 def _add_counters(report: RunReport, markers: list[dict[str, Any]]) -> None:
     for marker in markers:
         for name in _COUNTERS:
-            setattr(report, name, getattr(report, name) + int(marker["counters"].get(name, 0)))
+            setattr(report, name, getattr(report, name) + int(marker["counters"][name]))
         for name, seconds in marker["timings"].items():
             report.clock(name, float(seconds))
 

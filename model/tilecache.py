@@ -17,13 +17,12 @@ TileKey = tuple[int, int]
 
 
 class BlockIndex:
-    """The row-major block grid of a run over blocks ``start`` to ``stop`` (a shard of the slide):
+    """The row-major block grid of a run starting at block ``start`` (a shard of the slide):
     ``needed_before`` tells a tile that blocks before ``start`` need too."""
 
-    def __init__(self, width: int, height: int, block: int, margin: int, *, start: int = 0,
-                 stop: int | None = None) -> None:
-        self.block, self.margin, self.start, self.stop = block, margin, start, stop
-        self.n_x, self.n_y = -(-width // block), -(-height // block)
+    def __init__(self, width: int, block: int, margin: int, *, start: int = 0) -> None:
+        self.block, self.margin, self.start = block, margin, start
+        self.n_x = -(-width // block)
 
     def needed_before(self, box: Box) -> bool:
         """Whether a block before ``start`` touches the tile."""
