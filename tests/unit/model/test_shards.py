@@ -127,7 +127,7 @@ def test_merged_shards_equal_the_single_run(k: int, reader: SlideReader, model: 
             for ours, theirs in zip(_pixels(tmp_path / name), _pixels(single_dir / name), strict=True):
                 np.testing.assert_array_equal(ours, theirs, err_msg=name)
     features = _features(tmp_path / "nuclei.geojson")
-    assert features == _features(single_dir / "nuclei.geojson") and len(features) > 30
+    assert features == _features(single_dir / "nuclei.geojson") and len(features) >= 20  # not a vacuous match
     assert json.loads((tmp_path / "stats.json").read_text()) == stats
     assert _comparable(stats) == _comparable(single_stats)
     assert stats["blocks"]["skipped"] > 0  # the glass
