@@ -8,9 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from model.seams import Share, shared_columns, shared_rows
-from model.tiling import Box, TileGrid
-
-TileKey = tuple[int, int]
+from model.tiling import Box, TileGrid, TileKey
 
 
 @dataclass

@@ -52,7 +52,7 @@ from model.readers import ArrayReader, SlideReader
 from model.seams import SharedMaps
 from model.stain import StainTransform, fit_stain
 from model.tilecache import BlockIndex, TileCache
-from model.tiling import Box, TileGrid, iter_batches, plan_blocks
+from model.tiling import Box, TileGrid, TileKey, iter_batches, plan_blocks
 from model.tissue import TissueMask, detect_tissue, full_tissue, slide_thumbnail
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ class Engine:
             to_run = [t for t in job.tiles if t not in cached]
             pixels.cover([grid.tile_box(*t) for t in to_run])  # tiles the cache no longer holds: read now
             batches = iter_batches(to_run, self.batch_size)
-            ready: dict[tuple[int, int], torch.Tensor] = {}
+            ready: dict[TileKey, torch.Tensor] = {}
             t0, forward = time.perf_counter(), report.timings.get("forward", 0.0)
             for tile in job.tiles:  # one fixed order, whatever was cached: float sums depend on their order
                 tile_logits = cached.get(tile)
@@ -373,8 +373,8 @@ class Engine:
             spaces.give(blended.workspace)
             report.clock("maps", time.perf_counter() - t0)
 
-    def _forward(self, batch: list[tuple[int, int]], job: BlockJob, pixels: _Pixels, tiles: _Tiles,
-                 report: RunReport) -> dict[tuple[int, int], torch.Tensor]:
+    def _forward(self, batch: list[TileKey], job: BlockJob, pixels: _Pixels, tiles: _Tiles,
+                 report: RunReport) -> dict[TileKey, torch.Tensor]:
         """Run one batch of tiles; offer their logits to the cache."""
         boxes = [tiles.grid.tile_box(*t) for t in batch]
         stacked = np.stack([pixels.cut(b) for b in boxes])

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from model.tiling import Box
-
-TileKey = tuple[int, int]
+from model.tiling import Box, TileKey
 
 
 class BlockIndex:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from model.errors import OptionsError
 
+TileKey = tuple[int, int]
+"""A tile of a ``TileGrid``: its column and row."""
+
 
 @dataclass(frozen=True)
 class Box:
@@ -109,13 +112,13 @@ class TileGrid:
         last = min(n - 1, (hi - 1) // self.stride)
         return range(first, last + 1)
 
-    def tiles_touching(self, box: Box) -> list[tuple[int, int]]:
+    def tiles_touching(self, box: Box) -> list[TileKey]:
         """Tile indices ``(t_x, t_y)`` whose box overlaps ``box``, row-major."""
         xs = self._axis_range(box.x0, box.x1, self.n_x)
         ys = self._axis_range(box.y0, box.y1, self.n_y)
         return [(t_x, t_y) for t_y in ys for t_x in xs]
 
-    def union_box(self, tiles: list[tuple[int, int]]) -> Box:
+    def union_box(self, tiles: list[TileKey]) -> Box:
         """The smallest box holding all ``tiles``."""
         return Box.around([self.tile_box(tx, ty) for tx, ty in tiles])
 
@@ -131,7 +134,7 @@ def plan_blocks(width: int, height: int, block: int) -> list[Box]:
     ]
 
 
-def iter_batches(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+def iter_batches(items: list[TileKey], size: int) -> Iterator[list[TileKey]]:
     """Consecutive chunks of at most ``size`` items."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
