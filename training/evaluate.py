@@ -269,6 +269,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, action="append", help="dataset folder (repeatable)")
     p.add_argument("--kind", choices=("monuseg", "consep", "monusac"), help="override layout detection")
     p.add_argument("--out", default="runs/eval", help="output folder for eval.json and eval.md")
+    add_engine_args(p)
+    add_split_args(p)
+    p.add_argument("--limit", type=int, default=0, help="only the first N images per dataset (0: all)")
+    return p.parse_args(argv)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's options, as ``make_engine`` reads them."""
     p.add_argument("--tile-size", type=int, default=256)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -277,12 +285,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tta", action="store_true", help="the engine's test-time augmentation (four flips per tile)")
     p.add_argument("--stain", default=DEFAULTS.stain, choices=STAIN_METHODS,
                    help="the engine's stain normalisation (to the card's stain_reference, each image fitted on itself)")
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    """A training run's split, as ``select`` reads it."""
     p.add_argument("--split", help="split.json of a training run: evaluate only its --part of each dataset")
     p.add_argument("--part", default="val", choices=("train", "val"))
     p.add_argument("--split-datasets", default="monusac",
                    help="comma-separated datasets the split applies to (others, e.g. test folders, are used whole)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images per dataset (0: all)")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
