@@ -54,15 +54,15 @@ class Call:
 
 @dataclass
 class Tally:
-    """Pixel counts of one type, pooled over images (``p``: argmax is the type; ``m``: inside
-    unlabelled calls)."""
+    """Counts of one type, pooled over images; pixels "called the type" are those whose semantic
+    argmax is the type, "unlabelled" those of its calls on nuclei that touch no labelled pixel."""
 
     calls: int = 0
     unlabelled_calls: int = 0
     tp: int = 0
     union: int = 0
-    m_and_p: int = 0
-    m_not_p: int = 0
+    unlabelled_px_called_type: int = 0
+    unlabelled_px_not_called_type: int = 0
     cells: int = 0
     cells_missed: int = 0
     called_background: int = 0
@@ -75,8 +75,8 @@ class Tally:
         self.unlabelled_calls += found
         self.tp += int((pred & truth).sum())
         self.union += int((pred | truth).sum())
-        self.m_and_p += int((unlabelled & pred).sum())
-        self.m_not_p += int((unlabelled & ~pred).sum())
+        self.unlabelled_px_called_type += int((unlabelled & pred).sum())
+        self.unlabelled_px_not_called_type += int((unlabelled & ~pred).sum())
 
     def update_missed(self, nucleus: np.ndarray, truth: np.ndarray) -> None:
         """Add one image's labelled pixels of the type called background (``nucleus``: called any type)."""
@@ -95,8 +95,8 @@ class Tally:
         """Counts, the IoU, and the IoU were every unlabelled call's nucleus labelled the type
         (``None`` where the type is neither labelled nor predicted)."""
         iou = self.tp / self.union if self.union else None
-        relabelled = self.union + self.m_not_p
-        ceiling = (self.tp + self.m_and_p) / relabelled if relabelled else None
+        relabelled = self.union + self.unlabelled_px_not_called_type
+        ceiling = (self.tp + self.unlabelled_px_called_type) / relabelled if relabelled else None
         return {**asdict(self), "iou": iou, "iou_if_unlabelled_calls_labelled": ceiling}
 
 

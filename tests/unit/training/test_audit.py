@@ -111,7 +111,8 @@ def test_audit_image_tallies_pixels_and_draws_the_called_nucleus() -> None:
     calls = audit_image(tally, "img", sem_argmax, semantic, labels, np.array([0, 0, 1]), 0)
     assert [(c.nucleus, c.pixels) for c in calls] == [(2, 35)]
     r = tally.result()
-    assert (r["tp"], r["union"], r["m_and_p"], r["m_not_p"]) == (16, 16 + 35 + 12, 35, 0)
+    assert (r["tp"], r["union"]) == (16, 16 + 35 + 12)
+    assert (r["unlabelled_px_called_type"], r["unlabelled_px_not_called_type"]) == (35, 0)
     assert r["iou_if_unlabelled_calls_labelled"] == pytest.approx((16 + 35) / (16 + 35 + 12))
     (pair,) = draw(calls, {"img": (image, labels, semantic)})
     drawn = pair[:, pair.shape[1] // 2:]
