@@ -245,6 +245,14 @@ def test_workers_keep_freed_memory_for_the_next_block() -> None:
                               cwd=Path(__file__).resolve().parents[3], check=True)
         return float(proc.stdout.strip())
 
-    default, keep = faults("default"), faults("keep")
+    # Whether glibc's defaults return the memory depends on the allocator's history (its dynamic mmap
+    # threshold, the arenas threads got): a default process kept it in one full-suite run of many. The
+    # baseline is the first of up to three default processes that returns it.
+    default = 0.0
+    for _ in range(3):
+        default = faults("default")
+        if default > 300:
+            break
+    keep = faults("keep")
     assert default > 300, "freed memory no longer goes back to the system: the test no longer tells"
     assert keep < default / 10, (keep, default)
