@@ -31,6 +31,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from model.checkpoint import load_model
+from model.postprocess import Nuclei, find_nuclei
 from training.celltypes import CELL_TYPES
 from training.evaluate import add_engine_args, add_split_args, load_dataset, make_engine, select
 
@@ -100,25 +101,18 @@ class Tally:
         return {**asdict(self), "iou": iou, "iou_if_unlabelled_calls_labelled": ceiling}
 
 
-def unlabelled_calls(labels: np.ndarray, class_index: np.ndarray, cell_type: int,
-                     labelled: np.ndarray) -> tuple[np.ndarray, int]:
-    """``(ids, calls)``: ids of the nuclei in ``labels`` (1..n; ``class_index[i]`` is nucleus
-    ``i + 1``'s index into ``CELL_TYPES``) called ``cell_type`` whose pixels are all unlabelled,
-    and how many nuclei were called that type in all."""
-    n = len(class_index)
-    touched = np.bincount(labels[labelled].ravel(), minlength=n + 1)[1:] > 0
-    called = np.asarray(class_index) == cell_type
+def unlabelled_calls(nuclei: Nuclei, cell_type: int, labelled: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(ids, calls)``: labels of the ``nuclei`` called ``cell_type`` (an index into
+    ``CELL_TYPES``) whose pixels are all unlabelled, and how many were called that type in all."""
+    touched = np.bincount(nuclei.labels[labelled].ravel(), minlength=nuclei.n + 1)[1:] > 0
+    called = nuclei.class_index == cell_type
     return np.flatnonzero(called & ~touched) + 1, int(called.sum())
 
 
-def describe(name: str, labels: np.ndarray, ids: np.ndarray) -> list[Call]:
-    """A ``Call`` (centroid, area) for each id of ``labels``."""
-    if not len(ids):
-        return []
-    centres = ndi.center_of_mass(np.ones(labels.shape), labels, ids)
-    areas = ndi.sum_labels(np.ones(labels.shape), labels, ids)
-    return [Call(name, int(i), round(float(y)), round(float(x)), int(a))
-            for i, (y, x), a in zip(ids, centres, areas, strict=True)]
+def describe(name: str, nuclei: Nuclei, ids: np.ndarray) -> list[Call]:
+    """A ``Call`` for each label in ``ids``: the pixel holding its centroid, and its area."""
+    return [Call(name, int(i), int(nuclei.centroid_xy[i - 1, 1]), int(nuclei.centroid_xy[i - 1, 0]),
+                 int(nuclei.area_px[i - 1])) for i in ids]
 
 
 def _window(a: np.ndarray, y: int, x: int, radius: int) -> np.ndarray:
@@ -153,15 +147,15 @@ def sheets(crops: Sequence[np.ndarray], per_sheet: int = CROPS_PER_SHEET, per_ro
     return out
 
 
-def audit_image(tally: Tally, name: str, sem_argmax: np.ndarray, semantic: np.ndarray, labels: np.ndarray,
-                class_index: np.ndarray, cell_type: int) -> list[Call]:
-    """Add one image to ``tally``: its semantic argmax and labels (``semantic``, MoNuSAC classes),
-    its nuclei (``labels``, ``class_index``). Returns the unlabelled calls of ``cell_type``."""
-    ids, calls = unlabelled_calls(labels, class_index, cell_type, semantic > 0)
+def audit_image(tally: Tally, name: str, sem_argmax: np.ndarray, semantic: np.ndarray, nuclei: Nuclei,
+                cell_type: int) -> list[Call]:
+    """Add one image to ``tally``: its semantic argmax, labels (``semantic``, MoNuSAC classes) and
+    nuclei. Returns the unlabelled calls of ``cell_type``."""
+    ids, calls = unlabelled_calls(nuclei, cell_type, semantic > 0)
     truth = semantic == cell_type + 1
-    tally.update(sem_argmax == cell_type + 1, truth, np.isin(labels, ids), calls, len(ids))
+    tally.update(sem_argmax == cell_type + 1, truth, np.isin(nuclei.labels, ids), calls, len(ids))
     tally.update_missed(sem_argmax > 0, truth)
-    return describe(name, labels, ids)
+    return describe(name, nuclei, ids)
 
 
 def draw(calls: Sequence[Call], images: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -176,7 +170,6 @@ def draw(calls: Sequence[Call], images: dict[str, tuple[np.ndarray, np.ndarray, 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Audit and write ``audit.json`` and the sheets under ``args.out``."""
     from model.blending import nucleus_inputs
-    from model.postprocess import find_nuclei
 
     model = load_model(args.checkpoint)
     engine = make_engine(model, args)
@@ -186,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for s in samples:
         sem, ter = engine.predict_array(s.image)
         nuclei = find_nuclei(*nucleus_inputs(sem, ter), mpp=model.card.mpp)
-        calls += audit_image(tally, s.name, sem.argmax(0), s.semantic, nuclei.labels, nuclei.class_index, cell_type)
+        calls += audit_image(tally, s.name, sem.argmax(0), s.semantic, nuclei, cell_type)
         images[s.name] = (s.image, nuclei.labels, s.semantic)
     picked = random.Random(args.seed).sample(calls, min(args.sample, len(calls)))
     out = Path(args.out)

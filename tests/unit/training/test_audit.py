@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.postprocess import PROB_SCALE, Nuclei, measure_nuclei
 from training.audit import CALL_RGB, LABEL_RGB, Tally, audit_image, crop_pair, describe, draw, sheets, unlabelled_calls
 from training.celltypes import CELL_TYPES
 from training.synthetic import write_class_mask_folder
@@ -17,29 +18,42 @@ SHIPPED = Path(__file__).resolve().parents[3] / "model" / "weights" / "nucseg-de
 
 
 def _labels() -> np.ndarray:
-    labels = np.zeros((20, 20), dtype=np.int64)
+    labels = np.zeros((20, 20), dtype=np.int32)
     labels[1:5, 1:5] = 1    # epithelial, overlaps a labelled cell
     labels[8:13, 8:15] = 2  # epithelial, on unlabelled pixels only
     labels[15:19, 1:4] = 3  # lymphocyte, on unlabelled pixels
     return labels
 
 
+def _nuclei(labels: np.ndarray, types: dict[int, str]) -> Nuclei:
+    """The service's measurement of ``labels``, each nucleus certain of its type."""
+    probs = np.zeros((len(CELL_TYPES) + 1, *labels.shape), dtype=np.uint8)
+    probs[0] = PROB_SCALE
+    for i, name in types.items():
+        probs[:, labels == i] = 0
+        probs[CELL_TYPES.index(name) + 1, labels == i] = PROB_SCALE
+    return measure_nuclei(labels, probs)
+
+
+NUCLEI = {1: "epithelial", 2: "epithelial", 3: "lymphocyte"}
+
+
 def test_only_calls_of_the_type_on_wholly_unlabelled_nuclei_count() -> None:
-    labels = _labels()
-    labelled = np.zeros_like(labels, dtype=bool)
+    nuclei = _nuclei(_labels(), NUCLEI)
+    labelled = np.zeros_like(nuclei.labels, dtype=bool)
     labelled[4:7, 4:7] = True  # touches nucleus 1 at one pixel
-    ids, calls = unlabelled_calls(labels, np.array([0, 0, 1]), CELL_TYPES.index("epithelial"), labelled)
+    ids, calls = unlabelled_calls(nuclei, CELL_TYPES.index("epithelial"), labelled)
     assert ids.tolist() == [2] and calls == 2
-    ids, calls = unlabelled_calls(labels, np.array([0, 0, 1]), CELL_TYPES.index("lymphocyte"), labelled)
+    ids, calls = unlabelled_calls(nuclei, CELL_TYPES.index("lymphocyte"), labelled)
     assert ids.tolist() == [3] and calls == 1
-    none, calls = unlabelled_calls(labels, np.array([0, 0, 1]), CELL_TYPES.index("macrophage"), labelled)
+    none, calls = unlabelled_calls(nuclei, CELL_TYPES.index("macrophage"), labelled)
     assert none.size == 0 and calls == 0
 
 
-def test_describe_gives_centroid_and_area() -> None:
-    (call,) = describe("img", _labels(), np.array([2]))
+def test_describe_gives_the_pixel_holding_the_centroid_and_the_area() -> None:
+    (call,) = describe("img", _nuclei(_labels(), NUCLEI), np.array([2]))
     assert (call.image, call.nucleus, call.y, call.x, call.pixels) == ("img", 2, 10, 11, 35)
-    assert describe("img", _labels(), np.array([], dtype=np.int64)) == []
+    assert describe("img", _nuclei(_labels(), NUCLEI), np.array([], dtype=np.int64)) == []
 
 
 def test_tally_iou_and_the_iou_were_the_unlabelled_calls_labelled() -> None:
@@ -108,7 +122,7 @@ def test_audit_image_tallies_pixels_and_draws_the_called_nucleus() -> None:
     sem_argmax = np.where(labels > 0, 1, 0)               # every nucleus's pixels predicted epithelial
     image = np.full((20, 20, 3), 200, dtype=np.uint8)
     tally = Tally()
-    calls = audit_image(tally, "img", sem_argmax, semantic, labels, np.array([0, 0, 1]), 0)
+    calls = audit_image(tally, "img", sem_argmax, semantic, _nuclei(labels, NUCLEI), 0)
     assert [(c.nucleus, c.pixels) for c in calls] == [(2, 35)]
     r = tally.result()
     assert (r["tp"], r["union"]) == (16, 16 + 35 + 12)
