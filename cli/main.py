@@ -105,9 +105,12 @@ def _print_summary(stats: Stats, out: Path) -> None:
     print(f"{stats['slide']['name']}: {a['width']}x{a['height']} px at {a['mpp']:.4f} µm/px, "
           f"{stats['tiles']['run']} tiles run, {stats['tiles']['skipped']} skipped, "
           f"{stats['timings_s'].get('total', 0):.1f} s on {stats['device']} ({stats['precision']})")
+    held = (stats["model"].get("held_out") or {}).get("classes", {})
     for name, c in stats["semantic"]["classes"].items():
         frac = c["tissue_fraction"]
-        print(f"  {name:<11} {c['area_um2']:>14.1f} µm²  {100 * frac if frac is not None else 0:6.2f}% of tissue")
+        iou = held.get(name, {}).get("iou")
+        print(f"  {name:<11} {c['area_um2']:>14.1f} µm²  {100 * frac if frac is not None else 0:6.2f}% of tissue"
+              + (f"  (held-out IoU {iou:.2f})" if iou is not None else ""))
     if "nuclei" in stats:
         counts = {k: v["count"] for k, v in stats["nuclei"].get("classes", {}).items()}
         print(f"  nuclei: {counts}")

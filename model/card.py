@@ -48,6 +48,31 @@ class StainReference(BaseModel):
     macenko: MacenkoReference
 
 
+class HeldOutClass(BaseModel):
+    """One cell type on patients the recipe never trained on: labelled cells, pixel IoU, detection F1
+    (centroids within 12 px) with its 95 % bootstrap interval over images, and PQ."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    gt_cells: int = Field(ge=0)
+    iou: float | None
+    det_f1: float | None
+    det_f1_ci: tuple[float, float] | None
+    pq: float | None
+
+
+class RecipeValidation(BaseModel):
+    """How the recipe that made a model did on patients it never saw (model card field
+    ``recipe_validation``): a run of the same recipe with those patients held out."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: str = Field(description="the held-out run the figures come from")
+    patients: tuple[str, ...]
+    images: int = Field(ge=0)
+    classes: dict[str, HeldOutClass]
+
+
 class ModelCard(BaseModel):
     """Facts the engine, the API and the reports need about a checkpoint."""
 
@@ -67,6 +92,8 @@ class ModelCard(BaseModel):
     notes: str = ""
     stain_reference: StainReference | None = Field(None, description="the training images' colours, for the "
                                                    "engine's stain option (written by training.stain)")
+    recipe_validation: RecipeValidation | None = Field(None, description="the recipe's figures on held-out "
+                                                       "patients, which stats.json repeats beside each result")
 
     def public(self) -> dict[str, Any]:
         """The card as plain JSON-able data."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -59,7 +60,7 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None) -> Loade
     """Load a checkpoint into a fresh network in eval mode.
 
     Raises ``CheckpointError`` naming the file and the reason: missing file, sha256 mismatch,
-    unsafe pickle content, missing/unexpected keys or wrong shapes.
+    unsafe pickle content, an invalid model card, missing/unexpected keys or wrong shapes.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,10 +70,12 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None) -> Loade
         raise CheckpointError(
             f"checkpoint {str(path)!r} has sha256 {digest}, expected {expected_sha256.lower()}"
         )
-    if path.suffix == ".safetensors":
-        state, card, fmt = _read_safetensors(path)
-    else:
-        state, card, fmt = _read_torch(path)
+    try:
+        state, card, fmt = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model card: {where}: {first['msg']}") from exc
     network = TwoHeadUnet(card.encoder)
     _load_state(network, state, path)
     network.eval()

@@ -195,6 +195,7 @@ class ModelStats(TypedDict):
     sha256: str
     format: str
     mpp: float
+    held_out: dict[str, Any] | None  # the card's recipe_validation: the recipe on patients it never saw
 
 
 class Stats(TypedDict):

@@ -106,7 +106,8 @@ def build_stats(reader: SlideReader, model: LoadedModel, options: EngineOptions,
                   "grid": report.grid_tiles},
         "blocks": {"total": report.blocks, "skipped": report.blocks_skipped},
         "model": {"name": model.card.name, "version": model.card.version, "encoder": model.card.encoder,
-                  "sha256": model.sha256, "format": model.format, "mpp": model.card.mpp},
+                  "sha256": model.sha256, "format": model.format, "mpp": model.card.mpp,
+                  "held_out": _held_out(model)},
         "parameters": {**asdict(options), "outputs": sorted(outputs)},
         "device": report.device,
         "precision": report.precision,
@@ -116,6 +117,12 @@ def build_stats(reader: SlideReader, model: LoadedModel, options: EngineOptions,
         "versions": versions(),
     }
     return cast(Stats, stats)  # the sinks' parts (semantic, ternary, nuclei) are checked by the tests
+
+
+def _held_out(model: LoadedModel) -> dict[str, Any] | None:
+    """The card's figures of the model's recipe on patients it never trained on, if it has them."""
+    rv = model.card.recipe_validation
+    return rv.model_dump(mode="json") if rv is not None else None
 
 
 def _mpp_source(reader: SlideReader, options: EngineOptions) -> str:

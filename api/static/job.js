@@ -174,24 +174,41 @@ function renderLegend() {
 
 function renderStats(stats) {
   const parts = [];
+  const held = stats.model?.held_out?.classes || {};
   for (const head of ["semantic", "ternary"]) {
     const classes = stats[head]?.classes;
     if (!classes) continue;
-    parts.push(table(`${head === "semantic" ? "Cell-type" : "Boundary"} areas`,
-      ["Class", "Area (µm²)", "Pixels", "Tissue fraction"],
+    const semantic = head === "semantic";
+    parts.push(table(`${semantic ? "Cell-type" : "Boundary"} areas`,
+      ["Class", "Area (µm²)", "Pixels", "Tissue fraction", ...(semantic ? ["Held-out IoU"] : [])],
       Object.entries(classes).map(([name, c]) => [name, number(c.area_um2), number(c.pixels, 0),
-        c.tissue_fraction === null ? "–" : `${number(100 * c.tissue_fraction, 2)}%`])));
+        c.tissue_fraction === null ? "–" : `${number(100 * c.tissue_fraction, 2)}%`,
+        ...(semantic ? [number(held[name]?.iou, 2)] : [])])));
   }
   const nuclei = stats.nuclei?.classes;
   if (nuclei) {
     parts.push(table(`Nuclei (${number(stats.nuclei.count, 0)} in all)`,
-      ["Class", "Count", "Density (per mm²)", "Mean area (µm²)"],
+      ["Class", "Count", "Density (per mm²)", "Mean area (µm²)", "Held-out detection F1"],
       Object.entries(nuclei).map(([name, c]) => [name, number(c.count, 0), number(c.density_per_mm2),
-        number(c.mean_area_um2)])));
+        number(c.mean_area_um2), detectionF1(held[name])])));
   }
   const a = stats.analysis || {};
   parts.push(el("p", { class: "muted", text: `Analysed at ${number(a.mpp, 3)} µm/px (${a.width} × ${a.height} px); model ${stats.model?.name ?? "?"}.` }));
+  if (stats.model?.held_out) parts.push(heldOutNote(stats.model.held_out));
   $("stats").replaceChildren(...parts);
+}
+
+/** "0.70 [0.44–0.83], 26 cells": how well the model's recipe found a type's cells on unseen patients. */
+function detectionF1(c) {
+  if (!c || c.det_f1 === null) return "–";
+  const ci = c.det_f1_ci ? ` [${number(c.det_f1_ci[0], 2)}–${number(c.det_f1_ci[1], 2)}]` : "";
+  return `${number(c.det_f1, 2)}${ci}, ${number(c.gt_cells, 0)} cells`;
+}
+
+function heldOutNote(held) {
+  return el("p", { class: "muted held-out", text: `Held-out: how the model's training recipe did on ${held.patients.length} `
+    + `patients (${held.images} images) it never trained on (${held.model}). Read the counts and areas of a type `
+    + "with a low figure as indicative only." });
 }
 
 function table(caption, headers, rows) {

@@ -86,18 +86,28 @@ TEST_STAIN_REFERENCE = {
     "macenko": {"he": ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581)), "max_c": (1.9705, 1.0308)},
 }
 
+# Figures of a training recipe on held-out patients, as a release card carries them (recipe_validation).
+TEST_RECIPE_VALIDATION = {
+    "model": "held-out test run", "patients": ("P1", "P2", "P3"), "images": 15,
+    "classes": {"epithelial": {"gt_cells": 648, "iou": 0.542, "det_f1": 0.722, "det_f1_ci": (0.321, 0.779),
+                               "pq": 0.557},
+                "macrophage": {"gt_cells": 38, "iou": 0.131, "det_f1": 0.165, "det_f1_ci": (0.0, 0.296),
+                               "pq": 0.152}},
+}
+
 
 def write_checkpoint(path: Path) -> Path:
     """A random-init resnet18 network with a card: tests never depend on the shipped model."""
     import torch
 
-    from model.card import ModelCard, StainReference
+    from model.card import ModelCard, RecipeValidation, StainReference
     from model.checkpoint import save_checkpoint
     from model.network import build_network
 
     torch.manual_seed(0)
     card = ModelCard(name="tiny-test", version="test", encoder="resnet18", licence="test only",
-                     stain_reference=StainReference.model_validate(TEST_STAIN_REFERENCE))
+                     stain_reference=StainReference.model_validate(TEST_STAIN_REFERENCE),
+                     recipe_validation=RecipeValidation.model_validate(TEST_RECIPE_VALIDATION))
     return save_checkpoint(build_network("resnet18"), card, path)
 
 

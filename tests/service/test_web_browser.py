@@ -25,7 +25,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = REPO / "artifacts" / "web"
-OPTIONS = {"tile_size": 64, "overlap": 0, "block_size": 64, "batch_size": 16, "outputs": ["masks", "overlays"]}
+OPTIONS = {"tile_size": 64, "overlap": 0, "block_size": 64, "batch_size": 16,
+           "outputs": ["masks", "overlays", "nuclei"]}
 LONG = {"tile_size": 64, "overlap": 16, "block_size": 64, "batch_size": 4, "outputs": ["masks"]}
 TIMEOUT_MS = 60_000
 
@@ -117,7 +118,14 @@ def test_upload_watch_view_and_download(stack: Stack, page: Any, tmp_path: Path)
     _wait_for_tiles(page, tiles)
     assert all(status in (200, 304) for _, status in tiles), tiles
     assert page.locator("#legend li").count() >= 5
-    assert page.locator("#stats table").count() == 2
+    assert page.locator("#stats table").count() == 3
+    areas, _, nuclei = page.locator("#stats table").all()  # each type beside its recipe's held-out figures
+    assert areas.locator("thead th").last.inner_text() == "Held-out IoU"
+    assert areas.locator("tr", has=page.locator("th", has_text="macrophage")).locator("td").last.inner_text() == "0.13"
+    assert areas.locator("tr", has=page.locator("th", has_text="lymphocyte")).locator("td").last.inner_text() == "–"
+    assert nuclei.locator("tr", has=page.locator("th", has_text="macrophage")).locator("td").last.inner_text() \
+        == "0.17 [0–0.3], 38 cells"
+    assert "3 patients (15 images)" in page.locator("#stats p.held-out").inner_text()
     _move_opacity(page)
     page.screenshot(path=str(ARTIFACTS / "job.png"))
 

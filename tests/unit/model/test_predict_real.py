@@ -23,6 +23,9 @@ from tests.helpers.samples import sample
 from tests.helpers.stubs import TrivialNet, loaded
 
 NUCSEG = [sys.executable, "-m", "cli.main"]
+HELD_OUT = {"model": "held-out run", "patients": ["P1"], "images": 2,
+            "classes": {"macrophage": {"gt_cells": 38, "iou": 0.131, "det_f1": 0.165, "det_f1_ci": [0.0, 0.296],
+                                       "pq": 0.152}}}
 
 
 def _darkness(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +38,8 @@ def _darkness(x: torch.Tensor) -> torch.Tensor:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    return save_checkpoint(build_network("resnet18"), ModelCard(name="tiny", encoder="resnet18"), path)
+    card = ModelCard.model_validate({"name": "tiny", "encoder": "resnet18", "recipe_validation": HELD_OUT})
+    return save_checkpoint(build_network("resnet18"), card, path)
 
 
 def test_cmu_20x_is_resampled_to_model_mpp(tmp_path: Path) -> None:
@@ -54,6 +58,7 @@ def test_cmu_20x_is_resampled_to_model_mpp(tmp_path: Path) -> None:
         head = stats[name.removesuffix(".png")]["classes"]
         assert [c["pixels"] for c in head.values()] == counts[: len(head)].tolist()
     assert stats["analysis"]["mpp"] == 0.25 and stats["analysis"]["mpp_source"] == "slide"
+    assert stats["model"]["held_out"] is None  # the stub's card has no held-out figures
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(result_files({"masks", "overlays"}))
     with Image.open(tmp_path / "overlay_semantic.png") as ov:
         assert max(ov.size) <= 4096
@@ -67,6 +72,7 @@ def test_cli_predict_small_svs_json(tmp_path: Path, tiny_checkpoint: Path) -> No
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(proc.stdout)
     assert stats["model"]["encoder"] == "resnet18" and len(stats["model"]["sha256"]) == 64
+    assert stats["model"]["held_out"] == HELD_OUT  # the card's figures, beside the result
     assert stats["analysis"]["width"] == 32  # 16 px at 0.499 -> 32 px at 0.25
     assert (out / "semantic.png").is_file() and (out / "stats.json").is_file()
 
@@ -84,6 +90,16 @@ def _broken_inputs(tmp_path: Path) -> dict[str, Path]:
         copies[name] = tmp_path / name
         shutil.copy(sample(name), copies[name])
     return {"empty": empty, "text": text, "truncated": truncated, **copies}
+
+
+def test_cli_summary_gives_each_type_its_held_out_iou(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    proc = subprocess.run([*NUCSEG, "predict", str(sample("small.svs")), "--out", str(tmp_path / "out"),
+                           "--model", str(tiny_checkpoint), "--outputs", "masks"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert lines["macrophage"].endswith("(held-out IoU 0.13)")
+    assert "held-out" not in lines["epithelial"]  # no figure in the card: none printed
 
 
 @pytest.mark.parametrize("case", ["empty", "text", "truncated", "unopenable.tiff", "unreadable.svs"])

@@ -35,6 +35,9 @@ def test_shipped_file_loads_and_matches_card() -> None:
     card = loaded.card
     assert card.mpp == 0.25 and "NC" in card.licence and card.encoder
     assert set(card.model_dump()) >= {"training", "test_metrics"}
+    held = card.recipe_validation  # what stats.json repeats beside every result
+    assert held is not None and set(held.classes) == set(card.semantic_classes[1:])
+    assert all(c.gt_cells > 0 and c.iou is not None for c in held.classes.values())
 
 
 def sample_path() -> Path:
