@@ -116,7 +116,7 @@ class Model:
     Example::
 
         for m in client.models():
-            print(m.name, m.sha256[:12], m.card.get("classes"))
+            print(m.name, m.sha256[:12], m.card.get("semantic_classes"))
     """
 
     sha256: str
