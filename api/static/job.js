@@ -207,8 +207,8 @@ function detectionF1(c) {
 
 function heldOutNote(held) {
   return el("p", { class: "muted held-out", text: `Held-out: how the model's training recipe did on ${held.patients.length} `
-    + `patients (${held.images} images) it never trained on (${held.model}). Read the counts and areas of a type `
-    + "with a low figure as indicative only." });
+    + `patients (${held.images} images) it never trained on (stats.json: model.held_out). Read the counts and `
+    + "areas of a type with a low figure as indicative only." });
 }
 
 function table(caption, headers, rows) {
