@@ -34,6 +34,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def emulation_warning(precision: str, device: torch.device, native_bf16: bool | None = None) -> str | None:
+    """A warning when bf16 would be emulated: a CPU without AVX512-BF16 or AMX runs it several times
+    slower than fp32 (an AVX2 EPYC: a training step 8.6x, the engine 7x). ``native_bf16`` defaults
+    to what this CPU advertises."""
+    if precision != "bf16" or device.type != "cpu":
+        return None
+    if native_bf16 if native_bf16 is not None else cpu_has_bf16():
+        return None
+    return ("precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated, several times slower "
+            "than fp32; precision auto picks fp32 here")
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when present, else cpu."""
     if device == "auto":

@@ -44,7 +44,7 @@ from model.blending import Accumulator, Workspace, gaussian_weights, region_maps
 from model.blockplan import BlockJob, TileUses, add_sources, share_maps, strip_bytes
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
-from model.device import TileRunner, resolve_device, resolve_precision, torch_threads
+from model.device import TileRunner, emulation_warning, resolve_device, resolve_precision, torch_threads
 from model.errors import CancelledError, OptionsError
 from model.nuclei_pool import available_cores
 from model.options import EngineOptions
@@ -230,6 +230,8 @@ class Engine:
         todo = _selected(blocks, len(ctx.blocks))
         grid = TileGrid(self.options.tile_size, self.options.overlap, ctx.view.width, ctx.view.height)
         report = new_report(ctx, str(self.device), self.precision)
+        if warning := emulation_warning(self.precision, self.device):
+            report.warnings.append(warning)
         report.clock("setup", time.perf_counter() - started)
         try:
             self._run_blocks(ctx, grid, todo, report, sinks, on_progress, should_cancel)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from model.card import ModelCard, Normalisation
 from model.checkpoint import save_checkpoint
-from model.device import cpu_has_bf16, resolve_precision
+from model.device import emulation_warning, resolve_precision
 from model.network import SEMANTIC_CLASSES, TERNARY_CLASSES, TwoHeadUnet
 from training.average import WeightAverage
 from training.config import SourceConfig, TrainConfig, load_config
@@ -134,16 +134,6 @@ def resolved(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     return cfg.model_copy(update={"train": train})
 
 
-def emulation_warning(precision: str, device: torch.device, native_bf16: bool) -> str | None:
-    """A warning when bf16 would be emulated: on a CPU without AVX512-BF16 or AMX a step takes about
-    nine times as long as in fp32, and a run with ``time_budget_min`` anneals on time with that many
-    fewer patches."""
-    if precision != "bf16" or device.type != "cpu" or native_bf16:
-        return None
-    return ("warning: precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated, about 9x "
-            "slower than fp32; train.precision auto picks fp32 here")
-
-
 def pick_device(cfg: TrainConfig) -> torch.device:
     """``auto`` means CUDA when available."""
     if cfg.train.device == "auto":
@@ -197,9 +187,9 @@ class Trainer:
         self.device = pick_device(cfg)
         self.cfg = cfg = resolved(cfg, self.device)
         self._log(f"device {self.device}, precision {cfg.train.precision}")
-        warning = emulation_warning(cfg.train.precision, self.device, cpu_has_bf16())
+        warning = emulation_warning(cfg.train.precision, self.device)
         if warning:
-            self._log(warning)
+            self._log(f"warning: {warning}")
         self.train_samples, weights, self.val_samples = load_data(cfg, Pack.open(pack) if pack else None)
         if pack:
             self._log(f"sources read from the pack {pack}")

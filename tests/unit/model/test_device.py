@@ -10,10 +10,11 @@ import torch
 
 from model.card import ModelCard
 from model.checkpoint import LoadedModel
-from model.device import TileRunner, fold_batchnorm, inference_network, torch_threads
+from model.device import TileRunner, cpu_has_bf16, emulation_warning, fold_batchnorm, inference_network, torch_threads
 from model.engine import Engine, EngineOptions
 from model.network import build_network
 from model.options import DEVICE_BATCH, DEVICE_CACHE_MB
+from model.readers import ArrayReader
 
 
 def test_prepared_network_is_reused_until_a_weight_changes() -> None:
@@ -110,3 +111,22 @@ def test_batch_size_defaults_to_the_devices_and_stats_say_what_ran() -> None:
     assert default.options.tile_cache_mb == DEVICE_CACHE_MB["cpu"]  # what ran, as the stats say
     assert Engine(model, EngineOptions(device="cpu", precision="fp32", tile_cache_mb=0)).options.tile_cache_mb == 0
     assert EngineOptions().for_device("cuda:1").tile_cache_mb == DEVICE_CACHE_MB["cuda"]
+
+
+def test_emulated_bf16_is_warned_of_only_on_a_cpu_without_it() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    warning = emulation_warning("bf16", cpu, native_bf16=False)
+    assert warning is not None and "emulated" in warning and "fp32" in warning
+    assert emulation_warning("bf16", cpu, native_bf16=True) is None
+    assert emulation_warning("bf16", cuda, native_bf16=False) is None
+    assert emulation_warning("fp32", cpu, native_bf16=False) is None
+
+
+def test_a_run_in_emulated_bf16_says_so_in_its_warnings() -> None:
+    network = build_network("resnet18").eval()
+    model = LoadedModel(network, ModelCard(name="t", encoder="resnet18"), Path("t"), "0" * 64, "test")
+    reader = ArrayReader(np.full((64, 64, 3), 200, np.uint8), mpp=0.25)
+    for precision in ("fp32", "bf16"):
+        engine = Engine(model, EngineOptions(device="cpu", precision=precision, tile_size=64, overlap=0, tissue=False))
+        warned = any("emulated" in w for w in engine.run(reader, []).warnings)
+        assert warned == (precision == "bf16" and not cpu_has_bf16())

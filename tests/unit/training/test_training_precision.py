@@ -9,7 +9,7 @@ import torch
 
 from model.device import cpu_has_bf16
 from training.config import TrainConfig
-from training.train import autocast, emulation_warning, resolved
+from training.train import autocast, resolved
 
 
 def _config(precision: str) -> TrainConfig:
@@ -35,12 +35,3 @@ def test_autocast_follows_the_resolved_precision() -> None:
     assert isinstance(ctx, torch.autocast) == cpu_has_bf16()
     assert isinstance(autocast(_config("fp32"), torch.device("cpu")), contextlib.nullcontext)
 
-
-def test_emulated_bf16_is_warned_of_only_on_a_cpu_without_it() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    warning = emulation_warning("bf16", cpu, native_bf16=False)
-    assert warning is not None and "emulated" in warning and "fp32" in warning
-    assert emulation_warning("bf16", cpu, native_bf16=True) is None
-    assert emulation_warning("bf16", cuda, native_bf16=False) is None
-    assert emulation_warning("fp32", cpu, native_bf16=False) is None
-    assert emulation_warning(resolved(_config("auto"), cpu).train.precision, cpu, cpu_has_bf16()) is None
